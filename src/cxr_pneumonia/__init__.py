@@ -1,0 +1,3 @@
+"""cxr-pneumonia: chest X-ray pneumonia classifier (research use only, not a medical device)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Intensity and geometry perturbations: training augmentation and robustness checks.
+
+Pure functions on uint8 grayscale images; randomness only through an explicit
+``np.random.Generator``. No horizontal flips: the heart's side is anatomy, not noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random perturbations (0 switches one off)."""
+
+    contrast: float = 0.25  # multiply by U[1-c, 1+c] around the mean
+    brightness: float = 0.1  # add U[-b, b] * 255
+    gamma: float = 0.3  # gamma = exp(U[-g, g])
+    scale: float = 0.1  # zoom U[1-s, 1+s]
+    rotate_degrees: float = 7.0
+    translate: float = 0.05  # share of the side
+    blur_probability: float = 0.3
+    blur_sigma: float = 1.2
+    jpeg_probability: float = 0.3
+    jpeg_quality_min: int = 40
+
+
+def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    mean = float(img.mean())
+    return np.clip((img.astype(np.float32) - mean) * factor + mean, 0, 255).astype(np.uint8)
+
+
+def adjust_brightness(img: np.ndarray, delta: float) -> np.ndarray:
+    return np.clip(img.astype(np.float32) + delta * 255.0, 0, 255).astype(np.uint8)
+
+
+def adjust_gamma(img: np.ndarray, gamma: float) -> np.ndarray:
+    table = np.clip(((np.arange(256) / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.LUT(img, table)
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    return img.copy() if sigma <= 0 else cv2.GaussianBlur(img, (0, 0), sigmaX=sigma)
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+
+
+def affine(
+    img: np.ndarray, *, scale: float = 1.0, degrees: float = 0.0, shift: tuple[float, float] = (0, 0)
+) -> np.ndarray:
+    """Zoom/rotate about the centre and shift (share of the side); borders filled black."""
+    h, w = img.shape
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, scale)
+    matrix[:, 2] += (shift[0] * w, shift[1] * h)
+    return cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def center_crop_resize(img: np.ndarray, fraction: float) -> np.ndarray:
+    """Keep the central ``fraction`` of each side and resize back (a tighter field of view)."""
+    h, w = img.shape
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return cv2.resize(img[top : top + ch, left : left + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def random_augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """One random draw of every enabled perturbation."""
+    out = img
+    if cfg.scale or cfg.rotate_degrees or cfg.translate:
+        out = affine(
+            out,
+            scale=float(rng.uniform(1 - cfg.scale, 1 + cfg.scale)),
+            degrees=float(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)),
+            shift=tuple(rng.uniform(-cfg.translate, cfg.translate, size=2)),
+        )
+    if cfg.contrast:
+        out = adjust_contrast(out, float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)))
+    if cfg.brightness:
+        out = adjust_brightness(out, float(rng.uniform(-cfg.brightness, cfg.brightness)))
+    if cfg.gamma:
+        out = adjust_gamma(out, float(np.exp(rng.uniform(-cfg.gamma, cfg.gamma))))
+    if cfg.blur_probability and rng.random() < cfg.blur_probability:
+        out = gaussian_blur(out, float(rng.uniform(0.3, cfg.blur_sigma)))
+    if cfg.jpeg_probability and rng.random() < cfg.jpeg_probability:
+        out = jpeg_roundtrip(out, int(rng.integers(cfg.jpeg_quality_min, 96)))
+    return np.ascontiguousarray(out)
+
+
+# Fixed-strength perturbations for robustness checks, applied to raw images before preprocessing
+# (acquisition differs between hospitals; the pipeline should absorb it).
+PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "contrast_0.6": lambda img: adjust_contrast(img, 0.6),
+    "contrast_1.4": lambda img: adjust_contrast(img, 1.4),
+    "gamma_0.7": lambda img: adjust_gamma(img, 0.7),
+    "gamma_1.4": lambda img: adjust_gamma(img, 1.4),
+    "blur_1.5": lambda img: gaussian_blur(img, 1.5),
+    "jpeg_30": lambda img: jpeg_roundtrip(img, 30),
+    "crop_0.85": lambda img: center_crop_resize(img, 0.85),
+    "zoom_out_0.85": lambda img: affine(img, scale=0.85),
+    "rotate_5": lambda img: affine(img, degrees=5.0),
+}

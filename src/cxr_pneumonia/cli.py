@@ -1,0 +1,395 @@
+"""Command-line interface: parses arguments and delegates to the Python API.
+
+Exit codes: 0 success, 1 usage or fatal error, 2 some inputs failed (the rest were processed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from cxr_pneumonia import __version__
+
+app = typer.Typer(
+    name="cxr-pneumonia",
+    help="Chest X-ray pneumonia classifier: preprocess, inspect, train, evaluate, predict, explain, "
+    "serve. Research use only, not a medical device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2
+
+log = logging.getLogger("cxr_pneumonia")
+
+
+class Failure(click.ClickException):
+    """A fatal error shown as one line, exit code 1."""
+
+    exit_code = EXIT_USAGE
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(EXIT_OK)
+    _setup_logging(verbose)
+
+
+# --------------------------------------------------------------------------------------------
+# preprocess
+# --------------------------------------------------------------------------------------------
+
+StepsOff = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--no-step",
+        help="Switch a preprocessing step off (repeatable): clahe, crop, mask, morph, apply_mask, resize.",
+    ),
+]
+
+
+def _preprocess_config(
+    config_file: Path | None, size: int | None, resize_mode: str | None, steps_off: list[str] | None
+):
+    from cxr_pneumonia.config import from_dict, override, read_json
+    from cxr_pneumonia.preprocess import PreprocessConfig, disable_steps
+
+    try:
+        cfg = PreprocessConfig()
+        if config_file is not None:
+            cfg = from_dict(PreprocessConfig, read_json(config_file))
+        cfg = override(cfg, size=size, resize_mode=resize_mode)
+        return disable_steps(cfg, *(steps_off or []))
+    except (OSError, ValueError, TypeError) as e:
+        raise Failure(f"preprocessing config: {e}") from e
+
+
+@app.command()
+def preprocess(
+    src: Annotated[Path, typer.Argument(help="Folder of images (any depth).", exists=True, file_okay=False)],
+    dst: Annotated[Path, typer.Argument(help="Output folder; mirrors SRC's tree as PNG.")],
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: CPU cores).", min=1)] = None,
+    size: Annotated[int | None, typer.Option(help="Output size in pixels (default 224).")] = None,
+    resize_mode: Annotated[str | None, typer.Option(help="stretch (seed) or pad.")] = None,
+    no_step: StepsOff = None,
+    config: Annotated[Path | None, typer.Option(help="PreprocessConfig JSON (e.g. a run's).")] = None,
+    preview: Annotated[Path | None, typer.Option(help="Write a before/after panel PNG here.")] = None,
+) -> None:
+    """Preprocess every image under SRC into DST (skips files already done with the same config)."""
+    from cxr_pneumonia.io import list_image_files
+    from cxr_pneumonia.preprocess import preprocess_tree, write_preview
+
+    cfg = _preprocess_config(config, size, resize_mode, no_step)
+    try:
+        report = preprocess_tree(src, dst, cfg, workers=workers)
+    except (OSError, ValueError) as e:
+        raise Failure(str(e)) from e
+    for source, reason in report.failures:
+        _echo_err(f"error: {source}: {reason}")
+    if preview is not None:
+        readable = [p for p in list_image_files(src) if str(p) not in dict(report.failures)]
+        try:
+            write_preview(_spread(readable, 4), cfg, preview)
+            typer.echo(f"preview: {preview}")
+        except ValueError as e:
+            _echo_err(f"error: preview: {e}")
+    typer.echo(f"{dst}: {report.summary()}")
+    if report.failures:
+        typer.echo(f"{len(report.failures)} of {report.n_total} files failed; see {dst / 'failures.csv'}")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _spread(items: list, n: int) -> list:
+    """n items spread evenly over the list (so a preview shows both classes)."""
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    root: Annotated[
+        Path, typer.Argument(help="Dataset root (Kaggle layout, class folders) or CSV.", exists=True)
+    ],
+    workers: Annotated[int | None, typer.Option(help="Worker processes for decoding.", min=1)] = None,
+) -> None:
+    """Class counts per split, duplicates, unreadable files, image sizes, patients in several splits."""
+    from cxr_pneumonia.data import DatasetError, format_report, inspect_dataset
+
+    try:
+        report = inspect_dataset(root, workers=workers)
+    except (DatasetError, OSError) as e:
+        raise Failure(str(e)) from e
+    typer.echo(format_report(report))
+    if report.unreadable:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path | None, typer.Argument(help="Training data: Kaggle layout, class folders or CSV.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="resnet50v2 (seed), xception, densenet121, efficientnetv2b0.")
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet, none, or a .weights.h5 path.")] = None,
+    head: Annotated[str | None, typer.Option(help="flatten (seed) or gap.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default 224).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Head epochs on cached features.")] = None,
+    fine_tune_blocks: Annotated[int | None, typer.Option(help="Top backbone blocks to fine-tune.")] = None,
+    fine_tune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Head learning rate.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
+    augment_views: Annotated[int | None, typer.Option(help="Augmented views per training image.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    target_recall: Annotated[
+        float | None, typer.Option(help="Validation recall the threshold must keep.")
+    ] = None,
+    threshold_rule: Annotated[str | None, typer.Option(help="max_specificity or midpoint.")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Share of patients held out for validation.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="default or mirrored (several GPUs).")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache for preprocessed images and features.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Preprocessing worker processes.", min=1)] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON with preprocess/model/train sections.")] = None,
+) -> None:
+    """Train a classifier: patient-grouped validation split, cached features, recall-first threshold."""
+    from cxr_pneumonia.api import train as api_train
+    from cxr_pneumonia.model import WeightsUnavailableError
+    from cxr_pneumonia.train import TrainingError
+
+    if resume is not None:
+        if data is not None or out is not None:
+            raise Failure("--resume RUN takes no DATA or --out: the run directory holds them")
+        target, kwargs = resume, {"resume": True}
+    else:
+        if data is None or out is None:
+            raise Failure("give DATA and --out RUN (or --resume RUN)")
+        preprocess_cfg, model_cfg, train_cfg = _configs_from_file(config)
+        flags = dict(
+            backbone=backbone,
+            weights=weights,
+            head=head,
+            image_size=image_size,
+            epochs=epochs,
+            fine_tune_blocks=fine_tune_blocks,
+            fine_tune_epochs=fine_tune_epochs,
+            learning_rate=learning_rate,
+            label_smoothing=label_smoothing,
+            augment_views=augment_views,
+            batch_size=batch_size,
+            target_recall=target_recall,
+            threshold_rule=threshold_rule,
+            val_fraction=val_fraction,
+            seed=seed,
+            strategy=strategy,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            workers=workers,
+        )
+        if image_size is not None:
+            flags["size"] = image_size
+        target = out
+        kwargs = {
+            "preprocess_cfg": preprocess_cfg,
+            "model_cfg": model_cfg,
+            "train_cfg": train_cfg,
+            **{k: v for k, v in flags.items() if v is not None},
+        }
+    try:
+        run = api_train(data, target, **kwargs)
+    except (TrainingError, WeightsUnavailableError, ValueError, OSError) as e:
+        raise Failure(str(e)) from e
+    info, metrics = run.threshold_info, run.metrics_val or {}
+    typer.echo(f"run: {run.path}")
+    rule, target = info.get("rule"), info.get("target_recall")
+    typer.echo(f"threshold {run.threshold:.4f} ({rule}, validation target recall {target})")
+    typer.echo(
+        "validation: "
+        + ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in ("recall", "specificity", "roc_auc"))
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _configs_from_file(path: Path | None):
+    """(PreprocessConfig, ModelConfig, TrainConfig) from a JSON file such as a run's config.json."""
+    if path is None:
+        return None, None, None
+    from cxr_pneumonia.config import from_dict, read_json
+    from cxr_pneumonia.model import ModelConfig
+    from cxr_pneumonia.preprocess import PreprocessConfig
+    from cxr_pneumonia.train import _train_config_from_dict
+
+    try:
+        values = read_json(path)
+        return (
+            from_dict(PreprocessConfig, values["preprocess"]) if values.get("preprocess") else None,
+            from_dict(ModelConfig, values["model"]) if values.get("model") else None,
+            _train_config_from_dict(values["train"]) if values.get("train") else None,
+        )
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise Failure(f"{path}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[Path, typer.Argument(help="Labelled data: class folders, Kaggle layout or CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout (e.g. test).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
+    heatmaps: Annotated[bool, typer.Option(help="Grad-CAM for misclassified images in the report.")] = True,
+) -> None:
+    """Metrics with 95 % intervals at the run's saved threshold, and an HTML report."""
+    from cxr_pneumonia.api import evaluate as api_evaluate
+    from cxr_pneumonia.data import DatasetError
+    from cxr_pneumonia.predict import RunError
+
+    try:
+        metrics = api_evaluate(run, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps)
+    except (RunError, DatasetError, ValueError, OSError) as e:
+        raise Failure(str(e)) from e
+    ci = metrics["ci95"]
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
+        value, interval = metrics.get(key), ci.get(key)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        if interval and interval[0] is not None:
+            shown += f"  (95 % CI {interval[0]:.3f}-{interval[1]:.3f})"
+        typer.echo(f"{key:12s} {shown}")
+    typer.echo(f"confusion matrix [[tn, fp], [fn, tp]]: {metrics['confusion_matrix']}")
+    typer.echo(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+    if metrics["n_failed"]:
+        typer.echo(f"{metrics['n_failed']} files could not be read; see {out / 'failures.csv'}")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM) and folders.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here (.csv or .json); default: CSV on stdout.")
+    ] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="csv or json (default: from --out's suffix, else csv).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
+    heatmaps: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlays into this folder.")] = None,
+) -> None:
+    """Probability and label at the run's threshold for every image. Research use only."""
+    import pandas as pd
+
+    from cxr_pneumonia.config import atomic_write_text
+    from cxr_pneumonia.predict import DISCLAIMER, Run, RunError, expand_inputs
+
+    fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
+    if fmt not in ("csv", "json"):
+        raise Failure(f"--format must be csv or json, got {fmt!r}")
+    try:
+        loaded = Run.load(run)
+    except RunError as e:
+        raise Failure(str(e)) from e
+    rows = []
+    for prediction in loaded.iter_predictions(expand_inputs(inputs), batch_size=batch_size):
+        if prediction.error is not None:
+            _echo_err(f"error: {prediction.path}: {prediction.error}")
+        rows.append(prediction.to_dict())
+    table = pd.DataFrame(rows, columns=["path", "probability", "label", "threshold", "error"])
+    text = table.to_json(orient="records", indent=2) if fmt == "json" else table.to_csv(index=False)
+    if out is None:
+        typer.echo(text)
+    else:
+        atomic_write_text(out, text)
+        typer.echo(f"{len(table)} predictions written to {out}", err=True)
+    _echo_err(DISCLAIMER)
+    if heatmaps is not None:
+        _write_heatmaps(loaded, [Path(r["path"]) for r in rows if r["error"] is None], heatmaps)
+    if table["error"].notna().any():
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _write_heatmaps(run, paths: list[Path], out_dir: Path) -> int:
+    """Grad-CAM overlay PNGs; returns the number of failures."""
+    from cxr_pneumonia.explain import explain_paths
+
+    failed = 0
+    for path, _, error in explain_paths(run, paths, out_dir):
+        if error is not None:
+            failed += 1
+            _echo_err(f"error: {path}: {error}")
+    typer.echo(f"heatmaps: {out_dir}", err=True)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; maps usage errors to exit code 1 (Click's default is 2)."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        return 130
+    except KeyboardInterrupt:
+        _echo_err("interrupted")
+        return 130
+    return result if isinstance(result, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Metrics and the recall-first operating point.
+
+Decision rule, used everywhere (train, evaluate, predict, serve): an image is called
+pneumonia when ``score >= threshold`` (:func:`apply_threshold`). The threshold is chosen on the
+validation split only (:func:`choose_threshold`) and saved with the model; test data is never
+used to choose anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from cxr_pneumonia import config
+
+logger = logging.getLogger(__name__)
+
+RULES = ("max_specificity", "midpoint")
+RATE_NAMES = ("accuracy", "precision", "recall", "specificity", "f1")
+CURVE_NAMES = ("roc_auc", "pr_auc")
+# A resample block of this many (resample x item) cells bounds bootstrap memory (~16 MB/array).
+_BOOTSTRAP_CELLS = 2_000_000
+# Recall is a ratio of counts; the tolerance keeps e.g. 49/50 >= 0.98 true despite rounding.
+_RECALL_TOL = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdChoice:
+    """The operating point chosen on validation, saved as ``threshold.json`` beside the model.
+
+    ``recall`` and ``specificity`` are the validation values at ``threshold`` under the rule
+    ``score >= threshold``. ``achievable`` is False when the target recall could only be met by
+    calling every validation image positive (specificity 0), i.e. no useful operating point.
+    """
+
+    threshold: float
+    target_recall: float
+    recall: float
+    specificity: float
+    rule: str
+    achievable: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return config.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ThresholdChoice:
+        """Rebuild from :meth:`to_dict` output (unknown keys rejected)."""
+        return config.from_dict(cls, values)
+
+
+def apply_threshold(scores: Any, threshold: float) -> np.ndarray:
+    """Predicted labels (0/1 int array): positive when ``score >= threshold``."""
+    return (np.asarray(scores) >= threshold).astype(np.int64)
+
+
+def check_inputs(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate 1-D aligned 0/1 labels and finite scores; return ``(int64 labels, float scores)``.
+
+    Raises ``ValueError`` naming the problem (shape, length, label values, non-finite scores).
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(scores)
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"y_true and scores must be 1-D; got shapes {y.shape} and {s.shape}")
+    if len(y) != len(s):
+        raise ValueError(f"y_true has {len(y)} items but scores has {len(s)}")
+    if len(y) == 0:
+        raise ValueError("y_true and scores are empty")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        raise ValueError(f"y_true must be 0/1; found {sorted(set(y[bad].tolist()))[:5]}")
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"scores contain {int((~np.isfinite(s)).sum())} non-finite values")
+    return y.astype(np.int64), s
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
+    """``(tn, fp, fn, tp)`` as Python ints."""
+    tp = int(np.sum((y == 1) & (pred == 1)))
+    fp = int(np.sum((y == 0) & (pred == 1)))
+    fn = int(np.sum((y == 1) & (pred == 0)))
+    tn = int(np.sum((y == 0) & (pred == 0)))
+    return tn, fp, fn, tp
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with 0 where ``den == 0`` (sklearn's ``zero_division=0``)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _rates_from_counts(tn: Any, fp: Any, fn: Any, tp: Any) -> dict[str, np.ndarray]:
+    """The five threshold rates from confusion counts (scalars or arrays of resamples)."""
+    tn, fp, fn, tp = (np.asarray(v, dtype=np.float64) for v in (tn, fp, fn, tp))
+    return {
+        "accuracy": _safe_div(tp + tn, tp + tn + fp + fn),
+        "precision": _safe_div(tp, tp + fp),
+        "recall": _safe_div(tp, tp + fn),
+        "specificity": _safe_div(tn, tn + fp),
+        "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def rates_at(y_true: Any, scores: Any, threshold: float) -> dict[str, Any]:
+    """Accuracy, precision, recall, specificity, F1 and ``confusion_matrix`` at ``threshold``."""
+    y, s = check_inputs(y_true, scores)
+    tn, fp, fn, tp = _confusion(y, apply_threshold(s, threshold))
+    out: dict[str, Any] = {"threshold": float(threshold)}
+    out.update({k: float(v) for k, v in _rates_from_counts(tn, fp, fn, tp).items()})
+    out["confusion_matrix"] = [[tn, fp], [fn, tp]]
+    return out
+
+
+def choose_threshold(
+    y_true: Any,
+    scores: Any,
+    *,
+    target_recall: float = 0.98,
+    rule: str = "max_specificity",
+) -> ThresholdChoice:
+    """Pick the recall-first operating point on validation scores.
+
+    Candidates are the unique scores (positive when ``score >= threshold``). Among candidates
+    whose recall is >= ``target_recall``, the one with the highest specificity wins. Ties in
+    specificity go to the *lowest* such threshold: equal specificity means the same false alarms,
+    so the lower one is never worse and catches at least as many positives.
+
+    ``rule="midpoint"`` then moves the threshold halfway down to the next lower candidate score
+    (a negative's score, by the tie rule). Validation predictions are unchanged, but a positive
+    whose score drifts down slightly under distribution shift is still caught. When the chosen
+    score is already the lowest, the threshold stays there.
+
+    Raises ``ValueError`` when only one class is present, the inputs are malformed, the target
+    is outside [0, 1] or the rule is unknown.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; valid rules: {list(RULES)}")
+    if not 0.0 <= target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in [0, 1]; got {target_recall}")
+    y, s = check_inputs(y_true, scores)
+    if len(np.unique(y)) < 2:
+        raise ValueError(
+            f"choosing a threshold needs both classes; validation labels are all {int(y[0])}"
+        )
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    # thresholds[0] is +inf (nothing predicted positive); only real scores are candidates.
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    eligible = np.flatnonzero(tpr >= target_recall - _RECALL_TOL)
+    # The lowest candidate (everything positive) has recall 1, so ``eligible`` is never empty.
+    best_fpr = fpr[eligible].min()
+    # thresholds decrease along the curve: the last index with the best fpr is the lowest one.
+    idx = int(eligible[fpr[eligible] == best_fpr][-1])
+    threshold = float(thresholds[idx])
+    if rule == "midpoint" and idx + 1 < len(thresholds):
+        lower = float(thresholds[idx + 1])
+        midpoint = lower + (threshold - lower) / 2.0
+        # In float32 the midpoint can round onto ``lower``; keep the score itself then.
+        same = np.array_equal(apply_threshold(s, midpoint), apply_threshold(s, threshold))
+        if lower < midpoint <= threshold and same:
+            threshold = midpoint
+    tn, fp, fn, tp = _confusion(y, apply_threshold(s, threshold))
+    rates = _rates_from_counts(tn, fp, fn, tp)
+    choice = ThresholdChoice(
+        threshold=threshold,
+        target_recall=float(target_recall),
+        recall=float(rates["recall"]),
+        specificity=float(rates["specificity"]),
+        rule=rule,
+        achievable=bool(tn > 0),
+    )
+    if not choice.achievable:
+        warnings.warn(
+            f"target recall {target_recall} is only reached by calling every validation image "
+            f"positive (specificity 0); threshold {threshold:.4g} is not a useful operating point",
+            UserWarning,
+            stacklevel=2,
+        )
+    logger.info(
+        "threshold %.6g (%s): validation recall %.4f, specificity %.4f (target recall %.3f)",
+        choice.threshold, rule, choice.recall, choice.specificity, target_recall,
+    )
+    return choice
+
+
+def threshold_sweep(y_true: Any, scores: Any) -> pd.DataFrame:
+    """Sensitivity and specificity at every unique score, thresholds ascending.
+
+    Columns ``threshold, sensitivity, specificity``; a rate is NaN when its class is absent.
+    """
+    y, s = check_inputs(y_true, scores)
+    thresholds = np.unique(s)
+    pos = np.sort(s[y == 1])
+    neg = np.sort(s[y == 0])
+    # Items strictly below a threshold are called negative under ``score >= threshold``.
+    pos_below = np.searchsorted(pos, thresholds, side="left")
+    neg_below = np.searchsorted(neg, thresholds, side="left")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (len(pos) - pos_below) / len(pos) if len(pos) else np.full_like(
+            thresholds, np.nan, dtype=np.float64
+        )
+        specificity = neg_below / len(neg) if len(neg) else np.full_like(
+            thresholds, np.nan, dtype=np.float64
+        )
+    return pd.DataFrame(
+        {
+            "threshold": thresholds.astype(np.float64),
+            "sensitivity": np.asarray(sensitivity, dtype=np.float64),
+            "specificity": np.asarray(specificity, dtype=np.float64),
+        }
+    )
+
+
+def _score_groups(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order items by score descending; return ``(order, is_positive in order, group starts)``.
+
+    Tied scores form one group, because a threshold cannot separate them.
+    """
+    order = np.argsort(-s, kind="stable")
+    sorted_scores = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    return order, y[order].astype(bool), starts
+
+
+def _weighted_curve_metrics(
+    is_pos: np.ndarray, starts: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision for each row of ``weights`` (counts per sorted item).
+
+    Equal to sklearn's ``roc_auc_score`` / ``average_precision_score`` with those counts as
+    ``sample_weight``: both are sums over the tied-score groups of the cumulative counts.
+    """
+    weights = np.atleast_2d(weights).astype(np.float64)
+    tp = np.cumsum(np.add.reduceat(weights * is_pos, starts, axis=1), axis=1)
+    fp = np.cumsum(np.add.reduceat(weights * ~is_pos, starts, axis=1), axis=1)
+    zeros = np.zeros((weights.shape[0], 1))
+    tpr = tp / tp[:, -1:]
+    fpr = fp / fp[:, -1:]
+    tpr0 = np.hstack([zeros, tpr])
+    fpr0 = np.hstack([zeros, fpr])
+    # Trapezoids give tied positive/negative pairs half credit, as the Mann-Whitney AUC does.
+    roc_auc = np.sum(np.diff(fpr0, axis=1) * (tpr0[:, 1:] + tpr0[:, :-1]) / 2.0, axis=1)
+    precision = _safe_div(tp, tp + fp)
+    average_precision = np.sum(np.diff(tpr0, axis=1) * precision, axis=1)
+    return roc_auc, average_precision
+
+
+def _stratified_counts(
+    rng: np.random.Generator, n_items: int, n_resamples: int
+) -> np.ndarray:
+    """How often each of ``n_items`` is drawn in each resample (rows sum to ``n_items``)."""
+    if n_items == 0:
+        return np.zeros((n_resamples, 0), dtype=np.int64)
+    idx = rng.integers(0, n_items, size=(n_resamples, n_items))
+    idx += np.arange(n_resamples)[:, None] * n_items
+    return np.bincount(idx.ravel(), minlength=n_resamples * n_items).reshape(n_resamples, n_items)
+
+
+def _bootstrap(
+    y: np.ndarray,
+    s: np.ndarray,
+    threshold: float,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    with_curves: bool,
+) -> dict[str, np.ndarray]:
+    """Per-resample metric values from a stratified (per class) bootstrap.
+
+    Resampling within each class keeps the class counts fixed, so every resample has both
+    classes whenever the data does and the AUCs stay defined.
+    """
+    rng = np.random.default_rng(seed)
+    order, is_pos, starts = _score_groups(y, s)
+    pred = apply_threshold(s[order], threshold).astype(bool)
+    pos_idx = np.flatnonzero(is_pos)
+    neg_idx = np.flatnonzero(~is_pos)
+    block = max(1, _BOOTSTRAP_CELLS // len(y))
+    values: dict[str, list[np.ndarray]] = {k: [] for k in RATE_NAMES + CURVE_NAMES}
+    for start in range(0, n_bootstrap, block):
+        b = min(block, n_bootstrap - start)
+        weights = np.zeros((b, len(y)), dtype=np.int64)
+        weights[:, pos_idx] = _stratified_counts(rng, len(pos_idx), b)
+        weights[:, neg_idx] = _stratified_counts(rng, len(neg_idx), b)
+        tp = weights[:, pos_idx] @ pred[pos_idx].astype(np.int64)
+        fp = weights[:, neg_idx] @ pred[neg_idx].astype(np.int64)
+        fn = len(pos_idx) - tp
+        tn = len(neg_idx) - fp
+        for name, arr in _rates_from_counts(tn, fp, fn, tp).items():
+            values[name].append(arr)
+        if with_curves:
+            roc_auc, pr_auc = _weighted_curve_metrics(is_pos, starts, weights)
+            values["roc_auc"].append(roc_auc)
+            values["pr_auc"].append(pr_auc)
+    return {k: np.concatenate(v) for k, v in values.items() if v}
+
+
+def _percentile_ci(samples: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def compute_metrics(
+    y_true: Any,
+    scores: Any,
+    threshold: float,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics at ``threshold`` (rule ``score >= threshold``), JSON-ready.
+
+    Keys: ``n, n_positive, n_negative, threshold, accuracy, precision, recall, specificity, f1,
+    roc_auc, pr_auc`` (average precision), ``confusion_matrix`` (``[[tn, fp], [fn, tp]]``),
+    ``ci95`` (``{metric: [lo, hi]}``, percentile 95 % interval of a seeded stratified bootstrap
+    with ``n_bootstrap`` resamples; ``None`` entries when ``n_bootstrap`` is 0) and ``at_0_5``
+    (the rates and confusion matrix at threshold 0.5). Zero divisions give 0.0, like sklearn's
+    ``zero_division=0``. With one class only, the AUCs are ``None`` and a warning is issued.
+    """
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0; got {n_bootstrap}")
+    y, s = check_inputs(y_true, scores)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    both_classes = n_pos > 0 and n_neg > 0
+    if not both_classes:
+        warnings.warn(
+            f"only one class present ({n_pos} positive, {n_neg} negative): ROC AUC and PR AUC "
+            "are undefined, and the rates of the missing class are reported as 0",
+            UserWarning,
+            stacklevel=2,
+        )
+    point = rates_at(y, s, threshold)
+    metrics: dict[str, Any] = {
+        "n": len(y),
+        "n_positive": n_pos,
+        "n_negative": n_neg,
+        "threshold": float(threshold),
+        **{name: point[name] for name in RATE_NAMES},
+        "roc_auc": float(roc_auc_score(y, s)) if both_classes else None,
+        "pr_auc": float(average_precision_score(y, s)) if both_classes else None,
+        "confusion_matrix": point["confusion_matrix"],
+    }
+    if n_bootstrap:
+        samples = _bootstrap(
+            y, s, threshold, n_bootstrap=n_bootstrap, seed=seed, with_curves=both_classes
+        )
+        ci95 = {name: _percentile_ci(samples[name]) if name in samples else None
+                for name in RATE_NAMES + CURVE_NAMES}
+    else:
+        ci95 = {name: None for name in RATE_NAMES + CURVE_NAMES}
+    metrics["ci95"] = ci95
+    metrics["at_0_5"] = rates_at(y, s, 0.5)
+    return metrics

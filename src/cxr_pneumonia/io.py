@@ -1,0 +1,486 @@
+"""Read chest X-rays (PNG, JPEG, DICOM) into one pixel contract: uint8, H×W grayscale.
+
+Formats are recognised by their bytes, not their file names (a ``.dcm``/``.dicom`` suffix only
+lets a DICOM without the 128-byte preamble be tried). Every failure raises a subclass of
+:class:`ImageReadError` whose message names the file and the reason, and image sizes are checked
+from the headers before anything is decoded (decompression-bomb guard).
+
+pydicom is imported only when a DICOM is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import warnings
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest width × height accepted by default (a 7000×7000 radiograph is 49 MP)."""
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
+# JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) are not SOFs.
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and RST0-7 (SOI/EOI are handled explicitly).
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read; ``str(err)`` is ``"{path}: {reason}"`` on one line."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        path = str(path)
+        # Reasons often embed library messages spanning several lines; logs and CSVs want one.
+        reason = " ".join(str(reason).split())
+        # Both values go to ValueError so the error pickles across worker processes.
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return " ".join(f"{self.path}: {self.reason}".splitlines())
+
+
+class EmptyFileError(ImageReadError):
+    """The file has zero bytes."""
+
+
+class TruncatedImageError(ImageReadError):
+    """The file ends before the image does (an interrupted copy or download)."""
+
+
+class NotAnImageError(ImageReadError):
+    """The bytes are not a decodable PNG, JPEG or DICOM image."""
+
+
+class UnsupportedDicomError(ImageReadError):
+    """A DICOM file this reader cannot turn into a grayscale image."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """The header declares more pixels than ``max_pixels`` (decompression-bomb guard)."""
+
+
+def is_dicom(head: bytes) -> bool:
+    """Whether ``head`` (the first 132+ bytes of a file) starts like a DICOM Part 10 file."""
+    end = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+    return len(head) >= end and bytes(head[_DICOM_MAGIC_OFFSET:end]) == _DICOM_MAGIC
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a PNG, JPEG or DICOM file as a uint8, C-contiguous H×W grayscale array.
+
+    Raises:
+        ImageReadError: (or a subclass) naming ``path`` and the reason it cannot be read.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "no such file") from err
+    except IsADirectoryError as err:
+        raise ImageReadError(path, "is a directory, not an image file") from err
+    except OSError as err:
+        raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
+    return load_image_bytes(data, name=str(path), max_pixels=max_pixels)
+
+
+def load_image_bytes(
+    data: bytes, *, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode PNG/JPEG/DICOM bytes as a uint8, C-contiguous H×W grayscale array.
+
+    ``name`` appears in error messages; its suffix matters only for DICOM without a preamble.
+    16-bit images and DICOM values are min-max scaled to 0..255 (after the DICOM modality and
+    VOI transforms); colour is converted to gray and alpha is dropped.
+
+    Raises:
+        ImageReadError: (or a subclass) naming ``name`` and the reason it cannot be read.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise EmptyFileError(name, "empty file (0 bytes)")
+    if data.startswith(_PNG_MAGIC):
+        image = _decode_png(data, name, max_pixels)
+    elif data.startswith(_JPEG_MAGIC):
+        image = _decode_jpeg(data, name, max_pixels)
+    elif is_dicom(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
+        image = _decode_dicom(data, name, max_pixels)
+    else:
+        raise NotAnImageError(name, _not_an_image_reason(data))
+    logger.debug("read %s: %dx%d", name, image.shape[1], image.shape[0])
+    return np.ascontiguousarray(image)
+
+
+def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root``, recursively and sorted.
+
+    A file qualifies by its suffix (``IMAGE_SUFFIXES``, any case), or, when it has no suffix or
+    only a numeric one (DICOM files are often named by UID, e.g. ``1.2.840.113619.2.55``), by
+    DICOM bytes. Hidden files and folders (names starting with ``.``) are skipped.
+
+    Raises:
+        NotADirectoryError: ``root`` is not an existing folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a directory")
+    found: list[Path] = []
+    for folder, subfolders, filenames in os.walk(root):
+        # Pruning in place stops os.walk from descending into .git, .cache, ...
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            path = Path(folder) / filename
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (_maybe_uid_named(suffix) and _file_is_dicom(path)):
+                found.append(path)
+    return sorted(found)
+
+
+def _maybe_uid_named(suffix: str) -> bool:
+    return suffix == "" or suffix[1:].isdigit()
+
+
+def _file_is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return is_dicom(handle.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)))
+    except OSError:
+        return False
+
+
+def _not_an_image_reason(data: bytes) -> str:
+    return f"not a PNG, JPEG or DICOM file (starts with {bytes(data[:16])!r})"
+
+
+def _check_size(width: int, height: int, name: str, kind: str, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise NotAnImageError(name, f"{kind} header declares an empty {width}x{height} image")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"{kind} is {width}x{height} = {width * height:,} pixels, "
+            f"more than the limit of {max_pixels:,} (max_pixels)",
+        )
+
+
+# --- PNG and JPEG -----------------------------------------------------------------------------
+
+
+def _decode_png(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    width, height = _png_size(data, name)
+    _check_size(width, height, name, "PNG", max_pixels)
+    # Every complete PNG ends with an IEND chunk; without one the file was cut short.
+    if data.rfind(b"IEND", len(_PNG_MAGIC)) < 0:
+        raise TruncatedImageError(name, "PNG has no IEND chunk (file cut short)")
+    return _decode_raster(data, name, "PNG")
+
+
+def _png_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which must come first."""
+    header_end = len(_PNG_MAGIC) + 16  # length(4) type(4) width(4) height(4)
+    if len(data) < header_end:
+        raise TruncatedImageError(name, "PNG ends inside its IHDR header (file cut short)")
+    if data[12:16] != b"IHDR":
+        raise NotAnImageError(name, "corrupt PNG: the first chunk is not IHDR")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _decode_jpeg(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    width, height, scan_start = _jpeg_header(data, name)
+    _check_size(width, height, name, "JPEG", max_pixels)
+    # Entropy-coded data never contains FF D9 (FF is byte-stuffed), so the last scan is complete
+    # only if an EOI marker follows the first SOS; this also tolerates trailing padding.
+    if data.rfind(b"\xff\xd9", scan_start) < 0:
+        raise TruncatedImageError(name, "JPEG has no end-of-image marker (file cut short)")
+    return _decode_raster(data, name, "JPEG")
+
+
+def _jpeg_header(data: bytes, name: str) -> tuple[int, int, int]:
+    """(width, height, offset of the first scan) from the markers before the first SOS."""
+    size: tuple[int, int] | None = None
+    pos, end = 2, len(data)
+    while True:
+        if pos >= end:
+            raise TruncatedImageError(name, "JPEG ends inside its header (file cut short)")
+        if data[pos] != 0xFF:
+            raise NotAnImageError(name, f"corrupt JPEG: no marker at byte {pos}")
+        while pos < end and data[pos] == 0xFF:  # fill bytes may precede a marker
+            pos += 1
+        if pos >= end:
+            raise TruncatedImageError(name, "JPEG ends inside its header (file cut short)")
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE_MARKERS:
+            continue
+        if marker == _JPEG_EOI:
+            raise NotAnImageError(name, "corrupt JPEG: end-of-image marker before any scan")
+        if pos + 2 > end:
+            raise TruncatedImageError(name, "JPEG ends inside its header (file cut short)")
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2:
+            raise NotAnImageError(name, f"corrupt JPEG: segment length {length} at byte {pos}")
+        if marker in _JPEG_SOF_MARKERS:
+            if pos + 7 > end:
+                raise TruncatedImageError(name, "JPEG ends inside its frame header")
+            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
+            size = (width, height)
+        elif marker == _JPEG_SOS:
+            if size is None:
+                raise NotAnImageError(name, "corrupt JPEG: scan data before any frame header")
+            return size[0], size[1], pos
+        pos += length
+
+
+def _decode_raster(data: bytes, name: str, kind: str) -> np.ndarray:
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:
+        raise NotAnImageError(name, f"corrupt {kind}: OpenCV failed: {err}") from err
+    if image is None:
+        raise NotAnImageError(name, f"corrupt {kind}: OpenCV could not decode it")
+    return _raster_to_gray_uint8(image, name)
+
+
+def _raster_to_gray_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    """OpenCV's BGR/BGRA/gray, 8 or 16 bit -> uint8 gray (alpha dropped, 16 bit min-max scaled)."""
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = image[:, :, 0]
+        elif channels == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        elif channels == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+        else:
+            raise NotAnImageError(name, f"unsupported number of channels: {channels}")
+    if image.dtype == np.uint8:
+        return image
+    # 12-bit data stored in 16 bits would come out nearly black with a fixed /257.
+    return _scale_to_uint8(image)
+
+
+def _scale_to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Map [low, high] (default: the array's own range) linearly onto 0..255, clipping outside.
+
+    A constant image (high <= low) becomes all zeros.
+    """
+    low = float(values.min()) if low is None else low
+    high = float(values.max()) if high is None else high
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    # float32 is exact for 16-bit integers and halves the memory of float64 on large images.
+    scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    np.clip(scaled, 0, 255, out=scaled)
+    return np.rint(scaled).astype(np.uint8)
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+
+def _pydicom() -> SimpleNamespace:
+    """The pydicom functions used here, imported lazily (pydicom 3 API, 2.4 fallback)."""
+    try:
+        import pydicom
+        from pydicom.dataset import FileMetaDataset
+    except ImportError as err:
+        raise ImportError("reading DICOM files needs pydicom: pip install pydicom") from err
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+        def first_frame(ds: Any) -> np.ndarray:
+            # index=0 decodes only the first frame of a multi-frame file.
+            return pixel_array(ds, index=0)
+
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+        get_decoder = None
+
+        def first_frame(ds: Any) -> np.ndarray:
+            frames = ds.pixel_array
+            return frames[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else frames
+
+    return SimpleNamespace(
+        dcmread=pydicom.dcmread,
+        uid=pydicom.uid,
+        FileMetaDataset=FileMetaDataset,
+        apply_modality_lut=apply_modality_lut,
+        apply_voi_lut=apply_voi_lut,
+        get_decoder=get_decoder,
+        first_frame=first_frame,
+    )
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    dicom = _pydicom()
+    has_preamble = is_dicom(data)
+    try:
+        # force=True also reads datasets without the preamble (tried only for .dcm/.dicom names).
+        ds = dicom.dcmread(BytesIO(data), force=True)
+    except Exception as err:  # pydicom raises many exception types on malformed input
+        if not has_preamble:
+            raise NotAnImageError(name, _not_an_image_reason(data)) from err
+        raise UnsupportedDicomError(name, f"unreadable DICOM header: {err}") from err
+    if not has_preamble and "Rows" not in ds and not _has_pixel_data(ds):
+        # force=True "reads" any bytes; without image attributes it was not a DICOM at all.
+        raise NotAnImageError(name, _not_an_image_reason(data))
+    if not _has_pixel_data(ds):
+        raise UnsupportedDicomError(name, "no pixel data")
+
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    _check_size(columns, rows, name, "DICOM", max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedDicomError(
+            name,
+            f"photometric interpretation {photometric or 'missing'!r} is not supported "
+            f"(expected one of {', '.join(_SUPPORTED_PHOTOMETRIC)})",
+        )
+    transfer_syntax = _ensure_transfer_syntax(ds, dicom)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=3)
+
+    pixels = _dicom_first_frame(ds, dicom, transfer_syntax, name)
+    if photometric == "RGB":
+        gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+        return gray if gray.dtype == np.uint8 else _scale_to_uint8(gray)
+    if pixels.ndim != 2:
+        raise UnsupportedDicomError(name, f"unexpected pixel array shape {pixels.shape}")
+
+    image = _dicom_values_to_uint8(pixels, ds, dicom, name)
+    if photometric == "MONOCHROME1":
+        warnings.warn(f"{name}: MONOCHROME1 (white = low values) inverted to MONOCHROME2", stacklevel=3)
+        image = 255 - image
+    return image
+
+
+def _has_pixel_data(ds: Any) -> bool:
+    return any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _ensure_transfer_syntax(ds: Any, dicom: SimpleNamespace) -> Any:
+    """The dataset's transfer syntax, set from the encoding it was read with when absent."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = dicom.FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        # A dataset without file meta (no preamble): pydicom guessed the encoding while reading.
+        implicit, little = getattr(ds, "original_encoding", (ds.is_implicit_VR, ds.is_little_endian))
+        if not little:
+            meta.TransferSyntaxUID = dicom.uid.ExplicitVRBigEndian
+        elif implicit:
+            meta.TransferSyntaxUID = dicom.uid.ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = dicom.uid.ExplicitVRLittleEndian
+    return meta.TransferSyntaxUID
+
+
+def _dicom_first_frame(ds: Any, dicom: SimpleNamespace, transfer_syntax: Any, name: str) -> np.ndarray:
+    if not transfer_syntax.is_compressed and "PixelData" in ds:
+        # Checked here because pydicom's own message does not say the file is truncated.
+        bits = int(ds.get("BitsAllocated") or 8)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * bits // 8)
+        if len(ds.PixelData) < expected:
+            raise TruncatedImageError(
+                name,
+                f"DICOM pixel data has {len(ds.PixelData)} bytes, the first frame needs "
+                f"{expected} (file cut short)",
+            )
+    try:
+        return dicom.first_frame(ds)
+    except Exception as err:  # decoders raise RuntimeError, ValueError, NotImplementedError...
+        if transfer_syntax.is_compressed:
+            raise UnsupportedDicomError(name, _compressed_reason(transfer_syntax, dicom, err)) from err
+        raise UnsupportedDicomError(name, f"cannot decode DICOM pixel data: {err}") from err
+
+
+def _compressed_reason(transfer_syntax: Any, dicom: SimpleNamespace, err: Exception) -> str:
+    syntax = f"{transfer_syntax.name} ({transfer_syntax})"
+    available = False
+    if dicom.get_decoder is not None:
+        try:
+            available = dicom.get_decoder(transfer_syntax).is_available
+        except (NotImplementedError, ValueError):
+            available = False
+    if available:
+        return f"cannot decode {syntax} pixel data: {err}"
+    return f"compressed transfer syntax {syntax} needs a decoder: pip install 'pylibjpeg[all]' or python-gdcm"
+
+
+def _dicom_values_to_uint8(pixels: np.ndarray, ds: Any, dicom: SimpleNamespace, name: str) -> np.ndarray:
+    """Modality LUT/rescale, then VOI LUT/window, then linear scaling onto 0..255.
+
+    With a VOI transform the output range of that transform (e.g. the window) maps onto 0..255,
+    so the chosen window is kept; without one, the image's own value range does.
+    """
+    values = dicom.apply_modality_lut(pixels, ds)
+    if not _has_voi(ds):
+        return _scale_to_uint8(values)
+    try:
+        windowed = _apply_voi(values, ds, dicom)
+        # Probing the transform with inputs spanning its whole domain gives its output range.
+        with np.errstate(over="ignore"):  # a sigmoid window overflows exp() at the extremes
+            probe = _apply_voi(_voi_probe(ds), ds, dicom)
+    except (ValueError, NotImplementedError, AttributeError, KeyError, IndexError) as err:
+        warnings.warn(f"{name}: invalid VOI LUT or window ({err}); using the full value range", stacklevel=4)
+        return _scale_to_uint8(values)
+    return _scale_to_uint8(windowed, float(probe.min()), float(probe.max()))
+
+
+def _voi_lut_item(ds: Any) -> Any | None:
+    """The first VOI LUT Sequence item when it is usable (pydicom prefers it to a window)."""
+    sequence = ds.get("VOILUTSequence")
+    if not sequence:
+        return None
+    item = sequence[0]
+    if item.get("LUTDescriptor") is None or item.get("LUTData") is None:
+        return None
+    return item
+
+
+def _has_voi(ds: Any) -> bool:
+    window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    return window or _voi_lut_item(ds) is not None
+
+
+def _apply_voi(values: np.ndarray, ds: Any, dicom: SimpleNamespace) -> np.ndarray:
+    item = _voi_lut_item(ds)
+    if item is not None:
+        # A LUT is indexed by integer values; clipping to its domain first avoids pydicom
+        # wrapping large values around when it casts them to the LUT's dtype.
+        entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+        values = np.clip(np.rint(values), first - 1, first + entries - 1).astype(np.int64)
+    return dicom.apply_voi_lut(values, ds)
+
+
+def _voi_probe(ds: Any) -> np.ndarray:
+    item = _voi_lut_item(ds)
+    if item is not None:
+        entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+        return np.arange(first - 1, first + entries, dtype=np.int64)
+    # Far below and above any window: linear and sigmoid windows reach their output limits.
+    return np.array([-(2.0**40), 2.0**40])

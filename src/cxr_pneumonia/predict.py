@@ -1,0 +1,216 @@
+"""A trained run and predictions with it.
+
+A run directory holds everything needed to apply the model exactly as it was validated:
+``model.keras``, ``config.json`` (preprocessing, model and training configs, package version,
+data fingerprint), ``threshold.json`` (the operating point chosen on validation) and
+``metrics_val.json``. :class:`Run` loads it once; predict, evaluate, explain and serve all go
+through it, so they apply the identical pipeline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_pneumonia import __version__
+from cxr_pneumonia.config import from_dict, read_json, to_dict, write_json
+from cxr_pneumonia.data import CLASS_NAMES
+from cxr_pneumonia.io import ImageReadError, list_image_files, load_image
+from cxr_pneumonia.preprocess import Pipeline, PreprocessConfig, PreprocessError, build_pipeline
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+THRESHOLD_FILE = "threshold.json"
+METRICS_VAL_FILE = "metrics_val.json"
+DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
+
+
+class RunError(RuntimeError):
+    """A run directory is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction, or the reason it could not be predicted."""
+
+    path: str
+    probability: float | None
+    label: str | None
+    threshold: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "probability": self.probability,
+            "label": self.label,
+            "threshold": self.threshold,
+            "error": self.error,
+        }
+
+
+def label_for(probability: float, threshold: float) -> str:
+    """PNEUMONIA when probability >= threshold (the rule the threshold was chosen with)."""
+    return CLASS_NAMES[1] if probability >= threshold else CLASS_NAMES[0]
+
+
+class Run:
+    """A loaded run: model, preprocessing pipeline and operating threshold."""
+
+    def __init__(self, path: Path, model: Any, config: dict[str, Any], threshold: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.config = config
+        self.threshold_info = threshold
+        self.threshold = float(threshold["threshold"])
+        self.preprocess_config = from_dict(PreprocessConfig, config["preprocess"])
+        self.pipeline: Pipeline = build_pipeline(self.preprocess_config)
+        self.image_size = int(config["model"]["image_size"])
+        self._forward_fn: Any = None
+
+    # ---- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        """Load a complete run directory (a half-written one has no model.keras and is refused)."""
+        import keras
+
+        path = Path(path)
+        missing = [f for f in (MODEL_FILE, CONFIG_FILE, THRESHOLD_FILE) if not (path / f).is_file()]
+        if missing:
+            raise RunError(f"{path}: not a complete run directory (missing {', '.join(missing)})")
+        config = read_json(path / CONFIG_FILE)
+        threshold = read_json(path / THRESHOLD_FILE)
+        model = keras.models.load_model(path / MODEL_FILE, compile=False)
+        return cls(path, model, config, threshold)
+
+    @staticmethod
+    def write_metadata(
+        path: Path,
+        *,
+        preprocess_cfg: PreprocessConfig,
+        model_cfg: Any,
+        threshold: dict[str, Any],
+        train_cfg: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write config.json and threshold.json for a model saved at ``path / model.keras``."""
+        config = {
+            "package_version": __version__,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "preprocess": to_dict(preprocess_cfg),
+            "model": to_dict(model_cfg),
+            "train": to_dict(train_cfg) if train_cfg is not None else None,
+            "class_names": list(CLASS_NAMES),
+            **(extra or {}),
+        }
+        write_json(path / CONFIG_FILE, config)
+        write_json(path / THRESHOLD_FILE, threshold)
+
+    # ---- information ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"{self.config['model'].get('backbone', 'model')}-{self.path.name}"
+
+    @property
+    def metrics_val(self) -> dict[str, Any] | None:
+        path = self.path / METRICS_VAL_FILE
+        return read_json(path) if path.is_file() else None
+
+    def info(self) -> dict[str, Any]:
+        """Model card: name, version, training time, configs, threshold and validation metrics."""
+        return {
+            "name": self.name,
+            "version": self.config.get("package_version"),
+            "trained_at": self.config.get("created_at"),
+            "threshold": self.threshold_info,
+            "config": self.config,
+            "metrics_val": self.metrics_val,
+            "disclaimer": DISCLAIMER,
+        }
+
+    # ---- prediction ----------------------------------------------------------------------
+
+    def preprocess(self, image: np.ndarray, *, source: str = "<array>") -> np.ndarray:
+        """The run's preprocessing on one raw uint8 grayscale image."""
+        return self.pipeline(image, source=source)
+
+    def predict_preprocessed(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for preprocessed images (N×H×W uint8 or float)."""
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of {self.image_size}×{self.image_size}, got {x.shape[1]}×{x.shape[2]}"
+            )
+        forward = self._forward()
+        probabilities = [
+            np.asarray(forward(x[start : start + batch_size]), dtype=np.float32).reshape(-1)
+            for start in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
+
+    def _forward(self) -> Any:
+        """The model as one traced function for any batch size (no retracing per batch shape)."""
+        if self._forward_fn is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None, self.image_size, self.image_size, 1), tf.float32)
+            self._forward_fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        return self._forward_fn
+
+    def predict_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for raw uint8 grayscale images (any size)."""
+        if len(images) == 0:
+            return np.zeros(0, np.float32)
+        return self.predict_preprocessed(
+            np.stack([self.preprocess(img) for img in images]), batch_size=batch_size
+        )
+
+    def iter_predictions(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> Iterator[Prediction]:
+        """Predict files in batches (memory stays flat); unreadable files yield an error each."""
+        pending: list[tuple[str, np.ndarray]] = []
+        for path in paths:
+            try:
+                pending.append((str(path), self.preprocess(load_image(path), source=str(path))))
+            except (ImageReadError, PreprocessError) as e:
+                yield Prediction(str(path), None, None, self.threshold, error=_reason(e))
+                continue
+            if len(pending) == batch_size:
+                yield from self._flush(pending, batch_size)
+                pending = []
+        if pending:
+            yield from self._flush(pending, batch_size)
+
+    def _flush(self, pending: list[tuple[str, np.ndarray]], batch_size: int) -> Iterator[Prediction]:
+        probabilities = self.predict_preprocessed(
+            np.stack([img for _, img in pending]), batch_size=batch_size
+        )
+        for (path, _), probability in zip(pending, probabilities, strict=True):
+            p = float(probability)
+            yield Prediction(path, p, label_for(p, self.threshold), self.threshold)
+
+    def predict_paths(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
+        return list(self.iter_predictions(paths, batch_size=batch_size))
+
+
+def _reason(error: Exception) -> str:
+    return error.reason if isinstance(error, ImageReadError) else str(error)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); missing paths kept (they fail later)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        files.extend(list_image_files(item) if item.is_dir() else [item])
+    return files

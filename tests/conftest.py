@@ -1,0 +1,116 @@
+"""Shared pytest fixtures.
+
+Image files: ``io_data_dir`` (the checked-in tiny DICOMs, see ``tests/data/io/make_fixtures.py``)
+and ``bad_inputs_dir`` (a folder mixing valid and unreadable images).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+IO_DATA_DIR = Path(__file__).resolve().parent / "data" / "io"
+
+
+def _synthetic_xray(height: int = 96, width: int = 80, *, seed: int = 0) -> np.ndarray:
+    """A uint8 chest-X-ray-like image: dark background, bright body, two darker lungs."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width), 20, np.uint8)
+    centre = (width // 2, height // 2)
+    cv2.ellipse(image, centre, (int(width * 0.45), int(height * 0.45)), 0, 0, 360, 180, -1)
+    for side in (-1, 1):
+        lung = (width // 2 + side * width // 5, height // 2)
+        cv2.ellipse(image, lung, (width // 7, height // 3), 0, 0, 360, 70, -1)
+    noise = rng.integers(-5, 6, size=image.shape)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def _encode_image(suffix: str, image: np.ndarray) -> bytes:
+    """``image`` (OpenCV channel order) encoded as ``suffix`` ('.png', '.jpg', ...)."""
+    ok, buffer = cv2.imencode(suffix, image)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.dtype} {image.shape} image as {suffix}")
+    return buffer.tobytes()
+
+
+@pytest.fixture
+def io_data_dir() -> Path:
+    """The folder of checked-in tiny DICOM fixtures (``mono2_rescale.dcm`` among them)."""
+    return IO_DATA_DIR
+
+
+@pytest.fixture
+def bad_inputs_dir(tmp_path: Path) -> tuple[Path, dict[str, type[Exception]]]:
+    """A folder of 5 readable images and 3 unreadable ones, for batch-processing tests.
+
+    Returns ``(folder, expected_failures)``: the failing file names mapped to the
+    ``cxr_pneumonia.io`` error class that reading each one raises. Readable: ``normal_1.jpeg``
+    (gray JPEG), ``normal_2.jpg`` (RGB JPEG), ``scan_16bit.png``, ``scan_rgba.png``,
+    ``scan.dcm`` (a copy of ``mono2_rescale.dcm``).
+    """
+    # Imported here so that a broken io module fails only the tests that use this fixture.
+    from cxr_pneumonia.io import EmptyFileError, NotAnImageError, TruncatedImageError
+
+    folder = tmp_path / "bad_inputs"
+    folder.mkdir()
+    xray = _synthetic_xray(seed=1)
+    (folder / "normal_1.jpeg").write_bytes(_encode_image(".jpg", xray))
+    (folder / "normal_2.jpg").write_bytes(
+        _encode_image(".jpg", cv2.cvtColor(_synthetic_xray(seed=2), cv2.COLOR_GRAY2BGR))
+    )
+    sixteen_bit = _synthetic_xray(seed=3).astype(np.uint16) * 16  # 12-bit values in 16 bits
+    (folder / "scan_16bit.png").write_bytes(_encode_image(".png", sixteen_bit))
+    rgba = cv2.cvtColor(_synthetic_xray(seed=4), cv2.COLOR_GRAY2BGRA)
+    rgba[..., 3] = 128
+    (folder / "scan_rgba.png").write_bytes(_encode_image(".png", rgba))
+    shutil.copyfile(IO_DATA_DIR / "mono2_rescale.dcm", folder / "scan.dcm")
+
+    (folder / "empty.jpg").write_bytes(b"")
+    whole = _encode_image(".jpg", _synthetic_xray(seed=5))
+    (folder / "truncated.jpeg").write_bytes(whole[: len(whole) // 2])
+    (folder / "notes.jpeg").write_text("radiologist notes, not an image\n")
+    expected_failures: dict[str, type[Exception]] = {
+        "empty.jpg": EmptyFileError,
+        "truncated.jpeg": TruncatedImageError,
+        "notes.jpeg": NotAnImageError,
+    }
+    return folder, expected_failures
+
+
+# --- trained runs ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "data" / "sample"
+SHARED_DIR = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled 160-image sample: ``train/`` and ``test/`` class folders, patient-disjoint."""
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete run directory trained in seconds: random-weight ResNet50V2 at 64×64 on the sample.
+
+    Shared by every test that needs a trained model (predict, evaluate, explain, serve).
+    Tests must not modify it.
+    """
+    from cxr_pneumonia.model import ModelConfig
+    from cxr_pneumonia.preprocess import PreprocessConfig
+    from cxr_pneumonia.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    train(
+        SAMPLE_DIR / "train",
+        root / "run",
+        preprocess_cfg=PreprocessConfig(size=64),
+        model_cfg=ModelConfig(backbone="resnet50v2", weights="none", image_size=64),
+        train_cfg=TrainConfig(epochs=3, cache_dir=str(root / "cache"), workers=1),
+    )
+    return root / "run"

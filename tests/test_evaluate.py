@@ -1,0 +1,262 @@
+"""Tests for evaluate: the recall-first operating point and metrics against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from cxr_pneumonia import evaluate
+from cxr_pneumonia.evaluate import ThresholdChoice, choose_threshold, compute_metrics
+
+# 10 positives and 10 negatives with distinct scores; answers below are worked out by hand.
+POS = [0.95, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.35, 0.20]
+NEG = [0.55, 0.50, 0.45, 0.40, 0.30, 0.25, 0.15, 0.10, 0.05, 0.02]
+Y = np.array([1] * 10 + [0] * 10)
+S = np.array(POS + NEG)
+
+
+@pytest.mark.parametrize(
+    ("target", "rule", "threshold", "recall", "specificity"),
+    [
+        # 9 positives need t <= 0.35; negatives >= 0.35 are 0.55, 0.5, 0.45, 0.4 -> spec 6/10.
+        (0.9, "max_specificity", 0.35, 0.9, 0.6),
+        # midpoint between 0.35 and the next lower score 0.30: same validation predictions.
+        (0.9, "midpoint", 0.325, 0.9, 0.6),
+        # 8 positives: t = 0.6 sits above every negative.
+        (0.8, "max_specificity", 0.60, 0.8, 1.0),
+        (0.8, "midpoint", 0.575, 0.8, 1.0),
+        # target 0 ties every t >= 0.6 at spec 1; the lowest (highest recall) wins.
+        (0.0, "max_specificity", 0.60, 0.8, 1.0),
+        # all positives: t = 0.2 (lowest positive); negatives >= 0.2 are six -> spec 0.4.
+        (1.0, "max_specificity", 0.20, 1.0, 0.4),
+        (1.0, "midpoint", 0.175, 1.0, 0.4),
+    ],
+)
+def test_choose_threshold_known_answers(
+    target: float, rule: str, threshold: float, recall: float, specificity: float
+) -> None:
+    choice = choose_threshold(Y, S, target_recall=target, rule=rule)
+    assert choice.threshold == pytest.approx(threshold)
+    assert choice.recall == pytest.approx(recall)
+    assert choice.specificity == pytest.approx(specificity)
+    assert choice.rule == rule
+    assert choice.target_recall == target
+    assert choice.achievable
+
+
+def test_choose_threshold_ties_prefer_higher_recall() -> None:
+    # t = 0.8 and t = 0.7 both reach recall >= 0.5 with no false alarms; 0.7 catches all three.
+    y = [1, 1, 1, 0, 0]
+    s = [0.9, 0.8, 0.7, 0.6, 0.1]
+    choice = choose_threshold(y, s, target_recall=0.5)
+    assert choice.threshold == pytest.approx(0.7)
+    assert (choice.recall, choice.specificity) == (1.0, 1.0)
+    assert choose_threshold(y, s, target_recall=0.5, rule="midpoint").threshold == pytest.approx(0.65)
+
+
+def test_choose_threshold_threshold_is_a_score_and_uses_ge_rule() -> None:
+    choice = choose_threshold(Y, S, target_recall=0.9)
+    assert choice.threshold in S
+    pred = evaluate.apply_threshold(S, choice.threshold)
+    # 0.35 itself is positive; positive 0.20 is missed; negatives 0.55 to 0.40 are false alarms.
+    assert pred.tolist() == [1] * 9 + [0] + [1] * 4 + [0] * 6
+
+
+def test_choose_threshold_target_only_met_by_flagging_everything_warns() -> None:
+    # The lowest score is a positive: recall 1 requires calling every image positive.
+    y = [1, 0, 0, 1]
+    s = [0.1, 0.5, 0.2, 0.9]
+    with pytest.warns(UserWarning, match="specificity 0"):
+        choice = choose_threshold(y, s, target_recall=1.0)
+    assert choice.threshold == pytest.approx(0.1)
+    assert (choice.recall, choice.specificity, choice.achievable) == (1.0, 0.0, False)
+
+
+def test_choose_threshold_midpoint_at_lowest_score_stays() -> None:
+    y = [1, 0, 0, 1]
+    s = [0.1, 0.5, 0.2, 0.9]
+    with pytest.warns(UserWarning):
+        choice = choose_threshold(y, s, target_recall=1.0, rule="midpoint")
+    assert choice.threshold == pytest.approx(0.1)
+
+
+def test_choose_threshold_midpoint_keeps_float32_predictions() -> None:
+    # Adjacent float32 scores: the midpoint must not change any validation prediction.
+    hi = np.float32(0.5)
+    lo = np.nextafter(hi, np.float32(0))
+    s = np.array([0.9, hi, lo, 0.1], dtype=np.float32)
+    y = np.array([1, 1, 0, 0])
+    exact = choose_threshold(y, s, target_recall=1.0)
+    mid = choose_threshold(y, s, target_recall=1.0, rule="midpoint")
+    assert exact.threshold == float(hi)
+    assert lo < mid.threshold <= hi
+    assert np.array_equal(evaluate.apply_threshold(s, mid.threshold), [1, 1, 0, 0])
+    assert (mid.recall, mid.specificity) == (1.0, 1.0)
+
+
+def test_threshold_choice_round_trips_through_json() -> None:
+    choice = choose_threshold(Y, S, target_recall=0.9, rule="midpoint")
+    payload = json.loads(json.dumps(choice.to_dict()))
+    assert payload["threshold"] == pytest.approx(0.325)
+    assert ThresholdChoice.from_dict(payload) == choice
+
+
+@pytest.mark.parametrize(
+    ("y", "s", "kwargs", "match"),
+    [
+        ([1, 1, 1], [0.2, 0.5, 0.9], {}, "both classes"),
+        ([0, 0], [0.2, 0.5], {}, "both classes"),
+        ([0, 1], [0.2, 0.5], {"rule": "youden"}, "unknown threshold rule"),
+        ([0, 1], [0.2, 0.5], {"target_recall": 1.5}, "target_recall"),
+        ([0, 1, 1], [0.2, 0.5], {}, "3 items but scores has 2"),
+        ([0, 1], [0.2, float("nan")], {}, "non-finite"),
+        ([0, 2], [0.2, 0.5], {}, "0/1"),
+        ([], [], {}, "empty"),
+    ],
+)
+def test_choose_threshold_rejects_bad_input(y: list, s: list, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        choose_threshold(y, s, **kwargs)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+RNG = np.random.default_rng(7)
+Y_FIXED = RNG.integers(0, 2, 200)
+# Rounded scores create ties, which exercise tie handling in the AUCs.
+S_FIXED = np.round(np.clip(RNG.normal(0.35 + 0.3 * Y_FIXED, 0.2), 0, 1), 2)
+METRIC_KEYS = {
+    "n", "n_positive", "n_negative", "threshold", "accuracy", "precision", "recall",
+    "specificity", "f1", "roc_auc", "pr_auc", "confusion_matrix", "ci95", "at_0_5",
+}
+
+
+def _sklearn_rates(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
+    pred = (s >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "precision": precision_score(y, pred, zero_division=0),
+        "recall": recall_score(y, pred, zero_division=0),
+        "specificity": tn / (tn + fp),
+        "f1": f1_score(y, pred, zero_division=0),
+        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.62, 1.5])
+def test_compute_metrics_matches_sklearn(threshold: float) -> None:
+    m = compute_metrics(Y_FIXED, S_FIXED, threshold, n_bootstrap=200, seed=1)
+    assert set(m) == METRIC_KEYS
+    expected = _sklearn_rates(Y_FIXED, S_FIXED, threshold)
+    for name in ("accuracy", "precision", "recall", "specificity", "f1"):
+        assert m[name] == pytest.approx(expected[name], abs=1e-12), name
+    assert m["confusion_matrix"] == expected["confusion_matrix"]
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(Y_FIXED, S_FIXED), abs=1e-12)
+    assert m["pr_auc"] == pytest.approx(average_precision_score(Y_FIXED, S_FIXED), abs=1e-12)
+    assert (m["n"], m["n_positive"], m["n_negative"]) == (
+        200, int(Y_FIXED.sum()), int(200 - Y_FIXED.sum())
+    )
+    assert m["threshold"] == threshold
+    half = _sklearn_rates(Y_FIXED, S_FIXED, 0.5)
+    assert m["at_0_5"]["threshold"] == 0.5
+    assert m["at_0_5"]["confusion_matrix"] == half["confusion_matrix"]
+    for name in ("accuracy", "precision", "recall", "specificity", "f1"):
+        assert m["at_0_5"][name] == pytest.approx(half[name], abs=1e-12), name
+    json.dumps(m, allow_nan=False)  # plain, finite, JSON-ready values
+
+
+def test_compute_metrics_no_predicted_positives_gives_zero_precision() -> None:
+    m = compute_metrics(Y_FIXED, S_FIXED, 2.0, n_bootstrap=50)
+    assert (m["precision"], m["recall"], m["f1"], m["specificity"]) == (0.0, 0.0, 0.0, 1.0)
+    assert m["ci95"]["precision"] == [0.0, 0.0]
+
+
+def test_compute_metrics_ci_brackets_estimate_and_is_seeded() -> None:
+    m = compute_metrics(Y_FIXED, S_FIXED, 0.5, n_bootstrap=500, seed=3)
+    for name, (lo, hi) in m["ci95"].items():
+        assert lo <= m[name] <= hi, name
+        assert lo < hi, name  # 200 noisy items: the interval has width
+    again = compute_metrics(Y_FIXED, S_FIXED, 0.5, n_bootstrap=500, seed=3)
+    other = compute_metrics(Y_FIXED, S_FIXED, 0.5, n_bootstrap=500, seed=4)
+    assert again["ci95"] == m["ci95"]
+    assert other["ci95"] != m["ci95"]
+
+
+def test_compute_metrics_without_bootstrap_has_null_intervals() -> None:
+    m = compute_metrics(Y_FIXED, S_FIXED, 0.5, n_bootstrap=0)
+    assert set(m["ci95"]) == {"accuracy", "precision", "recall", "specificity", "f1",
+                              "roc_auc", "pr_auc"}
+    assert all(v is None for v in m["ci95"].values())
+
+
+def test_compute_metrics_one_class_warns_and_nulls_aucs() -> None:
+    with pytest.warns(UserWarning, match="one class"):
+        m = compute_metrics([1, 1, 1, 1], [0.9, 0.4, 0.7, 0.6], 0.5, n_bootstrap=100)
+    assert m["roc_auc"] is None and m["pr_auc"] is None
+    assert m["ci95"]["roc_auc"] is None and m["ci95"]["pr_auc"] is None
+    assert m["recall"] == 0.75
+    assert m["specificity"] == 0.0  # no negatives: zero_division=0
+    assert m["confusion_matrix"] == [[0, 0], [1, 3]]
+    json.dumps(m)
+
+
+def test_bootstrap_curve_metrics_equal_sklearn_with_counts_as_weights() -> None:
+    rng = np.random.default_rng(0)
+    order, is_pos, starts = evaluate._score_groups(Y_FIXED, S_FIXED)
+    counts = rng.integers(0, 4, size=(6, len(Y_FIXED)))
+    roc_auc, pr_auc = evaluate._weighted_curve_metrics(is_pos, starts, counts)
+    for row, auc, ap in zip(counts, roc_auc, pr_auc, strict=True):
+        weight = np.empty(len(Y_FIXED))
+        weight[order] = row
+        assert auc == pytest.approx(roc_auc_score(Y_FIXED, S_FIXED, sample_weight=weight))
+        assert ap == pytest.approx(average_precision_score(Y_FIXED, S_FIXED, sample_weight=weight))
+
+
+def test_compute_metrics_bootstrap_is_fast() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 5000)
+    s = rng.random(5000)
+    start = time.perf_counter()
+    m = compute_metrics(y, s, 0.5, n_bootstrap=1000, seed=0)
+    assert time.perf_counter() - start < 3.0
+    assert m["ci95"]["roc_auc"][0] < 0.5 < m["ci95"]["roc_auc"][1]  # random scores: AUC ~ 0.5
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def test_threshold_sweep_matches_rates_and_choice() -> None:
+    sweep = evaluate.threshold_sweep(Y, S)
+    assert list(sweep.columns) == ["threshold", "sensitivity", "specificity"]
+    assert np.array_equal(sweep["threshold"], np.sort(S))
+    assert sweep["sensitivity"].is_monotonic_decreasing
+    assert sweep["specificity"].is_monotonic_increasing
+    row = sweep[sweep["threshold"] == 0.35].iloc[0]
+    assert (row["sensitivity"], row["specificity"]) == (0.9, 0.6)
+    for t in (0.02, 0.5, 0.95):
+        rates = evaluate.rates_at(Y, S, t)
+        row = sweep[sweep["threshold"] == t].iloc[0]
+        assert row["sensitivity"] == pytest.approx(rates["recall"])
+        assert row["specificity"] == pytest.approx(rates["specificity"])
+
+
+def test_threshold_sweep_one_class_has_nan_column() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sweep = evaluate.threshold_sweep([0, 0, 0], [0.1, 0.2, 0.3])
+    assert sweep["sensitivity"].isna().all()
+    assert sweep["specificity"].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])

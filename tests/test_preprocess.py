@@ -1,0 +1,202 @@
+"""Preprocessing steps on synthetic images of known geometry, and the whole pipeline on real X-rays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_pneumonia.preprocess import (
+    STEP_NAMES,
+    PreprocessConfig,
+    PreprocessError,
+    apply_clahe,
+    apply_mask,
+    build_pipeline,
+    contour_box,
+    contour_mask,
+    disable_steps,
+    find_largest_contour,
+    refine_mask,
+    resize_image,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FULLRES = SHARED / "data" / "kermany-fullres"
+
+# (height, width), ellipse centre (x, y), semi-axes (a, b)
+ELLIPSES = [
+    ((160, 200), (100, 80), (50, 30)),
+    ((300, 240), (120, 150), (90, 120)),
+    ((256, 256), (90, 160), (60, 70)),
+]
+
+
+def ellipse_image(shape, center, axes, *, value=200, background=20) -> np.ndarray:
+    img = np.full(shape, background, dtype=np.uint8)
+    cv2.ellipse(img, center, axes, 0, 0, 360, color=value, thickness=cv2.FILLED)
+    return img
+
+
+@pytest.mark.parametrize(("shape", "center", "axes"), ELLIPSES)
+def test_largest_contour_box_and_mask_area(shape, center, axes):
+    img = ellipse_image(shape, center, axes)
+    contour = find_largest_contour(img, min_region_fraction=0.01)
+    assert contour is not None
+    x, y, w, h = contour_box(contour)
+    (cx, cy), (a, b) = center, axes
+    assert abs(x - (cx - a)) <= 1 and abs(y - (cy - b)) <= 1
+    assert abs(w - (2 * a + 1)) <= 2 and abs(h - (2 * b + 1)) <= 2
+    mask = contour_mask(img.shape, contour)
+    assert set(np.unique(mask)) == {0, 255}
+    assert (mask > 0).sum() == pytest.approx(math.pi * a * b, rel=0.03)
+
+
+def test_largest_of_several_regions_is_chosen():
+    img = ellipse_image((200, 300), (80, 100), (40, 40))
+    cv2.ellipse(img, (220, 100), (60, 70), 0, 0, 360, color=200, thickness=cv2.FILLED)
+    x, y, w, h = contour_box(find_largest_contour(img, min_region_fraction=0.01))
+    assert (x, y) == (160, 30) and abs(w - 121) <= 2 and abs(h - 141) <= 2
+
+
+@pytest.mark.parametrize(
+    ("img", "min_fraction"),
+    [
+        (np.zeros((64, 64), np.uint8), 0.15),  # nothing bright at all
+        (ellipse_image((200, 200), (100, 100), (10, 10)), 0.15),  # a speck, not a thorax
+    ],
+)
+def test_no_usable_contour_falls_back_to_whole_image(img, min_fraction):
+    assert find_largest_contour(img, min_region_fraction=min_fraction) is None
+    result = build_pipeline(PreprocessConfig(size=32)).run(img)
+    assert result.fallback
+    assert result.image.shape == (32, 32)
+    expected = cv2.resize(
+        apply_clahe(img, clip_limit=2.0, tile_grid=8), (32, 32), interpolation=cv2.INTER_AREA
+    )
+    np.testing.assert_array_equal(result.image, expected)
+
+
+def test_refine_mask_removes_thin_spur_but_keeps_the_region():
+    mask = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(mask, (80, 100), (50, 50), 0, 0, 360, 255, cv2.FILLED)
+    mask[99:101, 130:200] = 255  # a 2-px wire from the region to the border
+    refined = refine_mask(mask, kernel_size=5, erode_iterations=2, dilate_iterations=2)
+    assert refined[100, 170:].max() == 0
+    assert refined[100, 80] == 255
+    assert (refined > 0).sum() == pytest.approx(math.pi * 50 * 50, rel=0.05)
+
+
+def test_apply_mask_zeroes_outside_only():
+    img = np.full((10, 10), 77, np.uint8)
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:5, 3:8] = 255
+    out = apply_mask(img, mask)
+    assert out[2:5, 3:8].min() == 77 and out.sum() == 77 * 15
+
+
+def test_clahe_raises_contrast_of_a_flat_image():
+    rng = np.random.default_rng(0)
+    img = (100 + rng.integers(0, 10, size=(128, 128))).astype(np.uint8)
+    out = apply_clahe(img, clip_limit=2.0, tile_grid=8)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert out.std() > 2 * img.std()
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode", "size"),
+    [((100, 50), "stretch", 64), ((50, 100), "stretch", 32), ((100, 50), "pad", 64), ((30, 90), "pad", 60)],
+)
+def test_resize_modes(shape, mode, size):
+    img = np.full(shape, 255, np.uint8)
+    out = resize_image(img, size=size, mode=mode)
+    assert out.shape == (size, size)
+    if mode == "stretch":
+        assert out.min() == 255
+    else:  # the image's aspect ratio survives as the bright area's aspect ratio
+        ys, xs = np.nonzero(out > 127)
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert w / h == pytest.approx(shape[1] / shape[0], rel=0.1)
+        assert out[0, 0] == 0 or out[-1, -1] == 0
+
+
+def test_full_pipeline_crops_to_region_and_removes_outside_marker():
+    img = ellipse_image((300, 300), (150, 170), (100, 110))
+    cv2.rectangle(img, (5, 5), (30, 20), 255, cv2.FILLED)  # an "L" marker in the corner
+    result = build_pipeline(PreprocessConfig(size=64)).run(img, keep_stages=True)
+    assert not result.fallback
+    out = result.image
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    # cropped to the ellipse: it touches all four sides, corners are masked out
+    assert out[32, :3].max() > 0 and out[32, -3:].max() > 0 and out[:3, 32].max() > 0
+    assert out[0, 0] == 0 and out[-1, -1] == 0 and out[0, -1] == 0
+    assert {"original", "clahe", "mask", "apply_mask", "resize"} <= set(result.stages)
+
+
+def test_pipeline_does_not_mutate_input_and_is_deterministic():
+    img = ellipse_image((120, 100), (50, 60), (40, 50))
+    before = img.copy()
+    pipeline = build_pipeline(PreprocessConfig(size=48))
+    np.testing.assert_array_equal(pipeline(img), pipeline(img))
+    np.testing.assert_array_equal(img, before)
+
+
+def test_steps_can_be_switched_off():
+    img = ellipse_image((100, 100), (50, 50), (30, 30))
+    cfg = disable_steps(PreprocessConfig(size=100), "clahe", "crop", "mask", "morph", "apply_mask")
+    assert cfg.steps == ("resize",)
+    np.testing.assert_array_equal(build_pipeline(cfg)(img), img)
+    only_mask = disable_steps(PreprocessConfig(size=100), "clahe", "crop")
+    out = build_pipeline(only_mask)(img)
+    assert out[0, 0] == 0 and out[50, 50] == 200  # masked but not cropped
+
+
+@pytest.mark.parametrize("bad", [("clahe", "sharpen"), ("unknown",)])
+def test_unknown_step_names_are_rejected_with_the_valid_ones(bad):
+    with pytest.raises(ValueError, match="valid steps") as info:
+        PreprocessConfig(steps=bad)
+    assert all(name in str(info.value) for name in STEP_NAMES)
+
+
+@pytest.mark.parametrize(
+    "img",
+    [np.zeros((10, 10), np.float32), np.zeros((10, 10, 3), np.uint8), np.zeros((0, 5), np.uint8)],
+)
+def test_pixel_contract_is_checked(img):
+    with pytest.raises(ValueError, match="uint8"):
+        build_pipeline()(img)
+
+
+def test_failing_step_names_step_and_source(monkeypatch):
+    import cxr_pneumonia.preprocess as pp
+
+    def broken(*args, **kwargs):
+        raise cv2.error("boom")
+
+    monkeypatch.setattr(pp, "apply_clahe", broken)
+    with pytest.raises(PreprocessError, match=r"clahe failed on scan\.png"):
+        build_pipeline().run(np.zeros((20, 20), np.uint8), source="scan.png")
+
+
+@pytest.mark.skipif(not FULLRES.is_dir(), reason="../shared/data/kermany-fullres not present")
+def test_pipeline_on_real_full_resolution_xrays():
+    from cxr_pneumonia.io import list_image_files, load_image
+
+    files = list_image_files(FULLRES)
+    assert len(files) == 40
+    pipeline = build_pipeline()
+    fallbacks = 0
+    for path in files:
+        img = load_image(path)
+        assert min(img.shape) > 500
+        result = pipeline.run(img, source=str(path))
+        assert result.image.shape == (224, 224) and result.image.dtype == np.uint8
+        assert result.image.std() > 20  # an X-ray, not a blank
+        fallbacks += result.fallback
+        if not result.fallback:
+            _, _, w, h = result.box
+            assert w * h >= 0.15 * img.size  # the thorax, not a text marker
+    assert fallbacks <= 2
