@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from cxr_pneumonia import __version__
@@ -29,10 +28,8 @@ EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2
 log = logging.getLogger("cxr_pneumonia")
 
 
-class Failure(click.ClickException):
+class CommandError(Exception):
     """A fatal error shown as one line, exit code 1."""
-
-    exit_code = EXIT_USAGE
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -83,13 +80,16 @@ def _preprocess_config(
         cfg = override(cfg, size=size, resize_mode=resize_mode)
         return disable_steps(cfg, *(steps_off or []))
     except (OSError, ValueError, TypeError) as e:
-        raise Failure(f"preprocessing config: {e}") from e
+        raise CommandError(f"preprocessing config: {e}") from e
 
 
 @app.command()
 def preprocess(
-    src: Annotated[Path, typer.Argument(help="Folder of images (any depth).", exists=True, file_okay=False)],
-    dst: Annotated[Path, typer.Argument(help="Output folder; mirrors SRC's tree as PNG.")],
+    src: Annotated[
+        Path,
+        typer.Argument(metavar="SRC", help="Folder of images (any depth).", exists=True, file_okay=False),
+    ],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Output folder; mirrors SRC's tree as PNG.")],
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: CPU cores).", min=1)] = None,
     size: Annotated[int | None, typer.Option(help="Output size in pixels (default 224).")] = None,
     resize_mode: Annotated[str | None, typer.Option(help="stretch (seed) or pad.")] = None,
@@ -103,9 +103,10 @@ def preprocess(
 
     cfg = _preprocess_config(config, size, resize_mode, no_step)
     try:
-        report = preprocess_tree(src, dst, cfg, workers=workers)
+        # A fresh CLI process has no running thread pools, so forking workers is safe and fast.
+        report = preprocess_tree(src, dst, cfg, workers=workers, start_method="fork")
     except (OSError, ValueError) as e:
-        raise Failure(str(e)) from e
+        raise CommandError(str(e)) from e
     for source, reason in report.failures:
         _echo_err(f"error: {source}: {reason}")
     if preview is not None:
@@ -137,7 +138,10 @@ def _spread(items: list, n: int) -> list:
 @app.command()
 def inspect(
     root: Annotated[
-        Path, typer.Argument(help="Dataset root (Kaggle layout, class folders) or CSV.", exists=True)
+        Path,
+        typer.Argument(
+            metavar="ROOT", help="Dataset root (Kaggle layout, class folders) or CSV.", exists=True
+        ),
     ],
     workers: Annotated[int | None, typer.Option(help="Worker processes for decoding.", min=1)] = None,
 ) -> None:
@@ -147,7 +151,7 @@ def inspect(
     try:
         report = inspect_dataset(root, workers=workers)
     except (DatasetError, OSError) as e:
-        raise Failure(str(e)) from e
+        raise CommandError(str(e)) from e
     typer.echo(format_report(report))
     if report.unreadable:
         raise typer.Exit(EXIT_PARTIAL)
@@ -161,7 +165,8 @@ def inspect(
 @app.command()
 def train(
     data: Annotated[
-        Path | None, typer.Argument(help="Training data: Kaggle layout, class folders or CSV.")
+        Path | None,
+        typer.Argument(metavar="DATA", help="Training data: Kaggle layout, class folders or CSV."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
@@ -200,11 +205,11 @@ def train(
 
     if resume is not None:
         if data is not None or out is not None:
-            raise Failure("--resume RUN takes no DATA or --out: the run directory holds them")
+            raise CommandError("--resume RUN takes no DATA or --out: the run directory holds them")
         target, kwargs = resume, {"resume": True}
     else:
         if data is None or out is None:
-            raise Failure("give DATA and --out RUN (or --resume RUN)")
+            raise CommandError("give DATA and --out RUN (or --resume RUN)")
         preprocess_cfg, model_cfg, train_cfg = _configs_from_file(config)
         flags = dict(
             backbone=backbone,
@@ -238,7 +243,7 @@ def train(
     try:
         run = api_train(data, target, **kwargs)
     except (TrainingError, WeightsUnavailableError, ValueError, OSError) as e:
-        raise Failure(str(e)) from e
+        raise CommandError(str(e)) from e
     info, metrics = run.threshold_info, run.metrics_val or {}
     typer.echo(f"run: {run.path}")
     rule, target = info.get("rule"), info.get("target_recall")
@@ -270,7 +275,7 @@ def _configs_from_file(path: Path | None):
             _train_config_from_dict(values["train"]) if values.get("train") else None,
         )
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise Failure(f"{path}: {e}") from e
+        raise CommandError(f"{path}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +285,10 @@ def _configs_from_file(path: Path | None):
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
-    data: Annotated[Path, typer.Argument(help="Labelled data: class folders, Kaggle layout or CSV.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Labelled data: class folders, Kaggle layout or CSV.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout (e.g. test).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
@@ -295,7 +302,7 @@ def evaluate(
     try:
         metrics = api_evaluate(run, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps)
     except (RunError, DatasetError, ValueError, OSError) as e:
-        raise Failure(str(e)) from e
+        raise CommandError(str(e)) from e
     ci = metrics["ci95"]
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
         value, interval = metrics.get(key), ci.get(key)
@@ -317,7 +324,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM) and folders.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write here (.csv or .json); default: CSV on stdout.")
@@ -336,11 +343,11 @@ def predict(
 
     fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
     if fmt not in ("csv", "json"):
-        raise Failure(f"--format must be csv or json, got {fmt!r}")
+        raise CommandError(f"--format must be csv or json, got {fmt!r}")
     try:
         loaded = Run.load(run)
     except RunError as e:
-        raise Failure(str(e)) from e
+        raise CommandError(str(e)) from e
     rows = []
     for prediction in loaded.iter_predictions(expand_inputs(inputs), batch_size=batch_size):
         if prediction.error is not None:
@@ -374,20 +381,23 @@ def _write_heatmaps(run, paths: list[Path], out_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; maps usage errors to exit code 1 (Click's default is 2)."""
+    """Console entry point: one-line errors, exit 1 for usage errors (Click's default is 2)."""
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except CommandError as e:
+        _echo_err(f"error: {e}")
         return EXIT_USAGE
-    except click.exceptions.Abort:
-        _echo_err("aborted")
-        return 130
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _echo_err("interrupted")
         return 130
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", EXIT_OK))
+    except Exception as e:
+        # Click's usage errors (typer vendors its own Click, so match by behaviour, not class).
+        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
+            e.show()
+            return EXIT_USAGE
+        raise
     return result if isinstance(result, int) else EXIT_OK
 
 

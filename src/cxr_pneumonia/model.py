@@ -383,3 +383,15 @@ def split_model(
     # Keras 3 rebuilds the sub-graph after `split` on a fresh Input, reusing the same layers.
     head = keras.Model(split, model.output, name="head")
     return feature_extractor, head
+
+
+def inference_function(model: keras.Model) -> Callable[[Any], Any]:
+    """``model`` in inference mode as one traced function for any batch size.
+
+    Unlike ``predict_on_batch`` it neither retraces per batch shape nor splits batches across
+    the replicas of a distribution strategy the model was built under.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype or tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True)

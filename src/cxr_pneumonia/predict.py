@@ -161,12 +161,10 @@ class Run:
         return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
 
     def _forward(self) -> Any:
-        """The model as one traced function for any batch size (no retracing per batch shape)."""
         if self._forward_fn is None:
-            import tensorflow as tf
+            from cxr_pneumonia.model import inference_function
 
-            spec = tf.TensorSpec((None, self.image_size, self.image_size, 1), tf.float32)
-            self._forward_fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+            self._forward_fn = inference_function(self.model)
         return self._forward_fn
 
     def predict_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:

@@ -14,7 +14,6 @@ import io
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -385,11 +384,12 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork starts workers in milliseconds and needs no `if __name__ == "__main__"` guard in user
-    # scripts. The workers only touch OpenCV/NumPy, never TensorFlow, so a parent that has
-    # TensorFlow loaded is safe to fork. Elsewhere, spawn.
-    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+def _pool_context(start_method: str | None) -> multiprocessing.context.BaseContext:
+    """spawn by default: forking a process whose OpenCV or TensorFlow thread pools are running
+    can deadlock the children. Callers that know their process is fresh (the CLI) pass "fork",
+    which starts workers in milliseconds. As with any spawn pool, scripts calling this with
+    workers > 1 need the usual ``if __name__ == "__main__":`` guard."""
+    return multiprocessing.get_context(start_method or "spawn")
 
 
 def default_workers() -> int:
@@ -404,6 +404,7 @@ def run_jobs(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     description: str = "preprocessing",
+    start_method: str | None = None,
 ) -> BatchReport:
     """Process ``jobs`` with ``workers`` processes (in-process when 1), never stopping on bad files."""
     report = BatchReport()
@@ -431,7 +432,7 @@ def run_jobs(
             cv2.setNumThreads(previous_threads)
     else:
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=_pool_context(), initializer=_init_worker
+            max_workers=workers, mp_context=_pool_context(start_method), initializer=_init_worker
         ) as pool:
             chunk = max(1, min(8, len(jobs) // (4 * workers)))
             chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
@@ -465,6 +466,7 @@ def preprocess_tree(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    start_method: str | None = None,
 ) -> BatchReport:
     """Mirror every image under ``src`` into ``dst`` preprocessed; skip what is already done.
 
@@ -495,7 +497,9 @@ def preprocess_tree(
         else:
             jobs.append(FileJob(source, target, sha))
 
-    report = run_jobs(jobs, cfg, workers=workers, max_pixels=max_pixels, progress=progress)
+    report = run_jobs(
+        jobs, cfg, workers=workers, max_pixels=max_pixels, progress=progress, start_method=start_method
+    )
     report.skipped = skipped
 
     failed = {source for source, _ in report.failures}

@@ -25,15 +25,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from cxr_pneumonia.augment import AugmentConfig, random_augment
+from cxr_pneumonia.augment import AugmentConfig
 from cxr_pneumonia.config import config_hash, from_dict, read_json, to_dict, write_json
 from cxr_pneumonia.data import SplitConfig, discover, make_splits
 from cxr_pneumonia.evaluate import choose_threshold, compute_metrics
-from cxr_pneumonia.model import ModelConfig, build_model, compile_model, set_trainable_blocks, split_model
+from cxr_pneumonia.features import (
+    FeatureStore,
+    bf16_supported,
+    compute_image_features,
+    feature_batches,
+    map_features,
+    predict_store,
+    reduced_precision_copy,
+)
+from cxr_pneumonia.model import (
+    ModelConfig,
+    build_model,
+    compile_model,
+    get_backbone,
+    set_trainable_blocks,
+    split_model,
+)
 from cxr_pneumonia.predict import METRICS_VAL_FILE, MODEL_FILE, Run
 from cxr_pneumonia.preprocess import PreprocessConfig, cache_images, default_workers, write_failures_csv
 
@@ -55,8 +70,7 @@ class TrainConfig:
     """Training settings; saved in the run's config.json."""
 
     epochs: int = 15  # head epochs (frozen backbone, cached features)
-    fine_tune_epochs: int = 0  # epochs with the top `fine_tune_blocks` blocks trainable
-    fine_tune_blocks: int = 0
+    fine_tune_epochs: int = 0  # epochs with the model's top `fine_tune_blocks` blocks trainable
     batch_size: int = 32
     seed: int = 42
     val_fraction: float = 1 / 6
@@ -70,6 +84,8 @@ class TrainConfig:
     cache_dir: str | None = None
     workers: int | None = None
     strategy: str = "default"
+    # The frozen-feature pass in bfloat16 where the hardware has it ("auto"), or "float32".
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -154,119 +170,6 @@ def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame) -> dict[str, 
     }
 
 
-def _load_cached(path: str) -> np.ndarray:
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise TrainingError(f"{path}: preprocessing cache entry unreadable; delete the cache and retry")
-    return img
-
-
-def _image_batches(paths: Sequence[str], view: int, augment: AugmentConfig, seed: int, batch_size: int):
-    """Batches of (N, H, W, 1) float32 pixels; view 0 is the plain image, view k a seeded random draw."""
-    for start in range(0, len(paths), batch_size):
-        batch = []
-        for i, path in enumerate(paths[start : start + batch_size], start=start):
-            img = _load_cached(path)
-            if view > 0:
-                img = random_augment(img, np.random.default_rng([seed, view, i]), augment)
-            batch.append(img)
-        yield np.stack(batch)[..., None].astype(np.float32)
-
-
-def compute_features(
-    extractor: Any,
-    paths: Sequence[str],
-    out_path: Path,
-    *,
-    views: int,
-    augment: AugmentConfig,
-    seed: int,
-    batch_size: int = 32,
-    description: str = "features",
-) -> np.ndarray:
-    """Run ``extractor`` once over every image (and view) into a float16 .npy memory map.
-
-    Written to a temporary name and renamed when complete, so an interrupted pass is redone,
-    never half-used. Shape: (views, N, *feature_shape).
-    """
-    import tensorflow as tf
-    from tqdm.auto import tqdm
-
-    if out_path.exists():
-        return np.load(out_path, mmap_mode="r")
-    feature_shape = tuple(int(d) for d in extractor.output.shape[1:])
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.npy")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    features = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float16, shape=(views, len(paths), *feature_shape)
-    )
-    size = int(extractor.input.shape[1])
-    signature = tf.TensorSpec((None, size, size, 1), tf.float32)
-    with tqdm(total=views * len(paths), desc=description, unit="img") as bar:
-        for view in range(views):
-            # from_generator + prefetch: decoding and augmentation overlap with the backbone.
-            dataset = tf.data.Dataset.from_generator(
-                lambda v=view: _image_batches(paths, v, augment, seed, batch_size), output_signature=signature
-            ).prefetch(2)
-            offset = 0
-            for batch in dataset:
-                out = np.asarray(extractor.predict_on_batch(batch))
-                features[view, offset : offset + len(out)] = out.astype(np.float16)
-                offset += len(out)
-                bar.update(len(out))
-    features.flush()
-    del features
-    os.replace(tmp, out_path)
-    return np.load(out_path, mmap_mode="r")
-
-
-class FeatureBatches:
-    """Keras PyDataset over cached features: shuffled per epoch, one random view per image."""
-
-    def __new__(cls, *args: Any, **kwargs: Any):  # defer the keras import to first use
-        import keras
-
-        class _Impl(keras.utils.PyDataset):
-            def __init__(
-                self,
-                features: np.ndarray,
-                labels: np.ndarray,
-                *,
-                batch_size: int,
-                shuffle: bool,
-                seed: int,
-                sample_weights: np.ndarray | None = None,
-            ) -> None:
-                super().__init__()
-                self.features, self.labels = features, labels.astype(np.float32)
-                self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-                self.sample_weights = sample_weights
-                self.epoch = 0
-                self._order = np.arange(len(labels))
-                self._views = np.zeros(len(labels), dtype=int)
-                self.on_epoch_end()
-
-            def __len__(self) -> int:
-                return math.ceil(len(self.labels) / self.batch_size)
-
-            def __getitem__(self, index: int):
-                idx = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])
-                x = np.stack([self.features[self._views[i], i] for i in idx]).astype(np.float32)
-                y = self.labels[idx]
-                if self.sample_weights is None:
-                    return x, y
-                return x, y, self.sample_weights[idx]
-
-            def on_epoch_end(self) -> None:
-                if self.shuffle:
-                    rng = np.random.default_rng([self.seed, self.epoch])
-                    self._order = rng.permutation(len(self.labels))
-                    self._views = rng.integers(0, self.features.shape[0], size=len(self.labels))
-                self.epoch += 1
-
-        return _Impl(*args, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints and resume
 # --------------------------------------------------------------------------------------------
@@ -334,7 +237,7 @@ def _fit_stage(
     if train_cfg.class_weight:
         cw = _class_weights(labels)
         weights = np.where(labels == 1, cw[1], cw[0]).astype(np.float32)
-    train_data = FeatureBatches(
+    train_data = feature_batches(
         train_feats,
         labels,
         batch_size=train_cfg.batch_size,
@@ -342,14 +245,15 @@ def _fit_stage(
         seed=train_cfg.seed,
         sample_weights=weights,
     )
-    val_data = FeatureBatches(
+    train_data.epoch = initial_epoch  # a resumed run continues the same shuffles
+    train_data.on_epoch_end()
+    val_data = feature_batches(
         val_feats,
         val_df["label"].to_numpy(),
         batch_size=max(64, train_cfg.batch_size),
         shuffle=False,
         seed=train_cfg.seed,
     )
-    train_data.epoch = initial_epoch + 1  # a resumed run continues the same shuffles
     stop = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=train_cfg.patience, restore_best_weights=True
     )
@@ -363,24 +267,78 @@ def _fit_stage(
     )
 
 
-def _predict_features(part: Any, features: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    out = [
-        np.asarray(part.predict_on_batch(features[0, i : i + batch_size].astype(np.float32))).reshape(-1)
-        for i in range(0, features.shape[1], batch_size)
-    ]
-    return np.concatenate(out)
+def _feature_precision(train_cfg: TrainConfig) -> str:
+    if train_cfg.precision == "auto":
+        return "bfloat16" if bf16_supported() else "float32"
+    return train_cfg.precision
 
 
-def _strategy_scope(name: str):
-    import contextlib
+def _feature_stores(
+    model: Any,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    folder: Path,
+) -> dict[str, FeatureStore]:
+    """Activations at the fine-tuning split ("split") and at the backbone output ("backbone").
+
+    The expensive pass runs the frozen lower backbone once per image and view; the backbone
+    output is then derived from it by the (still frozen) top blocks, which is cheap.
+    """
+    import keras
+
+    source = model
+    if _feature_precision(train_cfg) == "bfloat16":
+        source = reduced_precision_copy(model_cfg, model)
+    extractor, _ = split_model(source, model_cfg, at="fine_tune")
+    views = 1 + train_cfg.augment_views
+    stores = {
+        "train_split": compute_image_features(
+            extractor,
+            list(train_df["cached"]),
+            folder / "train_split.npy",
+            views=views,
+            augment=train_cfg.augment,
+            seed=train_cfg.seed,
+            description="backbone features (train)",
+        ),
+        "val_split": compute_image_features(
+            extractor,
+            list(val_df["cached"]),
+            folder / "val_split.npy",
+            views=1,
+            augment=train_cfg.augment,
+            seed=train_cfg.seed,
+            description="backbone features (validation)",
+        ),
+    }
+    if model_cfg.fine_tune_blocks == 0:
+        stores["train_backbone"], stores["val_backbone"] = stores["train_split"], stores["val_split"]
+        return stores
+    feature_extractor, _ = split_model(model, model_cfg, at="fine_tune")
+    top_blocks = keras.Model(
+        feature_extractor.output, model.get_layer(get_backbone(model_cfg.backbone).last_conv_layer).output
+    )
+    for side in ("train", "val"):
+        stores[f"{side}_backbone"] = map_features(
+            top_blocks,
+            stores[f"{side}_split"],
+            folder / f"{side}_backbone.npy",
+            description=f"top-block features ({side})",
+        )
+    return stores
+
+
+def _distribution(name: str) -> Any:
+    """The tf.distribute strategy for ``name`` (the default strategy for "default")."""
+    import tensorflow as tf
 
     if name == "mirrored":
-        import tensorflow as tf
-
         strategy = tf.distribute.MirroredStrategy()
         log.info("MirroredStrategy over %d devices", strategy.num_replicas_in_sync)
-        return strategy.scope()
-    return contextlib.nullcontext()
+        return strategy
+    return tf.distribute.get_strategy()
 
 
 def train(
@@ -410,9 +368,7 @@ def train(
             raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
         preprocess_cfg = preprocess_cfg or PreprocessConfig()
         train_cfg = train_cfg or TrainConfig()
-        model_cfg = dataclasses.replace(
-            model_cfg or ModelConfig(), fine_tune_blocks=train_cfg.fine_tune_blocks
-        )
+        model_cfg = model_cfg or ModelConfig()
         if model_cfg.image_size != preprocess_cfg.size:
             preprocess_cfg = dataclasses.replace(preprocess_cfg, size=model_cfg.image_size)
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -443,7 +399,8 @@ def train(
         model_cfg = dataclasses.replace(
             model_cfg, initial_bias=0.0 if train_cfg.class_weight else math.log(n_pos / n_neg)
         )
-    with _strategy_scope(train_cfg.strategy):
+    strategy = _distribution(train_cfg.strategy)
+    with strategy.scope():
         model = build_model(model_cfg)
         if resume and (run_dir / CHECKPOINT_DIR / "last.weights.h5").exists():
             model.load_weights(run_dir / CHECKPOINT_DIR / "last.weights.h5")
@@ -453,7 +410,7 @@ def train(
                 state["stage"],
                 state["stage_epoch"],
             )
-        extractor, top = split_model(model, model_cfg, at="fine_tune")
+        _, top = split_model(model, model_cfg, at="fine_tune")
 
     feature_key = config_hash(
         {
@@ -465,32 +422,18 @@ def train(
             "views": train_cfg.augment_views,
             "augment": to_dict(train_cfg.augment),
             "seed": train_cfg.seed,
-            "train": data_fingerprint(train_df, val_df),
+            "precision": _feature_precision(train_cfg),
+            "data": data_fingerprint(train_df, val_df),
         }
     )
-    feature_dir = cache_dir / "features" / feature_key
-    views = 1 + train_cfg.augment_views
-    train_feats = compute_features(
-        extractor,
-        list(train_df["cached"]),
-        feature_dir / "train.npy",
-        views=views,
-        augment=train_cfg.augment,
-        seed=train_cfg.seed,
-        description="features (train)",
+    stores = _feature_stores(
+        model, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / feature_key
     )
-    val_feats = compute_features(
-        extractor,
-        list(val_df["cached"]),
-        feature_dir / "val.npy",
-        views=1,
-        augment=train_cfg.augment,
-        seed=train_cfg.seed,
-        description="features (val)",
-    )
+    with strategy.scope():
+        _, head = split_model(model, model_cfg, at="backbone_output")
 
     history_rows: list[dict[str, Any]] = list(state.get("history", []))
-    stages = [("head", train_cfg.epochs, model_cfg.learning_rate, 0)]
+    stages = [("head", train_cfg.epochs, model_cfg.learning_rate, 0, head, "backbone")]
     if train_cfg.fine_tune_epochs and model_cfg.fine_tune_blocks:
         stages.append(
             (
@@ -498,38 +441,38 @@ def train(
                 train_cfg.fine_tune_epochs,
                 model_cfg.fine_tune_learning_rate,
                 model_cfg.fine_tune_blocks,
+                top,
+                "split",
             )
         )
-    done_stages = (
-        [s for s, *_ in stages[: [s for s, *_ in stages].index(state["stage"])]] if state.get("stage") else []
-    )
-    for stage, epochs, lr, blocks in stages:
-        if stage in done_stages:
+    names = [stage[0] for stage in stages]
+    resume_at = names.index(state["stage"]) if state.get("stage") in names else 0
+    for position, (stage, epochs, lr, blocks, part, level) in enumerate(stages):
+        initial = int(state["stage_epoch"]) if position == resume_at and state.get("stage") == stage else 0
+        if position < resume_at or initial >= epochs:
             continue
-        initial = int(state["stage_epoch"]) if stage == state.get("stage") else 0
-        if initial >= epochs:
-            continue
-        set_trainable_blocks(model, model_cfg, blocks)
-        _fit_stage(
-            model,
-            top,
-            train_feats,
-            val_feats,
-            train_df,
-            val_df,
-            stage=stage,
-            epochs=epochs,
-            initial_epoch=initial,
-            learning_rate=lr,
-            model_cfg=model_cfg,
-            train_cfg=train_cfg,
-            run_dir=run_dir,
-            history_rows=history_rows,
-            callbacks=callbacks,
-        )
+        with strategy.scope():  # compile and fit where the variables live
+            set_trainable_blocks(model, model_cfg, blocks)
+            _fit_stage(
+                model,
+                part,
+                stores[f"train_{level}"],
+                stores[f"val_{level}"],
+                train_df,
+                val_df,
+                stage=stage,
+                epochs=epochs,
+                initial_epoch=initial,
+                learning_rate=lr,
+                model_cfg=model_cfg,
+                train_cfg=train_cfg,
+                run_dir=run_dir,
+                history_rows=history_rows,
+                callbacks=callbacks,
+            )
     set_trainable_blocks(model, model_cfg, 0)
 
-    val_scores = _predict_features(top, val_feats)
+    val_scores = predict_store(top, stores["val_split"])
     y_val = val_df["label"].to_numpy()
     choice = choose_threshold(
         y_val, val_scores, target_recall=train_cfg.target_recall, rule=train_cfg.threshold_rule

@@ -1,0 +1,229 @@
+"""Training, resume, evaluation and prediction end to end (random weights, 64×64, seconds each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_pneumonia import api
+from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, main
+from cxr_pneumonia.evaluate import choose_threshold
+from cxr_pneumonia.io import load_image
+from cxr_pneumonia.model import ModelConfig
+from cxr_pneumonia.predict import Run, RunError
+from cxr_pneumonia.preprocess import PreprocessConfig
+from cxr_pneumonia.train import STATE_FILE, TrainConfig, TrainingError, train
+
+TINY_MODEL = ModelConfig(backbone="resnet50v2", weights="none", image_size=64)
+METRIC_KEYS = {
+    "n", "threshold", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+    "confusion_matrix", "ci95", "at_0_5",
+}  # fmt: skip
+
+
+def test_run_directory_holds_every_artefact(tiny_run):
+    for name in (
+        "model.keras",
+        "config.json",
+        "threshold.json",
+        "history.csv",
+        "metrics_val.json",
+        "plots/training_curves.png",
+        "training_images.csv",
+        "val_predictions.csv",
+    ):
+        assert (tiny_run / name).is_file(), name
+    assert not (tiny_run / STATE_FILE).exists() and not (tiny_run / "checkpoints").exists()
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert {"preprocess", "model", "train", "package_version", "data"} <= config.keys()
+    assert config["preprocess"]["size"] == config["model"]["image_size"] == 64
+    assert config["data"]["train"]["n"] + config["data"]["val"]["n"] == 120
+    assert len(pd.read_csv(tiny_run / "history.csv")) == 3
+    assert json.loads((tiny_run / "metrics_val.json").read_text()).keys() >= METRIC_KEYS
+
+
+def test_threshold_is_chosen_on_validation_scores_only(tiny_run):
+    saved = json.loads((tiny_run / "threshold.json").read_text())
+    val = pd.read_csv(tiny_run / "val_predictions.csv")
+    again = choose_threshold(
+        val["label"], val["probability"], target_recall=saved["target_recall"], rule=saved["rule"]
+    )
+    assert saved["threshold"] == pytest.approx(again.threshold)
+    assert saved["chosen_on"].startswith("validation")
+    assert (val["probability"][val["label"] == 1] >= saved["threshold"]).mean() >= saved["target_recall"]
+
+
+def test_validation_patients_never_trained_on(tiny_run):
+    seen = pd.read_csv(tiny_run / "training_images.csv")
+    train_ids = set(seen.loc[seen.role == "train", "patient_id"])
+    val_ids = set(seen.loc[seen.role == "val", "patient_id"])
+    assert val_ids and not train_ids & val_ids
+    assert not set(seen.loc[seen.role == "train", "sha256"]) & set(seen.loc[seen.role == "val", "sha256"])
+
+
+def test_saved_model_reproduces_validation_scores(tiny_run):
+    run = Run.load(tiny_run)
+    val = pd.read_csv(tiny_run / "val_predictions.csv")
+    probabilities = run.predict_images([load_image(p) for p in val["path"]])
+    # validation features may come from the bfloat16 pass; the saved model runs in float32
+    np.testing.assert_allclose(probabilities, val["probability"], atol=0.02)
+
+
+class CrashAfter(keras.callbacks.Callback):
+    """Simulates a crash (power cut, OOM kill) after a given epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.crash_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.crash_epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    settings = dict(
+        preprocess_cfg=PreprocessConfig(size=64), model_cfg=TINY_MODEL,
+        train_cfg=TrainConfig(epochs=4, patience=10, cache_dir=str(tmp_path / "cache"), workers=1),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(sample_dir / "train", out, callbacks=[CrashAfter(2)], **settings)
+    assert not (out / "model.keras").exists()
+    with pytest.raises(RunError, match="not a complete run"):
+        Run.load(out)
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["stage"] == "head" and state["stage_epoch"] == 2
+    assert (out / "checkpoints" / "last.weights.h5").is_file()
+
+    run = train(None, out, resume=True)
+    assert (out / "model.keras").is_file() and not (out / STATE_FILE).exists()
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert run.predict_images([load_image(next((sample_dir / "test" / "NORMAL").iterdir()))]).shape == (1,)
+    with pytest.raises(TrainingError, match="already complete"):
+        train(None, out, resume=True)
+
+
+def test_fine_tuning_stage_trains_top_blocks_from_cached_activations(sample_dir, tmp_path):
+    run = train(
+        sample_dir / "train", tmp_path / "run", preprocess_cfg=PreprocessConfig(size=64),
+        model_cfg=dataclasses.replace(TINY_MODEL, fine_tune_blocks=1),
+        train_cfg=TrainConfig(epochs=2, fine_tune_epochs=2, augment_views=1,
+                              cache_dir=str(tmp_path / "cache"), workers=1),
+    )  # fmt: skip
+    history = pd.read_csv(run.path / "history.csv")
+    assert list(history["stage"]) == ["head", "head", "fine_tune", "fine_tune"]
+    features = list((tmp_path / "cache" / "features").rglob("*.npy"))
+    assert {f.name for f in features} == {
+        "train_split.npy",
+        "val_split.npy",
+        "train_backbone.npy",
+        "val_backbone.npy",
+    }
+
+
+def test_cli_train_evaluate_predict_end_to_end(sample_dir, bad_inputs_dir, tmp_path, capsys):
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    assert (
+        main(
+            [
+                "train",
+                str(sample_dir / "train"),
+                "--out",
+                str(run_dir),
+                "--weights",
+                "none",
+                "--image-size",
+                "64",
+                "--epochs",
+                "2",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == EXIT_OK
+    )
+    assert "threshold" in capsys.readouterr().out
+
+    assert (
+        main(
+            ["evaluate", str(run_dir), str(sample_dir / "test"), "--out", str(eval_dir), "--bootstrap", "200"]
+        )
+        == EXIT_OK
+    )
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics.keys() >= METRIC_KEYS and metrics["n"] == 40
+    assert metrics["threshold"] == json.loads((run_dir / "threshold.json").read_text())["threshold"]
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp == 20 and fn + tp == 20
+    assert metrics["leakage"]["n_same_image"] == 0
+    html = (eval_dir / "report.html").read_text()
+    assert "data:image/png;base64" in html and "not a medical device" in html.lower()
+    assert "report.html" in capsys.readouterr().out
+
+    folder, expected_failures = bad_inputs_dir
+    out_csv = tmp_path / "pred.csv"
+    assert main(["predict", str(run_dir), str(folder), "--out", str(out_csv)]) == EXIT_PARTIAL
+    table = pd.read_csv(out_csv)
+    failed = table[table["error"].notna()]
+    assert {Path(p).name for p in failed["path"]} == set(expected_failures)
+    ok = table[table["error"].isna()]
+    assert len(ok) == 5 and ok["probability"].between(0, 1).all()
+    assert set(ok["label"]) <= {"NORMAL", "PNEUMONIA"}
+    assert ((ok["probability"] >= ok["threshold"]) == (ok["label"] == "PNEUMONIA")).all()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(f"{name}" in err for name in expected_failures)
+
+    assert main(["predict", str(run_dir), str(sample_dir / "test" / "NORMAL"), "--format", "json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 20 and {"path", "probability", "label", "threshold"} <= rows[0].keys()
+
+
+def test_evaluating_on_training_images_is_flagged_as_leakage(tiny_run, sample_dir, tmp_path):
+    with pytest.warns(UserWarning, match="data leakage"):
+        metrics = api.evaluate(
+            tiny_run, sample_dir / "train", tmp_path / "eval", n_bootstrap=50, heatmaps=False
+        )
+    assert metrics["leakage"]["n_same_image"] == 120
+
+
+def test_training_refuses_to_overwrite_a_complete_run(tiny_run, sample_dir):
+    with pytest.raises(TrainingError, match="already holds a trained model"):
+        train(sample_dir / "train", tiny_run)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(sample_dir, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from cxr_pneumonia.model import ModelConfig
+        from cxr_pneumonia.preprocess import PreprocessConfig
+        from cxr_pneumonia.train import TrainConfig, train
+        run = train({str(sample_dir / "train")!r}, {str(tmp_path / "run")!r},
+                    preprocess_cfg=PreprocessConfig(size=64),
+                    model_cfg=ModelConfig(backbone="resnet50v2", weights="none", image_size=64),
+                    train_cfg=TrainConfig(epochs=2, strategy="mirrored", cache_dir={str(tmp_path / "c")!r},
+                                          workers=1))
+        print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync, "threshold", run.threshold)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "replicas 2" in done.stdout
+    assert "MirroredStrategy over 2 devices" in done.stderr
+    assert (tmp_path / "run" / "model.keras").is_file()
