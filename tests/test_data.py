@@ -229,9 +229,7 @@ def synthetic_frame(n_patients: int = 600, normal_share: float = 0.26, seed: int
     return pd.DataFrame(rows)
 
 
-def assert_clean_split(
-    df: pd.DataFrame, train: pd.DataFrame, val: pd.DataFrame, fraction: float
-) -> None:
+def assert_clean_split(df: pd.DataFrame, train: pd.DataFrame, val: pd.DataFrame, fraction: float) -> None:
     assert len(train) + len(val) == len(df)
     assert set(train["path"]).isdisjoint(val["path"])
     assert set(train["patient_id"]).isdisjoint(val["patient_id"])

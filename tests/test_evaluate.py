@@ -139,8 +139,20 @@ Y_FIXED = RNG.integers(0, 2, 200)
 # Rounded scores create ties, which exercise tie handling in the AUCs.
 S_FIXED = np.round(np.clip(RNG.normal(0.35 + 0.3 * Y_FIXED, 0.2), 0, 1), 2)
 METRIC_KEYS = {
-    "n", "n_positive", "n_negative", "threshold", "accuracy", "precision", "recall",
-    "specificity", "f1", "roc_auc", "pr_auc", "confusion_matrix", "ci95", "at_0_5",
+    "n",
+    "n_positive",
+    "n_negative",
+    "threshold",
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "confusion_matrix",
+    "ci95",
+    "at_0_5",
 }
 
 
@@ -167,9 +179,7 @@ def test_compute_metrics_matches_sklearn(threshold: float) -> None:
     assert m["confusion_matrix"] == expected["confusion_matrix"]
     assert m["roc_auc"] == pytest.approx(roc_auc_score(Y_FIXED, S_FIXED), abs=1e-12)
     assert m["pr_auc"] == pytest.approx(average_precision_score(Y_FIXED, S_FIXED), abs=1e-12)
-    assert (m["n"], m["n_positive"], m["n_negative"]) == (
-        200, int(Y_FIXED.sum()), int(200 - Y_FIXED.sum())
-    )
+    assert (m["n"], m["n_positive"], m["n_negative"]) == (200, int(Y_FIXED.sum()), int(200 - Y_FIXED.sum()))
     assert m["threshold"] == threshold
     half = _sklearn_rates(Y_FIXED, S_FIXED, 0.5)
     assert m["at_0_5"]["threshold"] == 0.5
@@ -198,8 +208,7 @@ def test_compute_metrics_ci_brackets_estimate_and_is_seeded() -> None:
 
 def test_compute_metrics_without_bootstrap_has_null_intervals() -> None:
     m = compute_metrics(Y_FIXED, S_FIXED, 0.5, n_bootstrap=0)
-    assert set(m["ci95"]) == {"accuracy", "precision", "recall", "specificity", "f1",
-                              "roc_auc", "pr_auc"}
+    assert set(m["ci95"]) == {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"}
     assert all(v is None for v in m["ci95"].values())
 
 

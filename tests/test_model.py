@@ -43,9 +43,7 @@ pytestmark = [
 
 
 def make_cfg(backbone: str, head: str = "gap", **changes) -> cm.ModelConfig:
-    return cm.ModelConfig(
-        backbone=backbone, weights="none", head=head, image_size=SIZES[backbone], **changes
-    )
+    return cm.ModelConfig(backbone=backbone, weights="none", head=head, image_size=SIZES[backbone], **changes)
 
 
 @functools.cache
@@ -133,9 +131,7 @@ def test_features_match_reference_backbone_on_preprocessed_rgb(backbone):
     model = cached_model(backbone, "gap")
     ours = cm.backbone_layers(model, cfg)
     size = cfg.image_size
-    reference = REFERENCE_CONSTRUCTORS[backbone](
-        include_top=False, weights=None, input_shape=(size, size, 3)
-    )
+    reference = REFERENCE_CONSTRUCTORS[backbone](include_top=False, weights=None, input_shape=(size, size, 3))
     theirs = reference.layers[1:]  # skip its InputLayer
     assert len(ours) == len(theirs)
     for mine, ref in zip(ours, theirs, strict=True):
@@ -214,9 +210,7 @@ def test_xception_fine_tune_counts_known_parameters():
     sep = [(728, 728), (728, 1024), (1024, 1536), (1536, 2048)]  # (in, out) channels
     backbone_params = sum(9 * c_in + c_in * c_out for c_in, c_out in sep) + 728 * 1024
     head_params = 2048 + 1
-    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == (
-        backbone_params + head_params
-    )
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == (backbone_params + head_params)
     assert len(model.trainable_weights) == 4 * 2 + 1 + 2
 
 
@@ -432,9 +426,11 @@ def test_shared_imagenet_xception_loads_into_the_flat_model(monkeypatch):
     with h5py.File(SHARED_XCEPTION, "r") as f:
         stems = []
         f.visititems(
-            lambda _, obj: stems.append(obj[()])
-            if isinstance(obj, h5py.Dataset) and obj.shape == (3, 3, 3, 32)
-            else None
+            lambda _, obj: (
+                stems.append(obj[()])
+                if isinstance(obj, h5py.Dataset) and obj.shape == (3, 3, 3, 32)
+                else None
+            )
         )
     assert len(stems) == 1, "block1_conv1 is Xception's only 3x3x3x32 kernel"
     np.testing.assert_array_equal(model.get_layer("block1_conv1").get_weights()[0], stems[0])

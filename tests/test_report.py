@@ -29,8 +29,19 @@ def _history(columns: list[str], n: int = 6) -> pd.DataFrame:
         (["loss", "val_loss"], ["loss"]),
         (["loss", "val_loss", "accuracy", "val_auc"], ["loss", "accuracy", "auc"]),
         (
-            ["loss", "val_loss", "accuracy", "val_accuracy", "recall", "val_recall",
-             "precision", "val_precision", "auc", "val_auc", "lr"],
+            [
+                "loss",
+                "val_loss",
+                "accuracy",
+                "val_accuracy",
+                "recall",
+                "val_recall",
+                "precision",
+                "val_precision",
+                "auc",
+                "val_auc",
+                "lr",
+            ],
             ["loss", "accuracy", "recall", "precision", "auc"],
         ),
     ],
@@ -73,8 +84,16 @@ def test_training_curves_rejects_unusable_history(history: pd.DataFrame) -> None
 def dataset(tmp_path: Path) -> dict:
     """Eight scored images: 2 false negatives, 2 false positives at threshold 0.5."""
     rng = np.random.default_rng(0)
-    names = ["tp_a.png", "tp_b.png", "fn_far.png", "fn_near.png",
-             "tn_a.png", "tn_b.png", "fp_far.png", "fp_near.png"]
+    names = [
+        "tp_a.png",
+        "tp_b.png",
+        "fn_far.png",
+        "fn_near.png",
+        "tn_a.png",
+        "tn_b.png",
+        "fp_far.png",
+        "fp_near.png",
+    ]
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.05, 0.4, 0.1, 0.2, 0.97, 0.6])
     image_dir = tmp_path / "images"
@@ -91,18 +110,25 @@ def _write(tmp_path: Path, data: dict, **kwargs) -> str:
     metrics = compute_metrics(data["y"], data["scores"], data["threshold"], n_bootstrap=100)
     options = {"title": "Test report", "run_info": {"model": "run-1"}, **kwargs}
     path = report.write_report(
-        tmp_path / "out", metrics=metrics, y_true=data["y"], scores=data["scores"],
-        paths=data["paths"], threshold=data["threshold"], **options,
+        tmp_path / "out",
+        metrics=metrics,
+        y_true=data["y"],
+        scores=data["scores"],
+        paths=data["paths"],
+        threshold=data["threshold"],
+        **options,
     )
     assert path == tmp_path / "out" / "report.html"
     return path.read_text(encoding="utf-8")
 
 
-def test_report_is_self_contained_with_figures_metrics_and_gallery(
-    tmp_path: Path, dataset: dict
-) -> None:
-    run_info = {"model": "runs/<best>", "backbone": "densenet121", "threshold_rule":
-                "max_specificity", "validation": {"recall": 0.981, "specificity": 0.7}}
+def test_report_is_self_contained_with_figures_metrics_and_gallery(tmp_path: Path, dataset: dict) -> None:
+    run_info = {
+        "model": "runs/<best>",
+        "backbone": "densenet121",
+        "threshold_rule": "max_specificity",
+        "validation": {"recall": 0.981, "specificity": 0.7},
+    }
     text = _write(tmp_path, dataset, run_info=run_info, title="Eval <test> & check")
     # 5 figures + 4 misclassified thumbnails loaded from disk.
     assert text.count(PNG_URI) == 9
@@ -117,14 +143,12 @@ def test_report_is_self_contained_with_figures_metrics_and_gallery(
     lo, hi = metrics["ci95"]["recall"]
     assert f"{lo:.3f} – {hi:.3f}" in text
     # Misclassified only, false negatives first, each kind most wrong first.
-    order = [text.index(f"<b>{n}</b>") for n in ("fn_far.png", "fn_near.png",
-                                                 "fp_far.png", "fp_near.png")]
+    order = [text.index(f"<b>{n}</b>") for n in ("fn_far.png", "fn_near.png", "fp_far.png", "fp_near.png")]
     assert order == sorted(order)
     for correct in ("tp_a.png", "tn_b.png"):
         assert correct not in text
     plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
-    assert plots == ["calibration.png", "confusion_matrix.png", "pr.png", "roc.png",
-                     "threshold_sweep.png"]
+    assert plots == ["calibration.png", "confusion_matrix.png", "pr.png", "roc.png", "threshold_sweep.png"]
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
@@ -135,8 +159,10 @@ def test_report_uses_given_thumbnails_heatmaps_and_tolerates_unreadable(
     Path(paths[2]).write_bytes(b"not an image")  # fn_far: unreadable on disk
     Path(paths[6]).unlink()  # fp_far: missing, but a thumbnail is supplied
     thumbnails = {paths[6]: np.full((64, 64), 200, dtype=np.uint8)}
-    heatmaps = {paths[3]: np.zeros((50, 40, 3), dtype=np.uint8),
-                paths[7]: np.full((50, 40, 3), 255, dtype=np.uint8)}
+    heatmaps = {
+        paths[3]: np.zeros((50, 40, 3), dtype=np.uint8),
+        paths[7]: np.full((50, 40, 3), 255, dtype=np.uint8),
+    }
     text = _write(tmp_path, dataset, thumbnails=thumbnails, heatmaps=heatmaps)
     # 5 figures + 3 thumbnails (fn_far unreadable) + 2 heatmaps.
     assert text.count(PNG_URI) == 10

@@ -44,7 +44,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 def _split_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: overrides.pop(k) for k in list(overrides) if k in names and overrides[k] is not None}

@@ -361,9 +361,12 @@ def predict(
         atomic_write_text(out, text)
         typer.echo(f"{len(table)} predictions written to {out}", err=True)
     _echo_err(DISCLAIMER)
+    heatmap_failures = 0
     if heatmaps is not None:
-        _write_heatmaps(loaded, [Path(r["path"]) for r in rows if r["error"] is None], heatmaps)
-    if table["error"].notna().any():
+        heatmap_failures = _write_heatmaps(
+            loaded, [Path(r["path"]) for r in rows if r["error"] is None], heatmaps
+        )
+    if table["error"].notna().any() or heatmap_failures:
         raise typer.Exit(EXIT_PARTIAL)
 
 
@@ -378,6 +381,59 @@ def _write_heatmaps(run, paths: list[Path], out_dir: Path) -> int:
             _echo_err(f"error: {path}: {error}")
     typer.echo(f"heatmaps: {out_dir}", err=True)
     return failed
+
+
+# --------------------------------------------------------------------------------------------
+# explain, serve
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    images: Annotated[
+        list[Path], typer.Argument(metavar="IMAGE...", help="Image files (JPEG/PNG/DICOM) and folders.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <stem>_gradcam.png overlays.")],
+) -> None:
+    """Grad-CAM overlays (preprocessed image, heatmap, probability and label). Research use only."""
+    from cxr_pneumonia.explain import ExplainError
+    from cxr_pneumonia.predict import DISCLAIMER, Run, RunError, expand_inputs
+
+    try:
+        loaded = Run.load(run)
+    except RunError as e:
+        raise CommandError(str(e)) from e
+    files = expand_inputs(images)
+    if not files:
+        raise CommandError(f"no images found in {', '.join(map(str, images))}")
+    try:
+        failed = _write_heatmaps(loaded, files, out)
+    except ExplainError as e:
+        raise CommandError(str(e)) from e
+    typer.echo(f"{len(files) - failed} of {len(files)} overlays written to {out}", err=True)
+    _echo_err(DISCLAIMER)
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the API.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.", min=0.001)] = 20.0,
+) -> None:
+    """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
+    from cxr_pneumonia.predict import RunError
+    from cxr_pneumonia.serve import serve as run_server
+
+    try:
+        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb)
+    except RunError as e:
+        raise CommandError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:

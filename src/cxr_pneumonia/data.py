@@ -222,9 +222,7 @@ def _discover_csv(csv_path: Path) -> pd.DataFrame:
     paths = [Path(os.path.abspath(base / p.strip())) for p in table["path"]]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise DatasetError(
-            f"{csv_path}: {len(absent)} listed file(s) do not exist, e.g. {absent[:3]}"
-        )
+        raise DatasetError(f"{csv_path}: {len(absent)} listed file(s) do not exist, e.g. {absent[:3]}")
     given_ids = table["patient_id"] if "patient_id" in table.columns else [""] * len(table)
     rows = [
         _row(path, label, split, pid.strip() or _patient_id_for(path, base))
@@ -323,9 +321,7 @@ def merge_duplicate_groups(
     for patient in patients:
         root = uf.find(("p", patient))
         names[root] = min(names.get(root, patient), patient)
-    return pd.Series(
-        [names[uf.find(("p", p))] for p in patients], index=df.index, name="group", dtype=object
-    )
+    return pd.Series([names[uf.find(("p", p))] for p in patients], index=df.index, name="group", dtype=object)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -378,7 +374,11 @@ def patient_split(
     val_df = df.loc[is_val].assign(split="val").reset_index(drop=True)
     log.info(
         "patient split (seed %d): train %d images, val %d images (%.1f %%), %d groups",
-        seed, len(train_df), len(val_df), 100 * len(val_df) / len(df), n_groups,
+        seed,
+        len(train_df),
+        len(val_df),
+        100 * len(val_df) / len(df),
+        n_groups,
     )
     return train_df, val_df
 
@@ -420,7 +420,8 @@ def _warn_shared_patients(train_df: pd.DataFrame, val_df: pd.DataFrame) -> None:
     if shared:
         log.warning(
             "%d patient(s) appear in both official train and val, e.g. %s",
-            len(shared), sorted(shared)[:5],
+            len(shared),
+            sorted(shared)[:5],
         )
 
 
@@ -453,9 +454,7 @@ class InspectReport:
             "source": str(self.source),
             "layout": self.layout,
             "n_images": self.n_images,
-            "counts": {
-                split: {k: int(v) for k, v in row.items()} for split, row in self.counts.iterrows()
-            },
+            "counts": {split: {k: int(v) for k, v in row.items()} for split, row in self.counts.iterrows()},
             "duplicates": self.duplicates,
             "unreadable": [list(item) for item in self.unreadable],
             "sizes": {

@@ -153,9 +153,7 @@ def choose_threshold(
         raise ValueError(f"target_recall must be in [0, 1]; got {target_recall}")
     y, s = check_inputs(y_true, scores)
     if len(np.unique(y)) < 2:
-        raise ValueError(
-            f"choosing a threshold needs both classes; validation labels are all {int(y[0])}"
-        )
+        raise ValueError(f"choosing a threshold needs both classes; validation labels are all {int(y[0])}")
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     # thresholds[0] is +inf (nothing predicted positive); only real scores are candidates.
     finite = np.isfinite(thresholds)
@@ -192,7 +190,11 @@ def choose_threshold(
         )
     logger.info(
         "threshold %.6g (%s): validation recall %.4f, specificity %.4f (target recall %.3f)",
-        choice.threshold, rule, choice.recall, choice.specificity, target_recall,
+        choice.threshold,
+        rule,
+        choice.recall,
+        choice.specificity,
+        target_recall,
     )
     return choice
 
@@ -210,12 +212,12 @@ def threshold_sweep(y_true: Any, scores: Any) -> pd.DataFrame:
     pos_below = np.searchsorted(pos, thresholds, side="left")
     neg_below = np.searchsorted(neg, thresholds, side="left")
     with np.errstate(invalid="ignore", divide="ignore"):
-        sensitivity = (len(pos) - pos_below) / len(pos) if len(pos) else np.full_like(
-            thresholds, np.nan, dtype=np.float64
+        sensitivity = (
+            (len(pos) - pos_below) / len(pos)
+            if len(pos)
+            else np.full_like(thresholds, np.nan, dtype=np.float64)
         )
-        specificity = neg_below / len(neg) if len(neg) else np.full_like(
-            thresholds, np.nan, dtype=np.float64
-        )
+        specificity = neg_below / len(neg) if len(neg) else np.full_like(thresholds, np.nan, dtype=np.float64)
     return pd.DataFrame(
         {
             "threshold": thresholds.astype(np.float64),
@@ -259,9 +261,7 @@ def _weighted_curve_metrics(
     return roc_auc, average_precision
 
 
-def _stratified_counts(
-    rng: np.random.Generator, n_items: int, n_resamples: int
-) -> np.ndarray:
+def _stratified_counts(rng: np.random.Generator, n_items: int, n_resamples: int) -> np.ndarray:
     """How often each of ``n_items`` is drawn in each resample (rows sum to ``n_items``)."""
     if n_items == 0:
         return np.zeros((n_resamples, 0), dtype=np.int64)
@@ -356,11 +356,11 @@ def compute_metrics(
         "confusion_matrix": point["confusion_matrix"],
     }
     if n_bootstrap:
-        samples = _bootstrap(
-            y, s, threshold, n_bootstrap=n_bootstrap, seed=seed, with_curves=both_classes
-        )
-        ci95 = {name: _percentile_ci(samples[name]) if name in samples else None
-                for name in RATE_NAMES + CURVE_NAMES}
+        samples = _bootstrap(y, s, threshold, n_bootstrap=n_bootstrap, seed=seed, with_curves=both_classes)
+        ci95 = {
+            name: _percentile_ci(samples[name]) if name in samples else None
+            for name in RATE_NAMES + CURVE_NAMES
+        }
     else:
         ci95 = {name: None for name in RATE_NAMES + CURVE_NAMES}
     metrics["ci95"] = ci95

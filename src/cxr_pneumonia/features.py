@@ -181,10 +181,12 @@ def map_features(
     )
 
 
-def predict_store(part: Any, store: FeatureStore, *, batch_size: int = 128) -> np.ndarray:
-    """Scores of a model part over view 0 of a store."""
-    forward = inference_function(part)
-    return np.concatenate([np.asarray(forward(b)).reshape(-1) for b in store.batches(batch_size)])
+def score_images(model: Any, paths: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    """Probabilities of the whole model over cached preprocessed images (no augmentation)."""
+    forward = inference_function(model)
+    size = int(model.input.shape[1])
+    batches = _prefetched(lambda: image_batches(paths, 0, AugmentConfig(), 0, batch_size), size)
+    return np.concatenate([np.asarray(forward(b), dtype=np.float32).reshape(-1) for b in batches])
 
 
 def feature_batches(

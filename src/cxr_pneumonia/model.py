@@ -187,13 +187,9 @@ def resolve_weights(backbone: str, weights: str) -> str | None:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise WeightsUnavailableError(
-            f"{path}: weights file does not exist; {_offline_help(backbone)}"
-        )
+        raise WeightsUnavailableError(f"{path}: weights file does not exist; {_offline_help(backbone)}")
     if not path.name.endswith(WEIGHTS_SUFFIX):
-        raise WeightsUnavailableError(
-            f"{path}: Keras 3 backbone weights must be a '{WEIGHTS_SUFFIX}' file"
-        )
+        raise WeightsUnavailableError(f"{path}: Keras 3 backbone weights must be a '{WEIGHTS_SUFFIX}' file")
     return str(path)
 
 
@@ -222,8 +218,7 @@ def _build_backbone(spec: BackboneSpec, cfg: ModelConfig, input_tensor: Any) -> 
         raise  # wrong arguments, not a download problem
     except Exception as e:  # keras' get_file raises a bare Exception on URL failures
         raise WeightsUnavailableError(
-            f"could not download ImageNet weights for {cfg.backbone} ({e}); "
-            f"{_offline_help(cfg.backbone)}"
+            f"could not download ImageNet weights for {cfg.backbone} ({e}); {_offline_help(cfg.backbone)}"
         ) from e
 
 
@@ -245,9 +240,7 @@ def _scale(x: Any, scaling: str) -> Any:
 
 
 def _head(features: Any, cfg: ModelConfig) -> Any:
-    bias = (
-        keras.initializers.Constant(cfg.initial_bias) if cfg.initial_bias is not None else "zeros"
-    )
+    bias = keras.initializers.Constant(cfg.initial_bias) if cfg.initial_bias is not None else "zeros"
     if cfg.head == "flatten":
         x = keras.layers.Flatten(name="head_flatten")(features)
         x = keras.layers.Dense(cfg.dense_units, activation="relu", name="head_dense")(x)
@@ -305,9 +298,7 @@ def backbone_layers(model: keras.Model, cfg: ModelConfig) -> list[keras.layers.L
     return model.layers[start:stop]
 
 
-def top_block_layers(
-    model: keras.Model, cfg: ModelConfig, n_blocks: int
-) -> list[keras.layers.Layer]:
+def top_block_layers(model: keras.Model, cfg: ModelConfig, n_blocks: int) -> list[keras.layers.Layer]:
     """The backbone layers of its top ``n_blocks`` blocks.
 
     Layers come in depth order, so everything from the first layer of the lowest selected
@@ -337,9 +328,7 @@ def set_trainable_blocks(model: keras.Model, cfg: ModelConfig, n_blocks: int) ->
     top = {id(layer) for layer in top_block_layers(model, cfg, n_blocks)}
     trainable = []
     for layer in backbone_layers(model, cfg):
-        layer.trainable = id(layer) in top and not isinstance(
-            layer, keras.layers.BatchNormalization
-        )
+        layer.trainable = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
         if layer.trainable and layer.weights:
             trainable.append(layer.name)
     return trainable

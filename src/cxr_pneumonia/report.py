@@ -111,14 +111,21 @@ def plot_confusion_matrix(
         raise ValueError(f"confusion matrix must be 2x2; got shape {cm.shape}")
     row_totals = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, row_totals, out=np.zeros(cm.shape), where=row_totals > 0)
-    annot = np.array(
-        [[f"{cm[i, j]}\n{share[i, j]:.1%}" for j in range(2)] for i in range(2)], dtype=object
-    )
+    annot = np.array([[f"{cm[i, j]}\n{share[i, j]:.1%}" for j in range(2)] for i in range(2)], dtype=object)
     fig = Figure(figsize=(4.6, 3.8), layout="constrained")
     ax = fig.add_subplot()
     sns.heatmap(
-        share, annot=annot, fmt="", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax,
-        xticklabels=list(class_names), yticklabels=list(class_names), annot_kws={"size": 12},
+        share,
+        annot=annot,
+        fmt="",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        cbar=False,
+        ax=ax,
+        xticklabels=list(class_names),
+        yticklabels=list(class_names),
+        annot_kws={"size": 12},
     )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -140,8 +147,7 @@ def plot_roc(y_true: Any, scores: Any, threshold: float) -> Figure:
     ax.plot(fpr, tpr, lw=2, label=f"ROC (AUC {roc_auc_score(y, s):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     op, half = _operating_point(y, s, threshold), _operating_point(y, s, 0.5)
-    ax.plot(op["fpr"], op["recall"], "o", ms=9, color="crimson",
-            label=f"operating point (t={threshold:.3g})")
+    ax.plot(op["fpr"], op["recall"], "o", ms=9, color="crimson", label=f"operating point (t={threshold:.3g})")
     ax.plot(half["fpr"], half["recall"], "o", ms=8, mfc="none", color="black", label="t=0.5")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (recall)")
@@ -159,14 +165,18 @@ def plot_pr(y_true: Any, scores: Any, threshold: float) -> Figure:
     precision, recall, _ = precision_recall_curve(y, s)
     fig = Figure(figsize=(4.6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.step(recall, precision, where="post", lw=2,
-            label=f"PR (AP {average_precision_score(y, s):.3f})")
+    ax.step(recall, precision, where="post", lw=2, label=f"PR (AP {average_precision_score(y, s):.3f})")
     ax.axhline(float(np.mean(y)), ls="--", color="grey", lw=1, label="prevalence")
     op, half = _operating_point(y, s, threshold), _operating_point(y, s, 0.5)
-    ax.plot(op["recall"], op["precision"], "o", ms=9, color="crimson",
-            label=f"operating point (t={threshold:.3g})")
-    ax.plot(half["recall"], half["precision"], "o", ms=8, mfc="none", color="black",
-            label="t=0.5")
+    ax.plot(
+        op["recall"],
+        op["precision"],
+        "o",
+        ms=9,
+        color="crimson",
+        label=f"operating point (t={threshold:.3g})",
+    )
+    ax.plot(half["recall"], half["precision"], "o", ms=8, mfc="none", color="black", label="t=0.5")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")
     ax.set_xlim(-0.01, 1.01)
@@ -184,8 +194,7 @@ def plot_threshold_sweep(y_true: Any, scores: Any, threshold: float) -> Figure:
     ax = fig.add_subplot()
     ax.step(sweep["threshold"], sweep["sensitivity"], where="post", lw=2, label="sensitivity")
     ax.step(sweep["threshold"], sweep["specificity"], where="post", lw=2, label="specificity")
-    ax.axvline(threshold, color="crimson", ls="-", lw=1.5,
-               label=f"operating point (t={threshold:.3g})")
+    ax.axvline(threshold, color="crimson", ls="-", lw=1.5, label=f"operating point (t={threshold:.3g})")
     ax.axvline(0.5, color="black", ls=":", lw=1, label="t=0.5")
     ax.set_xlabel("threshold (positive when score >= t)")
     ax.set_ylabel("rate")
@@ -323,8 +332,7 @@ def _value_html(value: Any) -> str:
 
 def _key_value_table(values: Mapping[str, Any]) -> str:
     rows = "".join(
-        f"<tr><th>{_esc(key)}</th><td>{_value_html(value)}</td></tr>"
-        for key, value in values.items()
+        f"<tr><th>{_esc(key)}</th><td>{_value_html(value)}</td></tr>" for key, value in values.items()
     )
     return f"<table class='kv'>{rows}</table>"
 
@@ -390,9 +398,7 @@ def _gallery(
     for i in indices:
         path = str(paths[i])
         thumbnail = thumbnails[path] if path in thumbnails else _load_thumbnail(path)
-        items.append(
-            _gallery_item(path, float(s[i]), int(y[i]), threshold, thumbnail, heatmaps.get(path))
-        )
+        items.append(_gallery_item(path, float(s[i]), int(y[i]), threshold, thumbnail, heatmaps.get(path)))
     shown = f"showing {len(indices)} of {total}"
     body = "".join(items) if items else "<p>none</p>"
     return f"<h3>{_esc(heading)} — {_esc(shown)}</h3><div class='gallery'>{body}</div>"
@@ -457,13 +463,20 @@ def write_report(
 
     both_classes = len(np.unique(y)) == 2
     builders: list[tuple[str, str, Callable[[], Figure]]] = [
-        ("confusion_matrix", "Confusion matrix at the operating threshold",
-         lambda: plot_confusion_matrix(metrics["confusion_matrix"],
-                                       title=f"Confusion matrix (t={threshold:.3g})")),
+        (
+            "confusion_matrix",
+            "Confusion matrix at the operating threshold",
+            lambda: plot_confusion_matrix(
+                metrics["confusion_matrix"], title=f"Confusion matrix (t={threshold:.3g})"
+            ),
+        ),
         ("roc", "ROC curve", lambda: plot_roc(y, s, threshold)),
         ("pr", "Precision-recall curve", lambda: plot_pr(y, s, threshold)),
-        ("threshold_sweep", "Sensitivity and specificity vs threshold",
-         lambda: plot_threshold_sweep(y, s, threshold)),
+        (
+            "threshold_sweep",
+            "Sensitivity and specificity vs threshold",
+            lambda: plot_threshold_sweep(y, s, threshold),
+        ),
         ("calibration", "Calibration", lambda: plot_calibration(y, s)),
     ]
     figures = []
@@ -481,11 +494,16 @@ def write_report(
         figures.append(f"<img src='{uri}' alt='{_esc(caption)}' title='{_esc(caption)}'>")
 
     fn_idx, fp_idx, n_fn, n_fp = _misclassified(y, s, threshold, max_misclassified)
-    gallery_kwargs = {"y": y, "s": s, "paths": paths, "threshold": threshold,
-                      "thumbnails": thumbnails, "heatmaps": heatmaps}
-    galleries = (
-        _gallery("False negatives (missed pneumonia)", fn_idx, n_fn, **gallery_kwargs)
-        + _gallery("False positives (false alarms)", fp_idx, n_fp, **gallery_kwargs)
+    gallery_kwargs = {
+        "y": y,
+        "s": s,
+        "paths": paths,
+        "threshold": threshold,
+        "thumbnails": thumbnails,
+        "heatmaps": heatmaps,
+    }
+    galleries = _gallery("False negatives (missed pneumonia)", fn_idx, n_fn, **gallery_kwargs) + _gallery(
+        "False positives (false alarms)", fp_idx, n_fp, **gallery_kwargs
     )
     summary = (
         f"{metrics.get('n', len(y))} images: {metrics.get('n_positive', int(y.sum()))} "
@@ -503,7 +521,7 @@ def write_report(
 <h2>Metrics</h2>
 {_metrics_table(metrics)}
 <h2>Figures</h2>
-<div class="figs">{''.join(figures)}</div>
+<div class="figs">{"".join(figures)}</div>
 <h2>Run</h2>
 {_key_value_table(run_info)}
 <h2>Misclassified images</h2>

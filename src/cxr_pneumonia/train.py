@@ -38,8 +38,8 @@ from cxr_pneumonia.features import (
     compute_image_features,
     feature_batches,
     map_features,
-    predict_store,
     reduced_precision_copy,
+    score_images,
 )
 from cxr_pneumonia.model import (
     ModelConfig,
@@ -472,7 +472,9 @@ def train(
             )
     set_trainable_blocks(model, model_cfg, 0)
 
-    val_scores = predict_store(top, stores["val_split"])
+    # The operating point is chosen on exactly what the saved model will output: a full float32
+    # forward pass over the validation images (cached features may be bfloat16/float16).
+    val_scores = score_images(model, list(val_df["cached"]), batch_size=train_cfg.batch_size)
     y_val = val_df["label"].to_numpy()
     choice = choose_threshold(
         y_val, val_scores, target_recall=train_cfg.target_recall, rule=train_cfg.threshold_rule
@@ -539,7 +541,7 @@ def _finish_run(
             "path": val_df["path"],
             "label": val_df["label"],
             "patient_id": val_df["patient_id"],
-            "probability": val_scores,
+            "probability": val_scores.astype(np.float64),  # exact float32 values survive the CSV
         }
     ).to_csv(run_dir / "val_predictions.csv", index=False)
     write_json(run_dir / METRICS_VAL_FILE, metrics_val)

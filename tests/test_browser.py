@@ -1,0 +1,181 @@
+"""End-to-end: the real server on a free localhost port, driven in headless Debian Chromium.
+
+Skipped when Chromium (Debian's ``chromium`` package) or the ``playwright`` package is missing;
+``.ci/run`` installs Chromium. Playwright never downloads a browser here: it launches the system
+one. Set ``CXR_PNEUMONIA_SAVE_SCREENSHOT=1`` to also copy the screenshot to
+``docs/screenshot_web.png`` (for the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxr_pneumonia.predict import Run
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT_ENV = "CXR_PNEUMONIA_SAVE_SCREENSHOT"
+UPLOAD_LIMIT = 1_000_000  # small, so the 413 path is exercised with a 3 MB file
+# No internet on CI machines: everything that phones home stays off.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+]
+
+
+def _chromium() -> str | None:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = _chromium()
+# Checked at collection, so a machine without a browser does not even start the server.
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed: apt-get install chromium"),
+]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_run: Path) -> Iterator[str]:
+    """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
+    import uvicorn
+
+    from cxr_pneumonia.serve import create_app
+
+    app = create_app(Run.load(tiny_run), max_upload_bytes=UPLOAD_LIMIT)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # handing uvicorn the bound socket avoids a port race
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if json.load(response)["status"] == "ok":
+                    break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the test server did not start on {url}") from None
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def _api_probability(url: str, path: Path) -> float:
+    """The API's answer for ``path``, posted without a browser (multipart by hand)."""
+    boundary = "cxr-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/v1/predict", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return float(json.load(response)["probability"])
+
+
+def test_upload_in_the_browser_shows_probability_and_heatmap(
+    server_url: str, sample_dir: Path, tmp_path: Path
+) -> None:
+    xray = sorted((sample_dir / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("radiologist notes, not an image\n")
+    too_big = tmp_path / "huge.png"
+    too_big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3 * UPLOAD_LIMIT))
+    screenshot = tmp_path / "screenshot_web.png"
+    error_screenshot = tmp_path / "screenshot_web_error.png"
+    expected = _api_probability(server_url, xray)
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(f"{server_url}/")
+            expect = sync_api.expect
+
+            notice = page.locator("#notice")
+            expect(notice).to_be_visible()
+            expect(notice).to_contain_text("Research use only")
+            expect(notice).to_contain_text("not a medical device")
+            expect(page.locator("#model-info")).to_contain_text("threshold")
+
+            page.set_input_files("#file-input", str(xray))
+            probability = page.locator("#probability")
+            expect(probability).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
+            probability_text = probability.inner_text()
+            assert float(probability_text) == pytest.approx(expected, abs=5e-4)
+            label = re.compile(r"^(PNEUMONIA|NORMAL) \(threshold \d\.\d{3}\)$")
+            expect(page.locator("#label")).to_have_text(label)
+            for image_id in ("#heatmap", "#preprocessed"):
+                image = page.locator(image_id)
+                expect(image).to_be_visible()
+                expect(image).to_have_attribute("src", re.compile(r"^data:image/png;base64,.+"))
+                # naturalWidth > 0: the browser decoded the PNG, not just received a src.
+                assert image.evaluate("el => el.complete && el.naturalWidth") > 0
+            expect(page.locator("#error")).to_be_hidden()
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            page.set_input_files("#file-input", str(not_an_image))
+            error = page.locator("#error")
+            expect(error).to_be_visible(timeout=30_000)
+            expect(error).to_contain_text("415")
+            expect(error).to_contain_text("unsupported file type")
+            expect(page.locator("#result")).to_be_hidden()  # no stale result beside the error
+            page.screenshot(path=str(error_screenshot))
+
+            page.set_input_files("#file-input", str(too_big))
+            expect(error).to_contain_text("413", timeout=30_000)
+            expect(error).to_contain_text("limit")
+
+            # The server keeps answering after the bad uploads, and the error is cleared.
+            page.set_input_files("#file-input", str(xray))
+            expect(probability).to_have_text(probability_text, timeout=60_000)
+            expect(error).to_be_hidden()
+            assert page_errors == []
+        finally:
+            browser.close()
+
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get(SCREENSHOT_ENV) == "1":
+        target = REPO / "docs" / "screenshot_web.png"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(screenshot, target)

@@ -1,0 +1,475 @@
+"""Tests for serve: the REST API with FastAPI's TestClient (uploads, errors, concurrency, page)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cxr_pneumonia import serve
+from cxr_pneumonia.io import load_image
+from cxr_pneumonia.predict import DISCLAIMER, Run
+
+IO_DATA = Path(__file__).resolve().parent / "data" / "io"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run: Path) -> Run:
+    return Run.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def client(run: Run) -> Iterator[TestClient]:
+    # raise_server_exceptions=False: a server error must show up as a 500 the tests can see.
+    with TestClient(serve.create_app(run), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def images(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Valid uploads of every supported kind, written to files so the reference can read them too."""
+    folder = tmp_path_factory.mktemp("uploads")
+    normal = sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0]
+    pneumonia = sorted((sample_dir / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    gray = load_image(pneumonia)
+    png = folder / "scan.png"
+    png.write_bytes(cv2.imencode(".png", load_image(normal))[1].tobytes())
+    png16 = folder / "scan16.png"
+    png16.write_bytes(cv2.imencode(".png", gray.astype(np.uint16) * 64)[1].tobytes())
+    small = folder / "small.png"  # under the 2,000-byte limit of small_limit_client
+    thumbnail = cv2.resize(gray, (40, 40), interpolation=cv2.INTER_AREA)
+    small.write_bytes(cv2.imencode(".png", thumbnail)[1].tobytes())
+    return {
+        "jpeg": normal,
+        "jpeg_pneumonia": pneumonia,
+        "png": png,
+        "png16": png16,
+        "dicom": IO_DATA / "mono2_rescale.dcm",
+        "dicom_no_preamble": IO_DATA / "no_preamble.dcm",
+        "small_png": small,
+    }
+
+
+def _post(client: TestClient, name: str, data: bytes, *, query: str = "", content_type: str = "") -> Any:
+    files = {"file": (name, data, content_type or "application/octet-stream")}
+    return client.post(f"/v1/predict{query}", files=files)
+
+
+def _reference(run: Run, path: Path) -> float:
+    return float(run.predict_images([load_image(path)])[0])
+
+
+def _decode_png(b64: str) -> np.ndarray:
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG")
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+# --- valid uploads --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg_pneumonia", "png", "png16", "dicom", "dicom_no_preamble"])
+def test_predict_equals_the_python_api(
+    client: TestClient, run: Run, images: dict[str, Path], kind: str
+) -> None:
+    path = images[kind]
+    response = _post(client, path.name, path.read_bytes())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["probability"] == pytest.approx(_reference(run, path), abs=1e-5)
+    assert body["threshold"] == run.threshold
+    assert body["label"] == ("PNEUMONIA" if body["probability"] >= run.threshold else "NORMAL")
+    assert body["model"] == {
+        "name": run.name,
+        "version": run.config["package_version"],
+        "trained_at": run.config["created_at"],
+    }
+    assert body["disclaimer"] == DISCLAIMER
+    assert "heatmap_png_base64" not in body  # only on request
+
+
+def test_type_is_decided_by_content_not_by_name(client: TestClient, images: dict[str, Path]) -> None:
+    data = images["png"].read_bytes()
+    plain = _post(client, "scan.png", data, content_type="image/png").json()
+    disguised = _post(client, "report.pdf", data, content_type="application/pdf")
+    assert disguised.status_code == 200
+    assert disguised.json()["probability"] == plain["probability"]
+
+
+def test_heatmap_returns_decodable_pngs(client: TestClient, run: Run, images: dict[str, Path]) -> None:
+    path = images["jpeg_pneumonia"]
+    plain = _post(client, path.name, path.read_bytes()).json()
+    response = _post(client, path.name, path.read_bytes(), query="?heatmap=true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["probability"] == plain["probability"]
+    size = run.image_size
+    overlay = _decode_png(body["heatmap_png_base64"])
+    assert overlay.shape == (size, size, 3)
+    preprocessed = _decode_png(body["preprocessed_png_base64"])
+    np.testing.assert_array_equal(preprocessed, run.preprocess(load_image(path)))
+    assert not np.array_equal(overlay[..., 0], overlay[..., 2])  # coloured, not the gray input
+
+
+# --- bad uploads ----------------------------------------------------------------------------
+
+
+def _png_header(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def _truncated_jpeg(images: dict[str, Path]) -> bytes:
+    data = images["jpeg"].read_bytes()
+    return data[: len(data) // 2]
+
+
+BAD_UPLOADS = [
+    # (id, file name, bytes (or a builder taking the images), expected status, text in detail)
+    ("gif", "scan.gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00!\xf9\x04", 415, "unsupported"),
+    ("pdf", "scan.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", 415, "unsupported"),
+    ("text-as-png", "scan.png", b"radiologist notes, not an image\n", 415, "PNG, JPEG or DICOM"),
+    ("zip", "scans.zip", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(64), 415, "unsupported"),
+    ("text-as-dicom", "scan.dcm", b"this is not a dicom file at all" * 8, 415, "PNG, JPEG or DICOM"),
+    ("empty", "scan.jpeg", b"", 422, "empty"),
+    ("truncated-jpeg", "scan.jpeg", _truncated_jpeg, 422, "cut short"),
+    ("corrupt-jpeg", "scan.jpeg", b"\xff\xd8\xff\xe0" + bytes(200), 422, "JPEG"),
+    ("corrupt-png", "scan.png", _png_header(64, 64) + b"\x00\x00\x00\x04IDATjunk" + b"IEND", 422, "PNG"),
+    ("png-no-end", "scan.png", _png_header(64, 64), 422, "IEND"),
+    ("dicom-no-pixels", "scan.dcm", lambda _: (IO_DATA / "no_pixels.dcm").read_bytes(), 422, "no pixel data"),
+    ("pixel-bomb", "bomb.png", _png_header(100_000, 100_000) + b"IEND", 413, "pixels"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "status", "detail"),
+    [case[1:] for case in BAD_UPLOADS],
+    ids=[case[0] for case in BAD_UPLOADS],
+)
+def test_bad_uploads_get_their_4xx(
+    client: TestClient, images: dict[str, Path], name: str, payload: Any, status: int, detail: str
+) -> None:
+    data = payload(images) if callable(payload) else payload
+    response = _post(client, name, data)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert detail in response.json()["detail"]
+
+
+def test_missing_file_field_is_422(client: TestClient) -> None:
+    response = client.post("/v1/predict", data={"other": "x"})
+    assert response.status_code == 422
+    assert any("file" in error["loc"] for error in response.json()["detail"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    "magic", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", bytes(128) + b"DICM"], ids=["png", "jpeg", "dicom"]
+)
+def test_garbage_after_a_signature_is_a_4xx(client: TestClient, magic: bytes, seed: int) -> None:
+    garbage = np.random.default_rng(seed).integers(0, 256, 50 + 200 * seed, dtype=np.uint8).tobytes()
+    response = _post(client, "fuzz.bin", magic + garbage)
+    assert 400 <= response.status_code < 500, response.text
+    assert isinstance(response.json()["detail"], str)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((1, 1), np.uint8), np.zeros((300, 200), np.uint8), np.full((16, 512), 255, np.uint8)],
+    ids=["one-pixel", "all-black", "thin-white"],
+)
+def test_odd_but_valid_images_are_answered(client: TestClient, image: np.ndarray) -> None:
+    response = _post(client, "odd.png", cv2.imencode(".png", image)[1].tobytes())
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 200:
+        assert 0.0 <= response.json()["probability"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def small_limit_client(run: Run) -> Iterator[TestClient]:
+    app = serve.create_app(run, max_upload_bytes=2000)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def test_upload_over_the_limit_is_413(small_limit_client: TestClient, images: dict[str, Path]) -> None:
+    data = images["jpeg"].read_bytes()
+    assert len(data) > 2000
+    response = _post(small_limit_client, "big.jpeg", data)
+    assert response.status_code == 413
+    assert "2,000 bytes" in response.json()["detail"]
+    assert _post(small_limit_client, "ok.dcm", images["dicom"].read_bytes()[:1999]).status_code == 422
+
+
+def test_huge_declared_body_is_refused_before_reading(small_limit_client: TestClient) -> None:
+    response = _post(small_limit_client, "huge.png", b"\x89PNG\r\n\x1a\n" + bytes(300_000))
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+
+
+def test_huge_streamed_body_without_length_is_cut_off(small_limit_client: TestClient) -> None:
+    boundary = "cxrboundary"
+    chunks_sent = []
+
+    def body() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        for _ in range(40):  # 40 × 8 KiB, well over limit + multipart slack
+            chunks_sent.append(1)
+            yield b"\x89PNG" + bytes(8188)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = small_limit_client.post(
+        "/v1/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+
+
+def _asgi_call(
+    middleware_limit: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Drive BodyLimitMiddleware around an app that reads the whole body; (messages sent, bytes read)."""
+    read: list[int] = []
+
+    async def inner_app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("client disconnected")  # what Starlette's parser does
+            read.append(len(message["body"]))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(sum(read)).encode()})
+
+    last = len(chunks) - 1
+    pending = [{"type": "http.request", "body": c, "more_body": i < last} for i, c in enumerate(chunks)]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = serve.BodyLimitMiddleware(
+        inner_app, limit=middleware_limit, paths=frozenset({"/v1/predict"}), detail="too big"
+    )
+    scope = {"type": "http", "path": "/v1/predict", "headers": headers}
+    asyncio.run(middleware(scope, receive, send))
+    return sent, read
+
+
+@pytest.mark.parametrize(
+    ("chunks", "headers", "status", "chunks_read"),
+    [
+        ([b"x" * 1000] * 2, [(b"content-length", b"2000")], 200, 2),
+        ([b"x" * 1000] * 10, [], 413, 2),  # chunked: cut off at the third chunk, never read
+        ([b"x" * 1000] * 10, [(b"content-length", b"10000")], 413, 0),  # refused unread
+    ],
+    ids=["under-limit", "streamed-over-limit", "declared-over-limit"],
+)
+def test_body_limit_middleware(
+    chunks: list[bytes], headers: list[tuple[bytes, bytes]], status: int, chunks_read: int
+) -> None:
+    sent, read = _asgi_call(2500, chunks, headers)
+    assert sent[0]["status"] == status
+    assert len(read) == chunks_read
+    assert len([m for m in sent if m["type"] == "http.response.start"]) == 1
+    if status == 413:
+        assert json.loads(sent[1]["body"]) == {"detail": "too big"}
+
+
+def test_server_keeps_answering_after_bad_uploads(
+    client: TestClient, small_limit_client: TestClient, run: Run, images: dict[str, Path]
+) -> None:
+    for _, name, payload, _, _ in BAD_UPLOADS:
+        _post(client, name, payload(images) if callable(payload) else payload)
+    _post(small_limit_client, "big.png", bytes(500_000))
+    for test_client, kind in ((client, "dicom"), (small_limit_client, "small_png")):
+        response = _post(test_client, kind, images[kind].read_bytes())
+        assert response.status_code == 200, response.text
+        assert response.json()["probability"] == pytest.approx(_reference(run, images[kind]), abs=1e-5)
+    assert client.get("/health").json()["status"] == "ok"
+
+
+# --- other endpoints ------------------------------------------------------------------------
+
+
+def test_health(client: TestClient, run: Run) -> None:
+    assert client.get("/health").json() == {"status": "ok", "model": run.name}
+
+
+def test_model_card(client: TestClient, run: Run) -> None:
+    body = client.get("/v1/model").json()
+    assert body["name"] == run.name
+    assert body["threshold"]["threshold"] == run.threshold
+    assert body["config"]["model"]["backbone"] == run.config["model"]["backbone"]
+    assert body["config"]["preprocess"]["size"] == run.image_size
+    assert body["disclaimer"] == DISCLAIMER
+    assert "metrics_val" in body
+
+
+def test_model_card_survives_non_finite_metrics() -> None:
+    assert serve._json_safe({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}) == {
+        "a": [1.0, None],
+        "b": {"c": None},
+        "d": "x",
+    }
+
+
+def test_docs_and_openapi(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/v1/predict"]["post"]
+    assert {"413", "415", "422"} <= set(operation["responses"])
+    assert "/health" in schema["paths"] and "/v1/model" in schema["paths"]
+
+
+def test_page_and_static_files(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Research use only" in page.text and "not a medical device" in page.text
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    assert "/v1/predict?heatmap=true" in client.get("/static/app.js").text
+
+
+@pytest.mark.parametrize(
+    "path", ["/static/../predict.py", "/static/%2e%2e/predict.py", "/static/..%2fpredict.py", "/etc/passwd"]
+)
+def test_no_server_side_paths(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "Run.load" not in response.text
+
+
+def test_page_has_a_content_security_policy(client: TestClient) -> None:
+    policy = client.get("/").headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
+
+
+@pytest.mark.parametrize(("host", "max_mb", "warns"), [("127.0.0.1", 20.0, False), ("0.0.0.0", 0.5, True)])
+def test_serve_loads_the_run_and_starts_uvicorn(
+    tiny_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    max_mb: float,
+    warns: bool,
+) -> None:
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    with caplog.at_level("WARNING", logger="cxr_pneumonia.serve"):
+        serve.serve(tiny_run, host=host, port=8123, max_upload_mb=max_mb)
+    [call] = calls
+    assert (call["host"], call["port"]) == (host, 8123)
+    assert ("no authentication" in caplog.text) is warns
+    with TestClient(call["app"]) as served:
+        assert served.get("/health").json()["status"] == "ok"
+        over = bytes(int(max_mb * 2**20) + 1)
+        assert _post(served, "big.png", b"\x89PNG\r\n\x1a\n" + over).status_code == 413
+
+
+def test_serve_binds_localhost_by_default() -> None:
+    import inspect
+
+    assert inspect.signature(serve.serve).parameters["host"].default == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert serve.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "kind"),
+    [
+        (b"\x89PNG\r\n\x1a\nrest", "x", "png"),
+        (b"\xff\xd8\xffrest", "x.png", "jpeg"),
+        (bytes(128) + b"DICMrest", "x.jpg", "dicom"),
+        (b"\x08\x00\x05\x00", "x.DCM", "dicom?"),
+        (b"GIF89a", "x.png", None),
+        (b"", "x.png", None),
+    ],
+)
+def test_upload_kind_reads_the_bytes(data: bytes, name: str, kind: str | None) -> None:
+    assert serve.upload_kind(data, name) == kind
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+def test_concurrent_clients_get_the_single_threaded_answers(
+    run: Run, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["jpeg", "jpeg_pneumonia", "png16", "dicom"]
+    payloads = {kind: images[kind].read_bytes() for kind in kinds}
+    app = serve.create_app(run)
+    with TestClient(app) as single:
+        expected = {kind: _post(single, kind, data).json()["probability"] for kind, data in payloads.items()}
+    assert len(set(expected.values())) > 1  # different images, different answers: the test can fail
+
+    # Count model calls in flight: the lock must keep them to one at a time.
+    original = run.predict_preprocessed
+    active, peak, guard = 0, 0, threading.Lock()
+
+    def counting(batch: np.ndarray, **kwargs: Any) -> np.ndarray:
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.002)  # widen the window in which an overlap would be seen
+            return original(batch, **kwargs)
+        finally:
+            with guard:
+                active -= 1
+
+    monkeypatch.setattr(run, "predict_preprocessed", counting)
+
+    def client_thread(index: int) -> list[tuple[str, float]]:
+        answers = []
+        with TestClient(app) as own_client:
+            for request in range(10):
+                kind = kinds[(index + request) % len(kinds)]
+                response = _post(own_client, kind, payloads[kind])
+                assert response.status_code == 200, response.text
+                answers.append((kind, response.json()["probability"]))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [answer for answers in pool.map(client_thread, range(8)) for answer in answers]
+
+    assert len(results) == 80
+    assert all(probability == expected[kind] for kind, probability in results)
+    assert peak == 1
