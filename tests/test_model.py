@@ -74,7 +74,10 @@ def test_default_config_is_the_seed_model():
         "flatten",
         224,
     )
-    assert (cfg.dense_units, cfg.dropout, cfg.fine_tune_blocks) == (128, 0.5, 0)
+    assert (cfg.dense_units, cfg.dropout) == (128, 0.5)
+    # fine-tuning is a later training stage: the built model's backbone is frozen, as the seed's
+    model = cm.build_model(dataclasses.replace(cfg, weights="none", image_size=32))
+    assert not any(layer.trainable for layer in cm.backbone_layers(model, cfg))
     assert config.from_dict(cm.ModelConfig, config.to_dict(cfg)) == cfg
 
 
@@ -207,6 +210,7 @@ def test_xception_fine_tune_counts_known_parameters():
     """Blocks 13-14 of Xception: four separable convs plus block 13's 1x1 residual conv."""
     cfg = make_cfg("xception", fine_tune_blocks=2)
     model = cm.build_model(cfg)
+    cm.set_trainable_blocks(model, cfg, cfg.fine_tune_blocks)  # what training's fine-tuning stage does
     sep = [(728, 728), (728, 1024), (1024, 1536), (1536, 2048)]  # (in, out) channels
     backbone_params = sum(9 * c_in + c_in * c_out for c_in, c_out in sep) + 728 * 1024
     head_params = 2048 + 1
@@ -283,6 +287,7 @@ def test_split_at_backbone_output_shares_the_head():
 def test_split_at_fine_tune_starts_at_block13_input_of_xception():
     cfg = make_cfg("xception", fine_tune_blocks=2)
     model = cm.build_model(cfg)
+    cm.set_trainable_blocks(model, cfg, cfg.fine_tune_blocks)  # what training's fine-tuning stage does
     extractor, head = cm.split_model(model, cfg, at="fine_tune")
     block13_input = model.get_layer("block13_sepconv1_act").input
     assert isinstance(block13_input._keras_history.operation, keras.layers.Add)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +121,9 @@ class ModelConfig:
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     image_size: int = 224
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     initial_bias: float | None = None
-    fine_tune_blocks: int = 0
+    fine_tune_blocks: int = 2
 
     def __post_init__(self) -> None:
         spec = get_backbone(self.backbone)
@@ -260,7 +261,8 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     backbone = _build_backbone(spec, cfg, _scale(rgb, spec.scaling))
     # Use the backbone's output tensor, not the backbone as a layer: the graph stays flat.
     model = keras.Model(image, _head(backbone.output, cfg), name=f"cxr_{cfg.backbone}_{cfg.head}")
-    set_trainable_blocks(model, cfg, cfg.fine_tune_blocks)
+    # Built frozen; training unfreezes the top `fine_tune_blocks` blocks for its fine-tuning stage.
+    set_trainable_blocks(model, cfg, 0)
     compile_model(model, cfg.learning_rate, cfg)
     return model
 
@@ -374,13 +376,20 @@ def split_model(
     return feature_extractor, head
 
 
+_INFERENCE_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def inference_function(model: keras.Model) -> Callable[[Any], Any]:
-    """``model`` in inference mode as one traced function for any batch size.
+    """``model`` in inference mode as one traced function for any batch size (cached per model).
 
     Unlike ``predict_on_batch`` it neither retraces per batch shape nor splits batches across
     the replicas of a distribution strategy the model was built under.
     """
     import tensorflow as tf
 
-    spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype or tf.float32)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True)
+    if model not in _INFERENCE_FUNCTIONS:
+        spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype or tf.float32)
+        _INFERENCE_FUNCTIONS[model] = tf.function(
+            lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True
+        )
+    return _INFERENCE_FUNCTIONS[model]

@@ -70,7 +70,7 @@ class TrainConfig:
     """Training settings; saved in the run's config.json."""
 
     epochs: int = 15  # head epochs (frozen backbone, cached features)
-    fine_tune_epochs: int = 0  # epochs with the model's top `fine_tune_blocks` blocks trainable
+    fine_tune_epochs: int = 2  # epochs with the model's top `fine_tune_blocks` blocks trainable
     batch_size: int = 32
     seed: int = 42
     val_fraction: float = 1 / 6
@@ -79,7 +79,7 @@ class TrainConfig:
     threshold_rule: str = "max_specificity"
     patience: int = 4
     class_weight: bool = True
-    augment_views: int = 0  # augmented copies of each training image in the feature cache
+    augment_views: int = 1  # augmented copies of each training image in the feature cache
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     cache_dir: str | None = None
     workers: int | None = None
