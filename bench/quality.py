@@ -16,15 +16,10 @@ preprocessing) at the run's threshold.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from _common import REPO_ROOT, Timer, add_json_argument, emit, fail, peak_rss_mb
 
@@ -72,56 +67,6 @@ def holdout_split(train_dir: Path, fraction: float, out: Path) -> tuple[Path, Pa
     return train_csv, eval_csv, {"seed": HOLDOUT_SEED, "fraction": fraction, **info}
 
 
-def _scores(run: Any, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Probabilities for raw images; NaN where preprocessing fails (a batch must not stop)."""
-    from cxr_pneumonia.preprocess import PreprocessError
-
-    try:
-        return run.predict_images(images)
-    except PreprocessError:
-        out = np.full(len(images), np.nan, dtype=np.float32)
-        for i, image in enumerate(images):
-            with contextlib.suppress(PreprocessError):  # stays NaN
-                out[i] = run.predict_images([image])[0]
-        return out
-
-
-def robustness(run: Any, images: pd.DataFrame, *, batch_size: int = 32) -> dict[str, dict[str, Any]]:
-    """ROC-AUC, recall and specificity at the run's threshold, clean and under each perturbation."""
-    from cxr_pneumonia.augment import PERTURBATIONS
-    from cxr_pneumonia.evaluate import compute_metrics
-    from cxr_pneumonia.io import ImageReadError, load_image
-
-    variants: dict[str, Callable[[np.ndarray], np.ndarray]] = {"clean": lambda img: img, **PERTURBATIONS}
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in variants}
-    labels: list[int] = []
-    rows = list(zip(images["path"], images["label"], strict=True))
-    for start in range(0, len(rows), batch_size):
-        # Each raw image is decoded once per batch and perturbed in memory: memory stays flat.
-        batch, batch_labels = [], []
-        for path, label in rows[start : start + batch_size]:
-            try:
-                batch.append(load_image(path))
-                batch_labels.append(int(label))
-            except ImageReadError:
-                continue  # already counted as a failure by the evaluation
-        labels.extend(batch_labels)
-        for name, perturb in variants.items():
-            scores[name].append(_scores(run, [perturb(img) for img in batch]))
-    y_all = np.asarray(labels)
-    results = {}
-    for name, parts in scores.items():
-        s = np.concatenate(parts) if parts else np.zeros(0)
-        ok = ~np.isnan(s)
-        metrics = compute_metrics(y_all[ok], s[ok], run.threshold, n_bootstrap=0)
-        results[name] = {
-            "n": int(ok.sum()),
-            "n_failed": int((~ok).sum()),
-            **{k: metrics[k] for k in ("roc_auc", "recall", "specificity")},
-        }
-    return results
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,7 +110,7 @@ def main() -> None:
         fail(f"{out}: already holds a trained model; choose another --out")
 
     from cxr_pneumonia import api
-    from cxr_pneumonia.data import DatasetError, discover
+    from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.model import WeightsUnavailableError
     from cxr_pneumonia.train import TrainingError
 
@@ -188,12 +133,7 @@ def main() -> None:
                 n_bootstrap=args.bootstrap,
                 heatmaps=args.heatmaps,
             )
-        perturbed = None
-        if args.robustness:
-            images = discover(eval_source)
-            if args.eval_split is not None:
-                images = images[images["split"] == args.eval_split]
-            perturbed = robustness(run, images)
+        perturbed = api.robustness(run, eval_source, out, split=args.eval_split) if args.robustness else None
     except (DatasetError, TrainingError, WeightsUnavailableError, ValueError, OSError) as e:
         fail(str(e))
 

@@ -227,3 +227,20 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_dir, tmp_path):
     assert "replicas 2" in done.stdout
     assert "MirroredStrategy over 2 devices" in done.stderr
     assert (tmp_path / "run" / "model.keras").is_file()
+
+
+def test_robustness_on_validation_images_needs_no_test_data(tiny_run, tmp_path, capsys):
+    from cxr_pneumonia.augment import PERTURBATIONS
+
+    assert main(["robustness", str(tiny_run), "--out", str(tmp_path)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert all(name in text for name in PERTURBATIONS)
+    results = json.loads((tmp_path / "robustness.json").read_text())["results"]
+    clean, val = results["clean"], json.loads((tiny_run / "metrics_val.json").read_text())
+    # unperturbed validation images through the saved model give the validation metrics
+    assert clean["n"] == val["n"]
+    assert clean["recall"] == pytest.approx(val["recall"]) and clean["specificity"] == pytest.approx(
+        val["specificity"]
+    )
+    assert clean["roc_auc"] == pytest.approx(val["roc_auc"])
+    assert set(results) == {"clean", *PERTURBATIONS}

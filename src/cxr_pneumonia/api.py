@@ -24,9 +24,10 @@ import pandas as pd
 
 from cxr_pneumonia.config import file_sha256, write_json
 from cxr_pneumonia.data import discover
+from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, RunError, expand_inputs
-from cxr_pneumonia.preprocess import PreprocessConfig, write_failures_csv
+from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, write_failures_csv
 from cxr_pneumonia.train import TRAINING_IMAGES_FILE, TrainConfig
 from cxr_pneumonia.train import train as _train
 
@@ -38,6 +39,7 @@ __all__ = [
     "TrainConfig",
     "evaluate",
     "predict",
+    "robustness",
     "train",
 ]
 
@@ -217,6 +219,73 @@ def _misclassified_heatmaps(run: Run, table: pd.DataFrame, limit: int) -> dict[s
         if overlay is not None:
             overlays[path] = overlay
     return overlays
+
+
+def robustness(
+    run: Run | str | Path,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    split: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """ROC-AUC, recall and specificity at the run's threshold, clean and under each perturbation.
+
+    Perturbations (``augment.PERTURBATIONS``: contrast, gamma, blur, JPEG, crop, zoom, rotation)
+    hit the raw image before the run's preprocessing, as a different scanner or export would.
+    Without ``data`` it uses the run's own validation images, so it needs no test data.
+    Writes ``robustness.json`` into ``out`` when given.
+    """
+    from cxr_pneumonia.augment import PERTURBATIONS
+    from cxr_pneumonia.evaluate import compute_metrics
+
+    run = _as_run(run)
+    if data is None:
+        images = pd.read_csv(run.path / "val_predictions.csv")[["path", "label"]]
+    else:
+        images = discover(Path(data))
+        if split is not None:
+            images = images[images["split"] == split]
+    variants = {"clean": lambda img: img, **PERTURBATIONS}
+    scores: dict[str, list[float]] = {name: [] for name in variants}
+    labels: list[int] = []
+    rows = list(zip(images["path"], images["label"], strict=True))
+    for start in range(0, len(rows), batch_size):
+        # each raw image is decoded once and perturbed in memory; memory stays flat
+        batch = []
+        for path, label in rows[start : start + batch_size]:
+            try:
+                batch.append(load_image(path))
+            except ImageReadError:
+                continue
+            labels.append(int(label))
+        for name, perturb in variants.items():
+            scores[name].extend(_scores_or_nan(run, [perturb(img) for img in batch]))
+    y = np.asarray(labels)
+    results: dict[str, dict[str, Any]] = {}
+    for name, values in scores.items():
+        s = np.asarray(values, dtype=np.float64)
+        ok = ~np.isnan(s)
+        metrics = compute_metrics(y[ok], s[ok], run.threshold, n_bootstrap=0)
+        results[name] = {"n": int(ok.sum()), **{k: metrics[k] for k in ("roc_auc", "recall", "specificity")}}
+    if out is not None:
+        payload = {"run": str(run.path), "data": str(data or "validation"), "threshold": run.threshold}
+        write_json(Path(out) / "robustness.json", {**payload, "results": results})
+    return results
+
+
+def _scores_or_nan(run: Run, images: list[np.ndarray]) -> list[float]:
+    """Probabilities; NaN for an image whose preprocessing fails (one must not stop the batch)."""
+    try:
+        return [float(p) for p in run.predict_images(images)]
+    except PreprocessError:
+        out = []
+        for image in images:
+            try:
+                out.append(float(run.predict_images([image])[0]))
+            except PreprocessError:
+                out.append(float("nan"))
+        return out
 
 
 def predict(run: Run | str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:

@@ -109,7 +109,8 @@ def preprocess(
         raise CommandError(str(e)) from e
     for source, reason in report.failures:
         _echo_err(f"error: {source}: {reason}")
-    if preview is not None:
+    # An up-to-date preview is kept: a rerun with nothing to do stays a no-op.
+    if preview is not None and (report.processed or not preview.exists()):
         readable = [p for p in list_image_files(src) if str(p) not in dict(report.failures)]
         try:
             write_preview(_spread(readable, 4), cfg, preview)
@@ -315,6 +316,33 @@ def evaluate(
     if metrics["n_failed"]:
         typer.echo(f"{metrics['n_failed']} files could not be read; see {out / 'failures.csv'}")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def robustness(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(metavar="[DATA]", help="Labelled data (default: the run's validation images)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write robustness.json here.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout.")] = None,
+) -> None:
+    """ROC-AUC, recall and specificity under contrast, gamma, blur, JPEG, crop, zoom and rotation."""
+    from cxr_pneumonia.api import robustness as api_robustness
+    from cxr_pneumonia.data import DatasetError
+    from cxr_pneumonia.predict import RunError
+
+    try:
+        results = api_robustness(run, data, out, split=split)
+    except (RunError, DatasetError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    typer.echo(f"{'perturbation':16s} {'n':>5s} {'roc_auc':>8s} {'recall':>7s} {'specificity':>11s}")
+    for name, row in results.items():
+        typer.echo(
+            f"{name:16s} {row['n']:5d} {_fmt(row['roc_auc']):>8s} {_fmt(row['recall']):>7s} "
+            f"{_fmt(row['specificity']):>11s}"
+        )
 
 
 # --------------------------------------------------------------------------------------------

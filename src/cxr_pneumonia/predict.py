@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,20 +177,32 @@ class Run:
             np.stack([self.preprocess(img) for img in images]), batch_size=batch_size
         )
 
-    def iter_predictions(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> Iterator[Prediction]:
-        """Predict files in batches (memory stays flat); unreadable files yield an error each."""
+    def iter_predictions(
+        self, paths: Iterable[str | Path], *, batch_size: int = 32, threads: int = 2
+    ) -> Iterator[Prediction]:
+        """Predict files in batches (memory stays flat); unreadable files yield an error each.
+
+        Decoding and preprocessing run in ``threads`` threads (OpenCV releases the GIL), a
+        batch ahead of the model, so the model does not wait on image decoding.
+        """
         pending: list[tuple[str, np.ndarray]] = []
-        for path in paths:
-            try:
-                pending.append((str(path), self.preprocess(load_image(path), source=str(path))))
-            except (ImageReadError, PreprocessError) as e:
-                yield Prediction(str(path), None, None, self.threshold, error=_reason(e))
-                continue
-            if len(pending) == batch_size:
-                yield from self._flush(pending, batch_size)
-                pending = []
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for path, outcome in _prefetch(pool, self._load, paths, ahead=2 * batch_size):
+                if isinstance(outcome, Exception):
+                    yield Prediction(path, None, None, self.threshold, error=_reason(outcome))
+                    continue
+                pending.append((path, outcome))
+                if len(pending) == batch_size:
+                    yield from self._flush(pending, batch_size)
+                    pending = []
         if pending:
             yield from self._flush(pending, batch_size)
+
+    def _load(self, path: str | Path) -> np.ndarray | Exception:
+        try:
+            return self.preprocess(load_image(path), source=str(path))
+        except (ImageReadError, PreprocessError) as e:
+            return e
 
     def _flush(self, pending: list[tuple[str, np.ndarray]], batch_size: int) -> Iterator[Prediction]:
         probabilities = self.predict_preprocessed(
@@ -200,6 +214,21 @@ class Run:
 
     def predict_paths(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
         return list(self.iter_predictions(paths, batch_size=batch_size))
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor, load: Any, paths: Iterable[str | Path], *, ahead: int
+) -> Iterator[tuple[str, Any]]:
+    """(path, load(path)) in input order, keeping up to ``ahead`` loads in flight."""
+    queue: deque[tuple[str, Future]] = deque()
+    for path in paths:
+        queue.append((str(path), pool.submit(load, path)))
+        if len(queue) > ahead:
+            name, future = queue.popleft()
+            yield name, future.result()
+    while queue:
+        name, future = queue.popleft()
+        yield name, future.result()
 
 
 def _reason(error: Exception) -> str:
