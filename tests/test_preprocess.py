@@ -200,3 +200,25 @@ def test_pipeline_on_real_full_resolution_xrays():
             _, _, w, h = result.box
             assert w * h >= 0.15 * img.size  # the thorax, not a text marker
     assert fallbacks <= 2
+
+
+def lung_touching_edge_image() -> np.ndarray:
+    """A bright body shaped like a C whose dark 'lung' opens to the dark background on the right."""
+    img = np.full((200, 200), 20, np.uint8)
+    cv2.rectangle(img, (20, 20), (180, 180), 200, cv2.FILLED)
+    cv2.rectangle(img, (70, 60), (199, 140), 60, cv2.FILLED)  # lung field reaching the border
+    return img
+
+
+@pytest.mark.parametrize(("mask_shape", "lung_kept"), [("contour", False), ("hull", True)])
+def test_mask_shape_decides_whether_edge_touching_lungs_survive(mask_shape, lung_kept):
+    cfg = PreprocessConfig(steps=("mask", "apply_mask"), mask_shape=mask_shape, size=200)
+    out = build_pipeline(cfg)(lung_touching_edge_image())
+    assert bool(out[100, 100] == 60) == lung_kept  # inside the lung field
+    assert out[100, 40] == 200  # the body itself is always kept
+    assert out[5, 5] == 0  # the corner background is always masked
+
+
+def test_unknown_mask_shape_is_rejected():
+    with pytest.raises(ValueError, match="mask_shape"):
+        PreprocessConfig(mask_shape="blob")

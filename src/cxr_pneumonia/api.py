@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from cxr_pneumonia.config import file_sha256, write_json
 from cxr_pneumonia.data import discover
@@ -135,7 +136,14 @@ def evaluate(
     images = images.assign(sha256=[file_sha256(Path(p)) for p in images["path"]])
     leakage = leakage_check(run, images)
 
-    predictions = list(run.iter_predictions(images["path"], batch_size=batch_size))
+    predictions = list(
+        tqdm(
+            run.iter_predictions(images["path"], batch_size=batch_size),
+            total=len(images),
+            desc="predicting",
+            unit="img",
+        )
+    )
     ok = [p for p in predictions if p.error is None]
     failures = [(p.path, p.error) for p in predictions if p.error is not None]
     if not ok:
@@ -250,7 +258,9 @@ def robustness(
     scores: dict[str, list[float]] = {name: [] for name in variants}
     labels: list[int] = []
     rows = list(zip(images["path"], images["label"], strict=True))
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc=f"robustness ({len(variants)} variants)", unit="batch"
+    ):
         # each raw image is decoded once and perturbed in memory; memory stays flat
         batch = []
         for path, label in rows[start : start + batch_size]:

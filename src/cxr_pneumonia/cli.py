@@ -68,7 +68,11 @@ StepsOff = Annotated[
 
 
 def _preprocess_config(
-    config_file: Path | None, size: int | None, resize_mode: str | None, steps_off: list[str] | None
+    config_file: Path | None,
+    size: int | None,
+    resize_mode: str | None,
+    steps_off: list[str] | None,
+    mask_shape: str | None = None,
 ):
     from cxr_pneumonia.config import from_dict, override, read_json
     from cxr_pneumonia.preprocess import PreprocessConfig, disable_steps
@@ -77,7 +81,7 @@ def _preprocess_config(
         cfg = PreprocessConfig()
         if config_file is not None:
             cfg = from_dict(PreprocessConfig, read_json(config_file))
-        cfg = override(cfg, size=size, resize_mode=resize_mode)
+        cfg = override(cfg, size=size, resize_mode=resize_mode, mask_shape=mask_shape)
         return disable_steps(cfg, *(steps_off or []))
     except (OSError, ValueError, TypeError) as e:
         raise CommandError(f"preprocessing config: {e}") from e
@@ -93,6 +97,7 @@ def preprocess(
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: CPU cores).", min=1)] = None,
     size: Annotated[int | None, typer.Option(help="Output size in pixels (default 224).")] = None,
     resize_mode: Annotated[str | None, typer.Option(help="stretch (seed) or pad.")] = None,
+    mask_shape: Annotated[str | None, typer.Option(help="hull (default) or contour (the seed's).")] = None,
     no_step: StepsOff = None,
     config: Annotated[Path | None, typer.Option(help="PreprocessConfig JSON (e.g. a run's).")] = None,
     preview: Annotated[Path | None, typer.Option(help="Write a before/after panel PNG here.")] = None,
@@ -101,7 +106,7 @@ def preprocess(
     from cxr_pneumonia.io import list_image_files
     from cxr_pneumonia.preprocess import preprocess_tree, write_preview
 
-    cfg = _preprocess_config(config, size, resize_mode, no_step)
+    cfg = _preprocess_config(config, size, resize_mode, no_step, mask_shape)
     try:
         # A fresh CLI process has no running thread pools, so forking workers is safe and fast.
         report = preprocess_tree(src, dst, cfg, workers=workers, start_method="fork")
@@ -177,6 +182,9 @@ def train(
     weights: Annotated[str | None, typer.Option(help="imagenet, none, or a .weights.h5 path.")] = None,
     head: Annotated[str | None, typer.Option(help="flatten (seed) or gap.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default 224).")] = None,
+    mask_shape: Annotated[
+        str | None, typer.Option(help="Preprocessing mask: hull (default) or contour (seed).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Head epochs on cached features.")] = None,
     fine_tune_blocks: Annotated[int | None, typer.Option(help="Top backbone blocks to fine-tune.")] = None,
     fine_tune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs.")] = None,
@@ -215,6 +223,7 @@ def train(
         flags = dict(
             backbone=backbone,
             weights=weights,
+            mask_shape=mask_shape,
             head=head,
             image_size=image_size,
             epochs=epochs,
@@ -377,7 +386,13 @@ def predict(
     except RunError as e:
         raise CommandError(str(e)) from e
     rows = []
-    for prediction in loaded.iter_predictions(expand_inputs(inputs), batch_size=batch_size):
+    from tqdm.auto import tqdm
+
+    files = expand_inputs(inputs)
+    predictions = loaded.iter_predictions(files, batch_size=batch_size)
+    for prediction in tqdm(
+        predictions, total=len(files), desc="predicting", unit="img", disable=len(files) < 64
+    ):
         if prediction.error is not None:
             _echo_err(f"error: {prediction.path}: {prediction.error}")
         rows.append(prediction.to_dict())

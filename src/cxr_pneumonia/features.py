@@ -17,9 +17,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
-from cxr_pneumonia.augment import AugmentConfig, random_augment
+from cxr_pneumonia.augment import AugmentConfig, random_augment, random_raw_augment
+from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.model import inference_function
+from cxr_pneumonia.preprocess import PreprocessError
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ def write_store(
     path: Path, shape: tuple[int, ...], chunks: Iterator[np.ndarray], *, total: int, description: str
 ) -> FeatureStore:
     """Write ``chunks`` (in order) to a feature file via a temp name; rename when complete."""
-    from tqdm.auto import tqdm
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     written = 0
@@ -101,16 +102,38 @@ def load_cached_image(path: str) -> np.ndarray:
 
 
 def image_batches(
-    paths: Sequence[str], view: int, augment: AugmentConfig, seed: int, batch_size: int
+    paths: Sequence[str],
+    view: int,
+    augment: AugmentConfig,
+    seed: int,
+    batch_size: int,
+    raw: tuple[Sequence[str], Any] | None = None,
 ) -> Iterator[np.ndarray]:
-    """(N, H, W, 1) float32 pixel batches; view 0 is the plain image, view k a seeded random draw."""
+    """(N, H, W, 1) float32 pixel batches of cached preprocessed images.
+
+    View 0 is the plain image; view k > 0 is a seeded random draw. With ``raw`` = (original
+    paths, preprocessing pipeline), an augmented view starts from the original image, changes
+    its framing and intensity, and runs the pipeline again, as a different acquisition would.
+    """
     for start in range(0, len(paths), batch_size):
         batch = []
         for i, path in enumerate(paths[start : start + batch_size], start=start):
-            img = load_cached_image(path)
-            if view > 0:
-                img = random_augment(img, np.random.default_rng([seed, view, i]), augment)
-            batch.append(img)
+            if view == 0:
+                batch.append(load_cached_image(path))
+                continue
+            rng = np.random.default_rng([seed, view, i])
+            img = None
+            if raw is not None:
+                raw_paths, pipeline = raw
+                try:
+                    img = pipeline(
+                        random_raw_augment(load_image(raw_paths[i]), rng, augment), source=raw_paths[i]
+                    )
+                except (ImageReadError, PreprocessError) as e:  # keep the view: augment the cached image
+                    log.warning("raw augmentation skipped: %s", e)
+            if img is None:
+                img = load_cached_image(path)
+            batch.append(random_augment(img, rng, augment))
         yield np.stack(batch)[..., None].astype(np.float32)
 
 
@@ -133,6 +156,7 @@ def compute_image_features(
     seed: int,
     batch_size: int = 32,
     description: str = "features",
+    raw: tuple[Sequence[str], Any] | None = None,
 ) -> FeatureStore:
     """Run ``extractor`` once over every image (and view); reuse the file when it exists."""
     if out_path.exists():
@@ -144,7 +168,9 @@ def compute_image_features(
 
     def chunks() -> Iterator[np.ndarray]:
         for view in range(views):
-            batches = _prefetched(lambda v=view: image_batches(paths, v, augment, seed, batch_size), size)
+            batches = _prefetched(
+                lambda v=view: image_batches(paths, v, augment, seed, batch_size, raw), size
+            )
             for batch in batches:
                 yield np.asarray(forward(batch))
 
@@ -186,7 +212,12 @@ def score_images(model: Any, paths: Sequence[str], *, batch_size: int = 32) -> n
     forward = inference_function(model)
     size = int(model.input.shape[1])
     batches = _prefetched(lambda: image_batches(paths, 0, AugmentConfig(), 0, batch_size), size)
-    return np.concatenate([np.asarray(forward(b), dtype=np.float32).reshape(-1) for b in batches])
+    scores = []
+    with tqdm(total=len(paths), desc="scoring", unit="img") as bar:
+        for batch in batches:
+            scores.append(np.asarray(forward(batch), dtype=np.float32).reshape(-1))
+            bar.update(len(batch))
+    return np.concatenate(scores)
 
 
 def feature_batches(

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # by "crop"/"mask", so the region is located once per image.
 DEFAULT_STEPS: tuple[str, ...] = ("clahe", "crop", "mask", "morph", "apply_mask", "resize")
 RESIZE_MODES = ("stretch", "pad")
+MASK_SHAPES = ("hull", "contour")
 DEFAULT_MAX_PIXELS = 50_000_000  # same default as io; kept here so workers need no io import
 THRESHOLD_METHODS = ("otsu", "mean")
 
@@ -58,6 +59,10 @@ class PreprocessConfig:
     threshold_method: str = "otsu"
     # A region smaller than this share of the image is noise, not a thorax: fall back.
     min_region_fraction: float = 0.15
+    # "contour" is the seed's exact mask. On tightly framed images the dark lung fields join the
+    # dark background, so that mask cuts the lungs out (the robustness check's crop_0.85 case);
+    # "hull" fills the region's convex hull, which keeps them and still drops the corners.
+    mask_shape: str = "hull"
     morph_kernel: int = 5
     erode_iterations: int = 2
     dilate_iterations: int = 2
@@ -70,6 +75,8 @@ class PreprocessConfig:
             raise ValueError(f"unknown preprocessing steps {unknown}; valid steps: {list(STEP_NAMES)}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.mask_shape not in MASK_SHAPES:
+            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {self.mask_shape!r}")
         if self.threshold_method not in THRESHOLD_METHODS:
             raise ValueError(
                 f"threshold_method must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}"
@@ -214,7 +221,8 @@ def _step_crop(state: _State, cfg: PreprocessConfig) -> _State:
 def _step_mask(state: _State, cfg: PreprocessConfig) -> _State:
     _locate(state, cfg)
     if state.contour is not None:
-        state.mask = contour_mask(state.image.shape, state.contour)
+        region = cv2.convexHull(state.contour) if cfg.mask_shape == "hull" else state.contour
+        state.mask = contour_mask(state.image.shape, region)
     return state
 
 

@@ -50,7 +50,13 @@ from cxr_pneumonia.model import (
     split_model,
 )
 from cxr_pneumonia.predict import METRICS_VAL_FILE, MODEL_FILE, Run
-from cxr_pneumonia.preprocess import PreprocessConfig, cache_images, default_workers, write_failures_csv
+from cxr_pneumonia.preprocess import (
+    PreprocessConfig,
+    build_pipeline,
+    cache_images,
+    default_workers,
+    write_failures_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +281,7 @@ def _feature_precision(train_cfg: TrainConfig) -> str:
 
 def _feature_stores(
     model: Any,
+    preprocess_cfg: PreprocessConfig,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     train_df: pd.DataFrame,
@@ -302,6 +309,7 @@ def _feature_stores(
             augment=train_cfg.augment,
             seed=train_cfg.seed,
             description="backbone features (train)",
+            raw=(list(train_df["path"]), build_pipeline(preprocess_cfg)),
         ),
         "val_split": compute_image_features(
             extractor,
@@ -427,7 +435,7 @@ def train(
         }
     )
     stores = _feature_stores(
-        model, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / feature_key
+        model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / feature_key
     )
     with strategy.scope():
         _, head = split_model(model, model_cfg, at="backbone_output")
