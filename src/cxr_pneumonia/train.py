@@ -85,7 +85,7 @@ class TrainConfig:
     threshold_rule: str = "max_specificity"
     patience: int = 4
     class_weight: bool = True
-    augment_views: int = 1  # augmented copies of each training image in the feature cache
+    augment_views: int = 2  # augmented copies of each training image in the feature cache
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     cache_dir: str | None = None
     workers: int | None = None
