@@ -4,7 +4,7 @@ Both sides train the same frozen-backbone model on the same images (a seeded sub
 ``--limit`` images of ``--data``), with the same patient-grouped validation split, class weights,
 batch size and number of epochs, each in its own fresh process (so each has its own peak RSS):
 
-* project: ``cxr_pneumonia.train.train(epochs=E, fine_tune_epochs=0)`` into a temporary run
+* project: ``cxr_pneumonia.train.train(epochs=E, fine_tune_epochs=0, augment_views=0)`` into a temporary run
   with an empty cache, so preprocessing and the one backbone-feature pass are inside its time
   (early stopping off, so it runs all E epochs);
 * plain: ``build_model`` (frozen backbone, float32), a ``tf.data`` pipeline decoding the same
@@ -56,6 +56,7 @@ def project_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     train_cfg = TrainConfig(
         epochs=args.epochs,
         fine_tune_epochs=0,
+        augment_views=0,  # the plain side sees each image once per epoch, unaugmented
         patience=args.epochs + 1,  # no early stop: both sides run every epoch
         batch_size=args.batch_size,
         seed=args.seed,

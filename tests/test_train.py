@@ -47,7 +47,8 @@ def test_run_directory_holds_every_artefact(tiny_run):
     assert {"preprocess", "model", "train", "package_version", "data"} <= config.keys()
     assert config["preprocess"]["size"] == config["model"]["image_size"] == 64
     assert config["data"]["train"]["n"] + config["data"]["val"]["n"] == 120
-    assert len(pd.read_csv(tiny_run / "history.csv")) == 3
+    # defaults: head epochs, then fine-tuning of the top blocks
+    assert list(pd.read_csv(tiny_run / "history.csv")["stage"]) == ["head"] * 3 + ["fine_tune"] * 2
     assert json.loads((tiny_run / "metrics_val.json").read_text()).keys() >= METRIC_KEYS
 
 
@@ -108,7 +109,8 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
     run = train(None, out, resume=True)
     assert (out / "model.keras").is_file() and not (out / STATE_FILE).exists()
     history = pd.read_csv(out / "history.csv")
-    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6]  # 4 head epochs, then 2 fine-tuning epochs
+    assert list(history["stage"]) == ["head"] * 4 + ["fine_tune"] * 2
     assert run.predict_images([load_image(next((sample_dir / "test" / "NORMAL").iterdir()))]).shape == (1,)
     with pytest.raises(TrainingError, match="already complete"):
         train(None, out, resume=True)
