@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,3 @@ def _scores_or_nan(run: Run, images: list[np.ndarray]) -> list[float]:
 def predict(run: Run | str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
     """Predict files and folders (JPEG/PNG/DICOM); unreadable files come back with ``error`` set."""
     return _as_run(run).predict_paths(expand_inputs(inputs), batch_size=batch_size)
-
-
-def predictions_frame(predictions: Sequence[Prediction]) -> pd.DataFrame:
-    return pd.DataFrame([p.to_dict() for p in predictions], columns=list(Prediction.__dataclass_fields__))

@@ -121,7 +121,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.config['model'].get('backbone', 'model')}-{self.path.name}"
+        backbone = self.config["model"].get("backbone", "model")
+        return self.path.name if backbone in self.path.name else f"{backbone}-{self.path.name}"
 
     @property
     def metrics_val(self) -> dict[str, Any] | None:

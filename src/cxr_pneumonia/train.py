@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -588,7 +587,3 @@ def _train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
     values = dict(values)
     values["augment"] = from_dict(AugmentConfig, values.get("augment", {}))
     return from_dict(TrainConfig, values)
-
-
-def describe(run: Run) -> str:
-    return json.dumps(run.info(), indent=2, default=str)
