@@ -23,7 +23,7 @@ echo "== 3/6 train (patient-grouped validation split, cached features, recall-fi
 if [ -f "$SHARED_WEIGHTS/xception_imagenet_notop.weights.h5" ]; then
   # No internet here: ImageNet Xception weights come from ../shared (see README, "Weights").
   export CXR_PNEUMONIA_WEIGHTS_DIR=${CXR_PNEUMONIA_WEIGHTS_DIR:-$(cd "$SHARED_WEIGHTS" && pwd)}
-  TRAIN_ARGS=(--backbone xception --weights imagenet --fine-tune-blocks 2 --fine-tune-epochs 2)
+  TRAIN_ARGS=(--backbone xception --weights imagenet)
 else
   echo "   (no local ImageNet weights: the seed's ResNet50V2 with random weights, for a quick demo only)"
   TRAIN_ARGS=(--backbone resnet50v2 --weights none --image-size 96)

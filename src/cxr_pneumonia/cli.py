@@ -241,8 +241,6 @@ def train(
             cache_dir=str(cache_dir) if cache_dir else None,
             workers=workers,
         )
-        if image_size is not None:
-            flags["size"] = image_size
         target = out
         kwargs = {
             "preprocess_cfg": preprocess_cfg,
@@ -275,14 +273,14 @@ def _configs_from_file(path: Path | None):
     from cxr_pneumonia.config import from_dict, read_json
     from cxr_pneumonia.model import ModelConfig
     from cxr_pneumonia.preprocess import PreprocessConfig
-    from cxr_pneumonia.train import _train_config_from_dict
+    from cxr_pneumonia.train import train_config_from_dict
 
     try:
         values = read_json(path)
         return (
             from_dict(PreprocessConfig, values["preprocess"]) if values.get("preprocess") else None,
             from_dict(ModelConfig, values["model"]) if values.get("model") else None,
-            _train_config_from_dict(values["train"]) if values.get("train") else None,
+            train_config_from_dict(values["train"]) if values.get("train") else None,
         )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CommandError(f"{path}: {e}") from e
@@ -374,6 +372,7 @@ def predict(
 ) -> None:
     """Probability and label at the run's threshold for every image. Research use only."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from cxr_pneumonia.config import atomic_write_text
     from cxr_pneumonia.predict import DISCLAIMER, Run, RunError, expand_inputs
@@ -386,8 +385,6 @@ def predict(
     except RunError as e:
         raise CommandError(str(e)) from e
     rows = []
-    from tqdm.auto import tqdm
-
     files = expand_inputs(inputs)
     predictions = loaded.iter_predictions(files, batch_size=batch_size)
     for prediction in tqdm(

@@ -33,6 +33,7 @@ from cxr_pneumonia.config import (
     to_dict,
     write_json,
 )
+from cxr_pneumonia.io import DEFAULT_MAX_PIXELS, ImageReadError, list_image_files, load_image
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS: tuple[str, ...] = ("clahe", "crop", "mask", "morph", "apply_mask", "resize")
 RESIZE_MODES = ("stretch", "pad")
 MASK_SHAPES = ("hull", "contour")
-DEFAULT_MAX_PIXELS = 50_000_000  # same default as io; kept here so workers need no io import
 THRESHOLD_METHODS = ("otsu", "mean")
 
 
@@ -362,8 +362,6 @@ class BatchReport:
 
 def _process_one(job: FileJob, cfg: PreprocessConfig, max_pixels: int) -> tuple[str, str | None, bool]:
     """Load, preprocess, write atomically. Returns (source, error, fallback); never raises."""
-    from cxr_pneumonia.io import ImageReadError, load_image
-
     try:
         img = load_image(job.source, max_pixels=max_pixels)
         result = build_pipeline(cfg).run(img, source=str(job.source))
@@ -482,8 +480,6 @@ def preprocess_tree(
     and its output exists. ``failures.csv`` lists every unreadable input with the reason; the
     config is saved beside the outputs.
     """
-    from cxr_pneumonia.io import list_image_files
-
     cfg = cfg or PreprocessConfig()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -584,8 +580,6 @@ def write_preview(files: list[Path], cfg: PreprocessConfig, out_png: Path, *, ma
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cxr_pneumonia.io import ImageReadError, load_image
 
     pipeline = build_pipeline(cfg)
     rows = []

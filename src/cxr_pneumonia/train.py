@@ -369,7 +369,7 @@ def train(
         data = state["data"]
         preprocess_cfg = from_dict(PreprocessConfig, state["preprocess"])
         model_cfg = from_dict(ModelConfig, state["model"])
-        train_cfg = _train_config_from_dict(state["train"])
+        train_cfg = train_config_from_dict(state["train"])
     else:
         if (run_dir / MODEL_FILE).exists():
             raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
@@ -583,7 +583,8 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
     return read_json(run_dir / STATE_FILE)
 
 
-def _train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its saved dict (the nested AugmentConfig included)."""
     values = dict(values)
     values["augment"] = from_dict(AugmentConfig, values.get("augment", {}))
     return from_dict(TrainConfig, values)
