@@ -3,14 +3,16 @@
 Both sides score the same ``--n`` images (a seeded subset of ``--images``) from their files,
 each in its own fresh process (own peak RSS), after an untimed warm-up batch:
 
-* project: ``Run.load(RUN).predict_paths(paths)`` (decode, preprocessing, model, as the
-  product does);
+* project: ``Run.load(RUN, runtime=...).predict_paths(paths)`` (decode, preprocessing, model,
+  as the product does; with ``--runtime auto`` that is the run's export when there is one, so
+  run ``cxr-pneumonia export RUN`` first to measure the fast path);
 * plain: OpenCV decoding, the run's preprocessing pipeline, then
   ``keras.models.load_model(...).predict(batch, batch_size=32)`` in float32.
 
-Reported: images/s of each, their ratio, the largest absolute probability difference and the
-ROC-AUC of each side against the folder labels. The run may have been trained on these images:
-the AUCs compare the two code paths, they are not a measure of the model's quality.
+Reported: images/s of each, their ratio, the largest absolute probability difference (over all
+images, and over those outside the run's validation split, which the export's precision check
+never saw) and the ROC-AUC of each side against the folder labels. The run may have been
+trained on these images: the AUCs compare the two code paths, not the model's quality.
 
     python bench/inference_speed.py runs/quality-xception --n 624
 """
@@ -49,7 +51,8 @@ def project_side(args: argparse.Namespace, paths: list[str], figures: dict[str, 
     from cxr_pneumonia.predict import Run
 
     with Timer() as load:
-        run = Run.load(args.run)
+        run = Run.load(args.run, runtime=args.runtime)
+    figures["runtime"] = run.runtime
     with Timer() as warmup:
         run.predict_paths(paths[: args.batch_size + 1], batch_size=args.batch_size)
     with Timer() as timed:
@@ -116,11 +119,14 @@ def choose_images(folder: Path, n: int, seed: int) -> pd.DataFrame:
     return images.sample(n=n, random_state=seed) if 0 < n < len(images) else images
 
 
-def compare(images: pd.DataFrame, project: np.ndarray, plain: np.ndarray, threshold: float) -> dict[str, Any]:
+def compare(
+    images: pd.DataFrame, project: np.ndarray, plain: np.ndarray, threshold: float, validation: set[str]
+) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     y = images["label"].to_numpy()
     ok = ~np.isnan(project) & ~np.isnan(plain)
+    unseen = ok & ~images["path"].isin(validation).to_numpy()
     both = y[ok].min() != y[ok].max() if ok.any() else False
     auc = {
         name: float(roc_auc_score(y[ok], s[ok])) if both else None
@@ -129,11 +135,19 @@ def compare(images: pd.DataFrame, project: np.ndarray, plain: np.ndarray, thresh
     return {
         "n_compared": int(ok.sum()),
         "max_abs_probability_diff": float(np.max(np.abs(project[ok] - plain[ok]))) if ok.any() else None,
+        "n_outside_validation": int(unseen.sum()),
+        "max_abs_probability_diff_outside_validation": (
+            float(np.max(np.abs(project[unseen] - plain[unseen]))) if unseen.any() else None
+        ),
         "roc_auc_project": auc["project"],
         "roc_auc_plain": auc["plain"],
         "roc_auc_diff": abs(auc["project"] - auc["plain"]) if both else None,
         "label_agreement": float(np.mean((project[ok] >= threshold) == (plain[ok] >= threshold))),
     }
+
+
+def _runtime(info: dict[str, Any]) -> str:
+    return f"{info['backend']}, {info['precision']}"
 
 
 def _fmt(value: float | None) -> str:
@@ -151,6 +165,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=624, help="Images to score (0: all).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the image subset.")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--runtime", choices=("auto", "keras", "openvino"), default="auto", help="Project side's runtime."
+    )
     # Internal: one side in a fresh process.
     parser.add_argument("--side", choices=("project", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--paths", type=Path, help=argparse.SUPPRESS)
@@ -183,12 +200,16 @@ def main() -> None:
                 str(work / "paths.txt"),
                 "--batch-size",
                 str(args.batch_size),
+                "--runtime",
+                args.runtime,
             ]
             sides[side] = run_side(Path(__file__), side_args, work / f"{side}.json", label=f"{side} side")
             scores[side] = np.load(work / f"{side}.npy")
     from cxr_pneumonia.config import read_json
 
     threshold = float(read_json(run / "threshold.json")["threshold"])
+    val_csv = run / "val_predictions.csv"
+    validation = set(pd.read_csv(val_csv)["path"]) if val_csv.is_file() else set()
     project, plain = sides["project"], sides["plain"]
     figures = {
         "run": str(run),
@@ -199,15 +220,17 @@ def main() -> None:
         "project": project,
         "plain": plain,
         "speedup": ratio(plain["predict_s"], project["predict_s"]),
-        **compare(images, scores["project"], scores["plain"], threshold),
+        **compare(images, scores["project"], scores["plain"], threshold, validation),
     }
     summary = [
         f"{len(images)} images of {args.images} (seed {args.seed}); {NOTE}",
-        f"project predict_paths: {project['images_per_s']} images/s ({project['predict_s']} s), "
-        f"peak RSS {project['peak_rss_mb']} MiB",
+        f"project predict_paths ({_runtime(project['runtime'])}): {project['images_per_s']} images/s "
+        f"({project['predict_s']} s), peak RSS {project['peak_rss_mb']} MiB",
         f"plain fp32 model.predict: {plain['images_per_s']} images/s ({plain['predict_s']} s, of which "
         f"{plain['model_s']} s model), peak RSS {plain['peak_rss_mb']} MiB",
-        f"speed-up {figures['speedup']}×; largest |Δp| {_fmt(figures['max_abs_probability_diff'])}; "
+        f"speed-up {figures['speedup']}×; largest |Δp| {_fmt(figures['max_abs_probability_diff'])} "
+        f"({_fmt(figures['max_abs_probability_diff_outside_validation'])} on the "
+        f"{figures['n_outside_validation']} images outside the validation split); "
         f"ROC-AUC project {_fmt(figures['roc_auc_project'])}, plain {_fmt(figures['roc_auc_plain'])}, "
         f"difference {_fmt(figures['roc_auc_diff'])}; "
         f"same label for {100 * figures['label_agreement']:.1f} %",

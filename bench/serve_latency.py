@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # the maintained httpx (what starlette's TestClient uses too)
 
 from _common import (
     CLI,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main pipeline on the bundled sample: inspect -> preprocess -> train -> evaluate -> explain -> predict.
+# The main pipeline on the bundled sample: inspect -> preprocess -> train -> export -> evaluate -> explain -> predict.
 # Called by `make demo`; PY is the venv's python, DEMO_OUT the output folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,16 +10,16 @@ SAMPLE=data/sample
 SHARED_WEIGHTS=../shared/weights
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
-rm -rf "$OUT/run" "$OUT/eval" "$OUT/heatmaps"
+rm -rf "$OUT/run" "$OUT/eval" "$OUT/heatmaps"  # the export lives in run/
 mkdir -p "$OUT"
 
-echo "== 1/6 inspect the sample (counts, duplicates, unreadable files, patients across splits)"
+echo "== 1/7 inspect the sample (counts, duplicates, unreadable files, patients across splits)"
 $CLI inspect "$SAMPLE" --workers 2
 
-echo "== 2/6 preprocess (CLAHE, largest-contour crop, refined mask, resize) with a before/after panel"
+echo "== 2/7 preprocess (CLAHE, largest-contour crop, refined mask, resize) with a before/after panel"
 $CLI preprocess "$SAMPLE" "$OUT/preprocessed" --preview "$OUT/preprocessing_preview.png"
 
-echo "== 3/6 train (patient-grouped validation split, cached features, recall-first threshold)"
+echo "== 3/7 train (patient-grouped validation split, cached features, recall-first threshold)"
 if [ -f "$SHARED_WEIGHTS/xception_imagenet_notop.weights.h5" ]; then
   # No internet here: ImageNet Xception weights come from ../shared (see README, "Weights").
   export CXR_PNEUMONIA_WEIGHTS_DIR=${CXR_PNEUMONIA_WEIGHTS_DIR:-$(cd "$SHARED_WEIGHTS" && pwd)}
@@ -30,14 +30,17 @@ else
 fi
 $CLI train "$SAMPLE/train" --out "$OUT/run" "${TRAIN_ARGS[@]}" --epochs 10 --cache-dir "$OUT/cache"
 
-echo "== 4/6 evaluate on the held-out sample patients (metrics with 95 % CIs, HTML report)"
+echo "== 4/7 export to ONNX; bf16 where validation images stay within 0.01 of float32"
+$CLI export "$OUT/run"
+
+echo "== 5/7 evaluate on the held-out sample patients (metrics with 95 % CIs, HTML report)"
 $CLI evaluate "$OUT/run" "$SAMPLE/test" --out "$OUT/eval" --bootstrap 500
 
-echo "== 5/6 Grad-CAM heatmaps for a few test images"
+echo "== 6/7 Grad-CAM heatmaps for a few test images"
 $CLI explain "$OUT/run" "$SAMPLE/test/PNEUMONIA/person1031_bacteria_2964.jpeg" \
   "$SAMPLE/test/NORMAL/IM-0290-0001.jpeg" --out "$OUT/heatmaps"
 
-echo "== 6/6 predict a folder"
+echo "== 7/7 predict a folder"
 $CLI predict "$OUT/run" "$SAMPLE/test" --out "$OUT/predictions.csv"
 
 echo

@@ -179,3 +179,25 @@ def test_upload_in_the_browser_shows_probability_and_heatmap(
         target = REPO / "docs" / "screenshot_web.png"
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+def test_swagger_docs_render_without_internet(server_url: str) -> None:
+    """/docs draws the operations from this server's own assets (no CDN on these machines)."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+            page.on(
+                "request",
+                lambda request: (
+                    outside.append(request.url) if not request.url.startswith((server_url, "data:")) else None
+                ),
+            )
+            page.goto(f"{server_url}/docs")
+            sync_api.expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert any("/v1/predict" in p for p in paths), paths
+            assert outside == []
+        finally:
+            browser.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import struct
 import threading
 import time
@@ -336,7 +337,14 @@ def test_model_card_survives_non_finite_metrics() -> None:
 
 
 def test_docs_and_openapi(client: TestClient) -> None:
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    # Swagger UI comes from this server, not a CDN, so /docs works without internet
+    assets = re.findall(r'(?:src|href)="([^"]+swagger-ui[^"]*)"', docs.text)
+    assert len(assets) == 2 and all(a.startswith("/") for a in assets), assets
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 10_000
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/v1/predict"]["post"]
     assert {"413", "415", "422"} <= set(operation["responses"])

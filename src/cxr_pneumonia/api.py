@@ -5,8 +5,9 @@ from cxr_pneumonia import api
 
 run = api.train("chest_xray/train", "runs/xception", backbone="xception", weights="imagenet")
 metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
+api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
 predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])
-run = api.Run.load("runs/xception"); probabilities = run.predict_images([img1, img2])
+run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predict_images([img1, img2])
 ```
 """
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from cxr_pneumonia.config import file_sha256, write_json
 from cxr_pneumonia.data import discover
+from cxr_pneumonia.export import ExportConfig, export_run
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, RunError, expand_inputs
@@ -33,12 +35,14 @@ from cxr_pneumonia.train import TRAINING_IMAGES_FILE, TrainConfig
 from cxr_pneumonia.train import train as _train
 
 __all__ = [
+    "ExportConfig",
     "ModelConfig",
     "PreprocessConfig",
     "Run",
     "RunError",
     "TrainConfig",
     "evaluate",
+    "export",
     "predict",
     "robustness",
     "train",
@@ -160,6 +164,7 @@ def evaluate(
         n_failed=len(failures),
         threshold_rule=run.threshold_info.get("rule"),
         leakage=leakage,
+        runtime=run.runtime,
     )
     out.mkdir(parents=True, exist_ok=True)
     table = evaluated[["path", "label", "patient_id"]].assign(
@@ -198,6 +203,7 @@ def _run_info(run: Run) -> dict[str, Any]:
         "threshold chosen on": run.threshold_info.get("chosen_on"),
         "validation metrics": _short_metrics(run.metrics_val),
         "package version": run.config.get("package_version"),
+        "runtime": f"{run.runtime['backend']}, {run.runtime['precision']}",
     }
 
 
@@ -296,6 +302,12 @@ def _scores_or_nan(run: Run, images: list[np.ndarray]) -> list[float]:
             except PreprocessError:
                 out.append(float("nan"))
         return out
+
+
+def export(run_dir: str | Path, *, calibration: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Export a run (ONNX + precision plan, see :mod:`cxr_pneumonia.export`); ``overrides`` are
+    :class:`ExportConfig` fields. Returns the content of ``export.json``."""
+    return export_run(run_dir, ExportConfig(**overrides), calibration=calibration)
 
 
 def predict(run: Run | str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:

@@ -16,8 +16,8 @@ from cxr_pneumonia import __version__
 
 app = typer.Typer(
     name="cxr-pneumonia",
-    help="Chest X-ray pneumonia classifier: preprocess, inspect, train, evaluate, predict, explain, "
-    "serve. Research use only, not a medical device.",
+    help="Chest X-ray pneumonia classifier: preprocess, inspect, train, evaluate, export, predict, "
+    "explain, serve. Research use only, not a medical device.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -287,6 +287,78 @@ def _configs_from_file(path: Path | None):
 
 
 # --------------------------------------------------------------------------------------------
+# export, and the runtime option of the commands that apply a run
+# --------------------------------------------------------------------------------------------
+
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="auto (the run's export when present, else Keras), keras (float32) or openvino (the export).",
+    ),
+]
+
+
+def _load_run(run: Path, runtime: str):
+    from cxr_pneumonia.predict import Run, RunError
+
+    try:
+        loaded = Run.load(run, runtime=runtime)
+    except RunError as e:
+        raise CommandError(str(e)) from e
+    info = loaded.runtime
+    log.info(
+        "runtime: %s, %s%s",
+        info["backend"],
+        info["precision"],
+        f" ({info['reason']})" if info.get("reason") else "",
+    )
+    return loaded
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 where the check allows), fp32, or bf16 (everything).")
+    ] = "auto",
+    tolerance: Annotated[float, typer.Option(help="Largest |Δp| against float32 allowed.")] = 0.01,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Labelled validation images (class folders); default: the run's validation split."),
+    ] = None,
+    calibration_images: Annotated[int, typer.Option(help="Images to check on (0: all).", min=0)] = 512,
+    segments: Annotated[int, typer.Option(help="Backbone parts that may each run in bf16.", min=1)] = 6,
+) -> None:
+    """ONNX model (float32, any runtime) plus the fastest OpenVINO precision plan that keeps
+    probabilities within --tolerance of float32 on validation images. Never pass test images."""
+    from cxr_pneumonia.export import ExportConfig, ExportError, export_dir, export_run
+
+    try:
+        cfg = ExportConfig(
+            format=export_format,
+            precision=precision,
+            tolerance=tolerance,
+            calibration_images=calibration_images,
+            segments=segments,
+        )
+        info = export_run(run, cfg, calibration=calibration)
+    except (ExportError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    checks = info["checks"]
+    plan = " ".join(s["precision"] for s in info["segments"])
+    typer.echo(f"{export_dir(run) / info['file']}: segments {plan}")
+    if checks:
+        typer.echo(
+            f"on {info['calibration']['n_images']} images ({info['calibration']['source']}): "
+            f"max |Δp| {checks['max_abs_diff']:.4f}, ROC-AUC {_fmt(checks['roc_auc'])} "
+            f"(float32 {_fmt(checks['roc_auc_fp32'])}), {checks['images_per_s']} images/s, "
+            f"{checks['speedup_vs_fp32']}× float32"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
 
@@ -301,14 +373,16 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout (e.g. test).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
     heatmaps: Annotated[bool, typer.Option(help="Grad-CAM for misclassified images in the report.")] = True,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Metrics with 95 % intervals at the run's saved threshold, and an HTML report."""
     from cxr_pneumonia.api import evaluate as api_evaluate
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.predict import RunError
 
+    loaded = _load_run(run, runtime)
     try:
-        metrics = api_evaluate(run, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps)
+        metrics = api_evaluate(loaded, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps)
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     ci = metrics["ci95"]
@@ -334,14 +408,16 @@ def robustness(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write robustness.json here.")] = None,
     split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout.")] = None,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """ROC-AUC, recall and specificity under contrast, gamma, blur, JPEG, crop, zoom and rotation."""
     from cxr_pneumonia.api import robustness as api_robustness
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.predict import RunError
 
+    loaded = _load_run(run, runtime)
     try:
-        results = api_robustness(run, data, out, split=split)
+        results = api_robustness(loaded, data, out, split=split)
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     typer.echo(f"{'perturbation':16s} {'n':>5s} {'roc_auc':>8s} {'recall':>7s} {'specificity':>11s}")
@@ -369,21 +445,19 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     heatmaps: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlays into this folder.")] = None,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Probability and label at the run's threshold for every image. Research use only."""
     import pandas as pd
     from tqdm.auto import tqdm
 
     from cxr_pneumonia.config import atomic_write_text
-    from cxr_pneumonia.predict import DISCLAIMER, Run, RunError, expand_inputs
+    from cxr_pneumonia.predict import DISCLAIMER, expand_inputs
 
     fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
     if fmt not in ("csv", "json"):
         raise CommandError(f"--format must be csv or json, got {fmt!r}")
-    try:
-        loaded = Run.load(run)
-    except RunError as e:
-        raise CommandError(str(e)) from e
+    loaded = _load_run(run, runtime)
     rows = []
     files = expand_inputs(inputs)
     predictions = loaded.iter_predictions(files, batch_size=batch_size)
@@ -435,15 +509,13 @@ def explain(
         list[Path], typer.Argument(metavar="IMAGE...", help="Image files (JPEG/PNG/DICOM) and folders.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <stem>_gradcam.png overlays.")],
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Grad-CAM overlays (preprocessed image, heatmap, probability and label). Research use only."""
     from cxr_pneumonia.explain import ExplainError
-    from cxr_pneumonia.predict import DISCLAIMER, Run, RunError, expand_inputs
+    from cxr_pneumonia.predict import DISCLAIMER, expand_inputs
 
-    try:
-        loaded = Run.load(run)
-    except RunError as e:
-        raise CommandError(str(e)) from e
+    loaded = _load_run(run, runtime)
     files = expand_inputs(images)
     if not files:
         raise CommandError(f"no images found in {', '.join(map(str, images))}")
@@ -465,13 +537,14 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.", min=0.001)] = 20.0,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
     from cxr_pneumonia.predict import RunError
     from cxr_pneumonia.serve import serve as run_server
 
     try:
-        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb)
+        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime)
     except RunError as e:
         raise CommandError(str(e)) from e
 

@@ -32,6 +32,7 @@ MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 THRESHOLD_FILE = "threshold.json"
 METRICS_VAL_FILE = "metrics_val.json"
+RUNTIMES = ("auto", "keras", "openvino")
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
 
 
@@ -67,32 +68,60 @@ def label_for(probability: float, threshold: float) -> str:
 class Run:
     """A loaded run: model, preprocessing pipeline and operating threshold."""
 
-    def __init__(self, path: Path, model: Any, config: dict[str, Any], threshold: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        model: Any,
+        config: dict[str, Any],
+        threshold: dict[str, Any],
+        *,
+        fast_model: Any = None,
+        runtime: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.model = model
+        self._model = model
         self.config = config
         self.threshold_info = threshold
         self.threshold = float(threshold["threshold"])
         self.preprocess_config = from_dict(PreprocessConfig, config["preprocess"])
         self.pipeline: Pipeline = build_pipeline(self.preprocess_config)
         self.image_size = int(config["model"]["image_size"])
-        self._forward_fn: Any = None
+        self._forward_fn: Any = fast_model
+        self.runtime: dict[str, Any] = runtime or {"backend": "keras", "precision": "fp32"}
 
     # ---- loading and saving ----------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path) -> Run:
-        """Load a complete run directory (a half-written one has no model.keras and is refused)."""
-        import keras
+    def load(cls, path: str | Path, *, runtime: str = "auto") -> Run:
+        """Load a complete run directory (a half-written one has no model.keras and is refused).
 
+        ``runtime``: ``keras`` (float32 Keras), ``openvino`` (the run's export, see
+        :mod:`cxr_pneumonia.export`; an error without one) or ``auto`` (the export when it is
+        there, current and OpenVINO is installed, else Keras). The Keras model itself is loaded
+        only when needed (Keras runtime, Grad-CAM).
+        """
         path = Path(path)
+        if runtime not in RUNTIMES:
+            raise RunError(f"unknown runtime {runtime!r}; valid: {list(RUNTIMES)}")
         missing = [f for f in (MODEL_FILE, CONFIG_FILE, THRESHOLD_FILE) if not (path / f).is_file()]
         if missing:
             raise RunError(f"{path}: not a complete run directory (missing {', '.join(missing)})")
         config = read_json(path / CONFIG_FILE)
         threshold = read_json(path / THRESHOLD_FILE)
-        model = keras.models.load_model(path / MODEL_FILE, compile=False)
-        return cls(path, model, config, threshold)
+        fast_model, info = _load_runtime(path, runtime)
+        run = cls(path, None, config, threshold, fast_model=fast_model, runtime=info)
+        if fast_model is None:
+            run.model  # noqa: B018 - load now, so that a broken model.keras fails at load time
+        return run
+
+    @property
+    def model(self) -> Any:
+        """The Keras model (loaded on first use when the run runs on its export)."""
+        if self._model is None:
+            import keras
+
+            self._model = keras.models.load_model(self.path / MODEL_FILE, compile=False)
+        return self._model
 
     @staticmethod
     def write_metadata(
@@ -138,6 +167,7 @@ class Run:
             "threshold": self.threshold_info,
             "config": self.config,
             "metrics_val": self.metrics_val,
+            "runtime": self.runtime,
             "disclaimer": DISCLAIMER,
         }
 
@@ -215,6 +245,35 @@ class Run:
 
     def predict_paths(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
         return list(self.iter_predictions(paths, batch_size=batch_size))
+
+
+def _load_runtime(path: Path, runtime: str) -> tuple[Any, dict[str, Any]]:
+    """(fast model or None, description of the runtime in use)."""
+    from cxr_pneumonia.export import ExportError, load_export, read_export_info
+
+    if runtime == "keras":
+        return None, {"backend": "keras", "precision": "fp32", "reason": "asked for"}
+    if runtime == "auto" and read_export_info(path) is None:
+        return None, {"backend": "keras", "precision": "fp32", "reason": "no export"}
+    try:
+        loaded = load_export(path)
+    except (ExportError, ImportError, RuntimeError) as e:
+        if runtime == "openvino":
+            raise RunError(str(e)) from e
+        log.warning("%s; using Keras float32", e)
+        return None, {"backend": "keras", "precision": "fp32", "reason": str(e)}
+    checks = loaded.info.get("checks", {})
+    n_bf16 = loaded.precisions.count("bf16")
+    info = {
+        "backend": "openvino",
+        "precision": "fp32" if not n_bf16 else f"bf16 in {n_bf16} of {len(loaded.precisions)} segments",
+        "segments": loaded.precisions,
+        "checked_max_abs_diff": checks.get("max_abs_diff") if n_bf16 else 0.0,
+        "checked_on": loaded.info.get("calibration"),
+    }
+    if loaded.note:
+        info["reason"] = loaded.note
+    return loaded.model, info
 
 
 def _prefetch(

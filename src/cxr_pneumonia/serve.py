@@ -31,6 +31,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from cxr_pneumonia import __version__
@@ -292,7 +293,8 @@ def create_app(
     model_ref = ModelRef(
         name=run.name, version=run.config.get("package_version"), trained_at=run.config.get("created_at")
     )
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI and ReDoc from the package, not a CDN: /docs works offline.
+    app = FastAPIOffline(
         title="cxr-pneumonia",
         version=__version__,
         description=f"Pneumonia probability and Grad-CAM heatmap for a chest X-ray. **{DISCLAIMER}**",
@@ -365,13 +367,14 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / 2**20,
     log_level: str = "info",
+    runtime: str = "auto",
 ) -> None:
     """Load the run once and serve the API and web page with uvicorn until interrupted."""
     import uvicorn
 
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    run = Run.load(run_dir)
+    run = Run.load(run_dir, runtime=runtime)
     if not is_loopback(host):
         log.warning("binding to %s: the API has no authentication; expose it only on a trusted network", host)
     app = create_app(run, max_upload_bytes=int(max_upload_mb * 2**20))

@@ -1,0 +1,626 @@
+"""Export a run to ONNX, and run that export fast with OpenVINO in the precision each part tolerates.
+
+``export_run(RUN)`` writes ``RUN/export/``:
+
+* ``model.onnx``: the whole model in float32, input ``image`` (N×S×S×1 float32, the run's
+  preprocessed pixels in [0, 255]), output ``probability`` (N×1). Any ONNX runtime can use it.
+* ``export.json``: the preprocessing config and threshold (so the folder is self-contained), the
+  model's SHA-256 (a retrained model makes the export stale), and the precision plan with the
+  checks that chose it.
+
+bfloat16 halves the cost of a convolution on CPUs with AVX512-BF16 or AMX, but rounds every
+activation to 8 mantissa bits; over a whole backbone that moved probabilities by up to 0.03
+(Xception, measured). So the model is cut into consecutive segments at single-tensor points
+of the graph (residual adds), and the export keeps a segment in bfloat16 only if the run's
+validation images still score within ``tolerance`` of float32 (and ROC-AUC within
+``auc_tolerance``). Segments are tried greedily, most time saved per unit of error first.
+Where the CPU lacks bfloat16 every segment runs in float32.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_pneumonia import __version__
+from cxr_pneumonia.config import file_sha256, from_dict, read_json, to_dict, write_json
+from cxr_pneumonia.io import load_image
+from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+ONNX_FILE = "model.onnx"
+EXPORT_INFO_FILE = "export.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
+PRECISIONS = ("auto", "fp32", "bf16")
+FORMATS = ("onnx",)
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+_CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported or its export cannot be used."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a run is exported; saved in ``export.json``."""
+
+    format: str = "onnx"
+    precision: str = "auto"  # auto: bf16 per segment where the check allows; fp32; bf16: all
+    tolerance: float = 0.01  # largest |p_plan - p_fp32| allowed on the calibration images
+    auc_tolerance: float = 0.002
+    segments: int = 6  # parts of the backbone that can each be bf16 (the head is always fp32)
+    calibration_images: int = 512  # validation images the plan is checked on (0: all)
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown export format {self.format!r}; valid: {list(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {list(PRECISIONS)}")
+        if not 0 < self.tolerance < 1 or not 0 <= self.auc_tolerance < 1:
+            raise ValueError("tolerance must be in (0, 1) and auc_tolerance in [0, 1)")
+        if self.segments < 1 or self.batch_size < 1 or self.calibration_images < 0:
+            raise ValueError("segments and batch_size must be >= 1, calibration_images >= 0")
+
+
+# ---- graph cutting ---------------------------------------------------------------------------
+
+
+def _producer(tensor: Any) -> Any:
+    # _keras_history is how Keras 3 itself finds the layer that made a tensor.
+    return tensor._keras_history.operation
+
+
+def single_tensor_cuts(model: Any) -> list[str]:
+    """Layers whose output is the only tensor flowing past them (valid segment boundaries).
+
+    ``model.layers`` of a functional model is topologically ordered; a cut after layer i is
+    valid when no output of an earlier layer is consumed after i.
+    """
+    layers = model.layers
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    last_use = list(range(len(layers)))
+    for i, layer in enumerate(layers):
+        if type(layer).__name__ == "InputLayer":
+            continue
+        inputs = layer.input if isinstance(layer.input, list | tuple) else [layer.input]
+        for tensor in inputs:
+            j = index.get(id(_producer(tensor)))
+            if j is not None and j != i:
+                last_use[j] = max(last_use[j], i)
+    cuts, reach = [], -1  # reach: the last consumer of any output before layer i
+    for i, layer in enumerate(layers[:-1]):
+        if reach <= i < last_use[i] and type(layer).__name__ != "InputLayer":
+            cuts.append(layer.name)
+        reach = max(reach, last_use[i])
+    return cuts
+
+
+def _layer_cost(layer: Any) -> float:
+    """Multiply-adds of a conv/dense layer, roughly: parameters × output positions."""
+    if type(layer).__name__ not in _CONV_TYPES:
+        return 0.0
+    shape = layer.output.shape
+    positions = float(np.prod([d for d in shape[1:-1] if d])) if len(shape) > 2 else 1.0
+    return float(layer.count_params()) * positions
+
+
+def choose_cuts(model: Any, backbone_output: str, n_segments: int) -> list[str]:
+    """``n_segments - 1`` cuts inside the backbone at equal shares of its compute, then the
+    backbone output (the head after it is one more, float32 segment)."""
+    names = [layer.name for layer in model.layers]
+    end = names.index(backbone_output)
+    candidates = [c for c in single_tensor_cuts(model) if names.index(c) < end]
+    cost = np.cumsum([_layer_cost(layer) for layer in model.layers[: end + 1]])
+    total = cost[-1] or 1.0
+    cuts: list[str] = []
+    for k in range(1, n_segments):
+        target = total * k / n_segments
+        best = min(candidates, key=lambda c: abs(cost[names.index(c)] - target), default=None)
+        if best is not None and best not in cuts:
+            cuts.append(best)
+    cuts.sort(key=names.index)
+    return [*cuts, backbone_output]
+
+
+# ---- ONNX -------------------------------------------------------------------------------------
+
+
+def _segment_protos(model: Any, cuts: Sequence[str], workdir: Path) -> list[Any]:
+    """One ONNX graph per segment, exported through Keras (tf2onnx)."""
+    import keras
+    import onnx
+
+    bounds = [model.input, *(model.get_layer(c).output for c in cuts), model.output]
+    protos = []
+    for i in range(len(bounds) - 1):
+        segment = keras.Model(bounds[i], bounds[i + 1], name=f"segment{i}")
+        segment(np.zeros((1, *bounds[i].shape[1:]), np.float32))  # Keras exports called models only
+        path = workdir / f"segment{i}.onnx"
+        with warnings.catch_warnings():
+            # tf2onnx probes np.object, which NumPy 2 warns about; nothing for users to act on.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*np.object.*")
+            segment.export(str(path), format="onnx", verbose=False)
+        protos.append(onnx.load(str(path)))
+    return protos
+
+
+def _rename_tensor(graph: Any, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in (*graph.input, *graph.output):
+        if value.name == old:
+            value.name = new
+
+
+def merge_segments(protos: Sequence[Any]) -> tuple[Any, list[str]]:
+    """One ONNX model chaining the segments, and the names of its boundary tensors
+    (input, each cut, output), by which :func:`extract_segment` cuts it again."""
+    from onnx import compose
+
+    prefixed = [compose.add_prefix(p, f"s{i}/") for i, p in enumerate(protos)]
+    merged = prefixed[0]
+    for nxt in prefixed[1:]:
+        merged = compose.merge_models(
+            merged, nxt, io_map=[(merged.graph.output[0].name, nxt.graph.input[0].name)]
+        )
+    _rename_tensor(merged.graph, merged.graph.input[0].name, INPUT_NAME)
+    _rename_tensor(merged.graph, merged.graph.output[0].name, OUTPUT_NAME)
+    boundaries = [INPUT_NAME, *(p.graph.output[0].name for p in prefixed[:-1]), OUTPUT_NAME]
+    return merged, boundaries
+
+
+def merge_runs(
+    boundaries: Sequence[tuple[str, str]], precisions: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """Neighbouring segments of one precision as one part ``(input, output, precision)``: each
+    boundary between compiled parts costs a layout conversion, so there are as few as possible."""
+    parts: list[tuple[str, str, str]] = []
+    for (start, end), precision in zip(boundaries, precisions, strict=True):
+        if parts and parts[-1][2] == precision:
+            parts[-1] = (parts[-1][0], end, precision)
+        else:
+            parts.append((start, end, precision))
+    return parts
+
+
+def compile_parts(
+    model_proto: Any, parts: Sequence[tuple[str, str, str]], threads: int | None = None
+) -> SegmentedModel:
+    """One compiled model per part of ``merge_runs``."""
+    segment_bytes = [extract_segment(model_proto, start, end) for start, end, _ in parts]
+    precisions = [precision for _, _, precision in parts]
+    return SegmentedModel(compile_segments(segment_bytes, [(p,) for p in precisions], threads), precisions)
+
+
+def extract_segment(model_proto: Any, start: str, end: str) -> bytes:
+    import onnx.utils
+
+    return onnx.utils.Extractor(model_proto).extract_model([start], [end]).SerializeToString()
+
+
+# ---- OpenVINO runtime -------------------------------------------------------------------------
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_supports_bf16() -> bool:
+    """True when OpenVINO's CPU plugin reports native bfloat16 (AVX512-BF16 or AMX)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@dataclass
+class SegmentedModel:
+    """Consecutive OpenVINO models, each compiled in its own precision; callable on a batch."""
+
+    requests: list[dict[str, Any]]
+    precisions: list[str]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, batch: np.ndarray, plan: Sequence[str] | None = None) -> np.ndarray:
+        plan = self.precisions if plan is None else plan
+        with self.lock:  # an infer request is not re-entrant
+            h = np.ascontiguousarray(batch, dtype=np.float32)
+            for requests, precision in zip(self.requests, plan, strict=True):
+                h = requests[precision].infer({0: h})[0]
+            return np.array(h, dtype=np.float32).reshape(-1)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)
+
+
+def compile_segments(
+    segment_bytes: Sequence[bytes], precisions: Sequence[Sequence[str]], threads: int | None = None
+) -> list[dict[str, Any]]:
+    """For each segment, an infer request per precision in ``precisions[i]``."""
+    import openvino as ov
+
+    core = ov.Core()
+    options: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        options["INFERENCE_NUM_THREADS"] = threads
+    requests = []
+    for data, wanted in zip(segment_bytes, precisions, strict=True):
+        model = core.read_model(data)
+        requests.append(
+            {
+                p: core.compile_model(
+                    model, "CPU", {**options, "INFERENCE_PRECISION_HINT": _OV_PRECISION[p]}
+                ).create_infer_request()
+                for p in wanted
+            }
+        )
+    return requests
+
+
+# ---- checks and the plan search ---------------------------------------------------------------
+
+
+def _batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int) -> np.ndarray:
+    parts = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def compare_scores(reference: np.ndarray, scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """Largest and mean |Δp|, ROC-AUC of each, and label agreement at ``threshold``."""
+    from sklearn.metrics import roc_auc_score
+
+    diff = np.abs(scores.astype(np.float64) - reference.astype(np.float64))
+    both = labels.min() != labels.max() if len(labels) else False
+    auc_ref = float(roc_auc_score(labels, reference)) if both else None
+    auc = float(roc_auc_score(labels, scores)) if both else None
+    return {
+        "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
+        "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0,
+        "roc_auc_fp32": auc_ref,
+        "roc_auc": auc,
+        "roc_auc_diff": abs(auc - auc_ref) if both else None,
+        "label_agreement": float(np.mean((scores >= threshold) == (reference >= threshold))),
+    }
+
+
+def within(check: dict, cfg: ExportConfig) -> bool:
+    auc_ok = check["roc_auc_diff"] is None or check["roc_auc_diff"] <= cfg.auc_tolerance
+    return check["max_abs_diff"] <= cfg.tolerance and auc_ok
+
+
+def search_plan(
+    n_segments: int,
+    savings: Sequence[float],
+    evaluate: Callable[[frozenset[int]], dict],
+    accept: Callable[[dict], bool],
+) -> tuple[frozenset[int], list[dict]]:
+    """Greedy choice of the segments to run in bf16.
+
+    Each segment is first checked alone; those that pass are added one at a time, most
+    ``savings`` (seconds saved by bf16) per unit of error first, keeping each addition only if
+    the combined plan still passes. ``evaluate(bf16_segments)`` returns a check dict with
+    ``max_abs_diff``; ``accept(check)`` says whether it passes.
+    """
+    trials: list[dict] = []
+    alone: dict[int, dict] = {}
+    for i in range(n_segments):
+        check = evaluate(frozenset({i}))
+        alone[i] = check
+        trials.append({"bf16_segments": [i], **check, "accepted": accept(check)})
+    order = sorted(
+        (i for i in alone if accept(alone[i]) and savings[i] > 0),
+        key=lambda i: savings[i] / max(alone[i]["max_abs_diff"], 1e-6),
+        reverse=True,
+    )
+    chosen: frozenset[int] = frozenset()
+    for i in order:
+        candidate = chosen | {i}
+        check = alone[i] if not chosen else evaluate(candidate)
+        passed = accept(check)
+        if chosen:
+            trials.append({"bf16_segments": sorted(candidate), **check, "accepted": passed})
+        if passed:
+            chosen = candidate
+    return chosen, trials
+
+
+def _time_plan(model: SegmentedModel, plan: Sequence[str], x: np.ndarray, batch_size: int) -> float:
+    model.run(x[:batch_size], plan)  # first inference allocates
+    start = time.perf_counter()
+    _batched(lambda b: model.run(b, plan), x, batch_size)
+    return time.perf_counter() - start
+
+
+def _segment_savings(model: SegmentedModel, x: np.ndarray, batch_size: int) -> list[float]:
+    """Seconds each backbone segment saves in bf16, timed on its own float32 input."""
+    savings = []
+    h = x[: 4 * batch_size]
+    for requests in model.requests[:-1]:
+        seconds = {}
+        for precision in ("fp32", "bf16"):
+            requests[precision].infer({0: h[:batch_size]})
+            start = time.perf_counter()
+            out = _batched(lambda b, r=requests[precision]: np.array(r.infer({0: b})[0]), h, batch_size)
+            seconds[precision] = time.perf_counter() - start
+            if precision == "fp32":
+                nxt = out
+        savings.append(seconds["fp32"] - seconds["bf16"])
+        h = nxt
+    return savings
+
+
+# ---- calibration images -----------------------------------------------------------------------
+
+
+def calibration_images(run_dir: Path, folder: Path | None, n: int, seed: int) -> pd.DataFrame:
+    """Labelled images to check the plan on: ``folder`` (class sub-folders) or the run's own
+    validation split (``val_predictions.csv``). Never use test images here."""
+    if folder is not None:
+        from cxr_pneumonia.data import discover
+
+        table = discover(folder)[["path", "label"]]
+        source = str(folder)
+    else:
+        csv = run_dir / "val_predictions.csv"
+        if not csv.is_file():
+            raise ExportError(f"{run_dir}: no val_predictions.csv; pass calibration images (class folders)")
+        table = pd.read_csv(csv)[["path", "label"]]
+        source = "the run's validation split"
+    missing = [p for p in table["path"] if not Path(p).is_file()]
+    if missing:
+        raise ExportError(
+            f"{missing[0]}: calibration image not found ({len(missing)} of {len(table)} missing); "
+            "pass a folder of validation images (class folders)"
+        )
+    if 0 < n < len(table):
+        table = table.sample(n=n, random_state=seed)
+    table = table.reset_index(drop=True)
+    table.attrs["source"] = source
+    return table
+
+
+def _preprocessed(paths: Sequence[str], pcfg: PreprocessConfig) -> np.ndarray:
+    pipeline = build_pipeline(pcfg)
+    return np.stack([pipeline(load_image(p), source=p) for p in paths])[..., None].astype(np.float32)
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+
+def _keras_scores(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from cxr_pneumonia.model import inference_function
+
+    forward = inference_function(model)
+    return _batched(lambda b: np.asarray(forward(b), np.float32).reshape(-1), x, batch_size)
+
+
+def export_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / EXPORT_DIR
+
+
+def export_run(
+    run_dir: str | Path,
+    cfg: ExportConfig | None = None,
+    *,
+    calibration: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``RUN/export/`` (see the module docstring) and return its ``export.json`` content.
+
+    The folder is assembled under a temporary name and renamed into place, so an interrupted
+    export never leaves a folder that looks complete.
+    """
+    import keras
+
+    cfg = cfg or ExportConfig()
+    run_dir = Path(run_dir)
+    say = progress or (lambda message: log.info(message))
+    model_file = run_dir / "model.keras"
+    if not model_file.is_file() or not (run_dir / "config.json").is_file():
+        raise ExportError(f"{run_dir}: not a complete run directory (needs model.keras and config.json)")
+    if not openvino_available() and cfg.precision != "fp32":
+        raise ExportError("the precision check needs OpenVINO (pip install openvino); or --precision fp32")
+    config = read_json(run_dir / "config.json")
+    threshold = read_json(run_dir / "threshold.json")
+    pcfg = from_dict(PreprocessConfig, config["preprocess"])
+    images = calibration_images(
+        run_dir, Path(calibration) if calibration else None, cfg.calibration_images, cfg.seed
+    )
+    say(f"preprocessing {len(images)} calibration images ({images.attrs['source']})")
+    x = _preprocessed(images["path"].tolist(), pcfg)
+    labels = images["label"].to_numpy()
+
+    say("exporting to ONNX")
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    model = keras.models.load_model(model_file, compile=False)
+    reference = _keras_scores(model, x, cfg.batch_size)
+    from cxr_pneumonia.model import get_backbone
+
+    cuts = choose_cuts(model, get_backbone(config["model"]["backbone"]).last_conv_layer, cfg.segments)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    try:
+        merged, boundaries = merge_segments(_segment_protos(model, cuts, tmp))
+        del model
+        for leftover in tmp.glob("segment*.onnx"):
+            leftover.unlink()
+        import onnx
+
+        onnx.save(merged, str(tmp / ONNX_FILE))
+        info = _plan_and_checks(merged, boundaries, cuts, x, reference, labels, threshold, cfg, say)
+        info.update(
+            format=cfg.format,
+            file=ONNX_FILE,
+            input=INPUT_NAME,
+            output=OUTPUT_NAME,
+            input_shape=[None, pcfg.size, pcfg.size, 1],
+            input_values="preprocessed grayscale pixels, float32 in [0, 255]",
+            model_sha256=file_sha256(model_file),
+            package_version=__version__,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            config=to_dict(cfg),
+            calibration={"source": images.attrs["source"], "n_images": len(images)},
+            preprocess=config["preprocess"],
+            threshold=threshold,
+        )
+        write_json(tmp / EXPORT_INFO_FILE, info)
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a run is meant to be shared
+        _replace_dir(tmp, export_dir(run_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _plan_and_checks(
+    merged: Any,
+    boundaries: list[str],
+    cuts: list[str],
+    x: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray,
+    threshold: dict,
+    cfg: ExportConfig,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    n_segments = len(boundaries) - 1
+    segment_bytes = [extract_segment(merged, boundaries[i], boundaries[i + 1]) for i in range(n_segments)]
+    thr = float(threshold["threshold"])
+    segments_info = [
+        {"input": boundaries[i], "output": boundaries[i + 1], "last_layer": [*cuts, "head"][i]}
+        for i in range(n_segments)
+    ]
+    if not openvino_available():
+        return {
+            "segments": [{**s, "precision": "fp32"} for s in segments_info],
+            "cpu_bf16": None,
+            "checks": {},
+            "search": [],
+        }
+    cpu_bf16 = cpu_supports_bf16()
+    bf16 = cpu_bf16 and cfg.precision != "fp32"
+    wanted = [("fp32", "bf16") if bf16 and i < n_segments - 1 else ("fp32",) for i in range(n_segments)]
+    segmented = SegmentedModel(compile_segments(segment_bytes, wanted), ["fp32"] * n_segments)
+    fp32_scores = _batched(segmented, x, cfg.batch_size)
+    parity = compare_scores(reference, fp32_scores, labels, thr)
+    if parity["max_abs_diff"] > 1e-3:
+        raise ExportError(f"ONNX float32 differs from Keras by {parity['max_abs_diff']:.2g}; export refused")
+    bounds = list(itertools.pairwise(boundaries))
+
+    def plan_for(segments: frozenset[int]) -> list[str]:
+        return ["bf16" if i in segments else "fp32" for i in range(n_segments)]
+
+    def evaluate(segments: frozenset[int]) -> dict:
+        # Checked as loading will compile it: inside a merged bf16 part activations stay bf16.
+        candidate = compile_parts(merged, merge_runs(bounds, plan_for(segments)))
+        return compare_scores(fp32_scores, _batched(candidate, x, cfg.batch_size), labels, thr)
+
+    search: list[dict] = []
+    chosen: frozenset[int] = frozenset()
+    if bf16 and cfg.precision == "bf16":
+        chosen = frozenset(range(n_segments - 1))
+    elif bf16:
+        say(f"choosing bf16 segments ({n_segments - 1} candidates, {len(x)} images)")
+        savings = _segment_savings(segmented, x, cfg.batch_size)
+        chosen, search = search_plan(n_segments - 1, savings, evaluate, lambda c: within(c, cfg))
+    del segment_bytes, segmented
+    plan = plan_for(chosen)
+    check = evaluate(chosen) if chosen else compare_scores(fp32_scores, fp32_scores, labels, thr)
+    fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * n_segments))
+    seconds_fp32 = _time_plan(fp32_model, fp32_model.precisions, x, cfg.batch_size)
+    plan_model = compile_parts(merged, merge_runs(bounds, plan)) if chosen else fp32_model
+    seconds_plan = _time_plan(plan_model, plan_model.precisions, x, cfg.batch_size)
+    if chosen and not within(check, cfg):
+        log.warning(
+            "bf16 plan exceeds the tolerance on the calibration images: max |Δp| %.3g", check["max_abs_diff"]
+        )
+    return {
+        "segments": [{**s, "precision": p} for s, p in zip(segments_info, plan, strict=True)],
+        "cpu_bf16": cpu_bf16,
+        "checks": {
+            "onnx_fp32_vs_keras_max_abs_diff": parity["max_abs_diff"],
+            **check,
+            "within_tolerance": within(check, cfg),
+            "images_per_s_fp32": round(len(x) / seconds_fp32, 1),
+            "images_per_s": round(len(x) / seconds_plan, 1),
+            "speedup_vs_fp32": round(seconds_fp32 / seconds_plan, 2),
+        },
+        "search": search,
+    }
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedExport:
+    model: SegmentedModel
+    info: dict[str, Any]
+    precisions: list[str]
+    note: str
+
+
+def read_export_info(run_dir: str | Path) -> dict[str, Any] | None:
+    path = export_dir(run_dir) / EXPORT_INFO_FILE
+    return read_json(path) if path.is_file() and (path.parent / ONNX_FILE).is_file() else None
+
+
+def export_is_stale(run_dir: str | Path, info: dict[str, Any]) -> bool:
+    model_file = Path(run_dir) / "model.keras"
+    return model_file.is_file() and file_sha256(model_file) != info.get("model_sha256")
+
+
+def load_export(run_dir: str | Path, *, threads: int | None = None) -> LoadedExport:
+    """Compile a run's export with OpenVINO in its precision plan (float32 where the CPU
+    lacks bfloat16)."""
+    import onnx
+
+    info = read_export_info(run_dir)
+    if info is None:
+        raise ExportError(f"{run_dir}: no export; run `cxr-pneumonia export {run_dir}` first")
+    if not openvino_available():
+        raise ExportError("OpenVINO is not installed (pip install openvino)")
+    if export_is_stale(run_dir, info):
+        raise ExportError(f"{run_dir}: the export is older than model.keras; export again")
+    precisions = [s["precision"] for s in info["segments"]]
+    note = ""
+    if "bf16" in precisions and not cpu_supports_bf16():
+        precisions = ["fp32"] * len(precisions)
+        note = "this CPU lacks bfloat16; running every segment in float32"
+        log.info(note)
+    proto = onnx.load(str(export_dir(run_dir) / ONNX_FILE))
+    bounds = [(s["input"], s["output"]) for s in info["segments"]]
+    model = compile_parts(proto, merge_runs(bounds, precisions), threads)
+    return LoadedExport(model, info, precisions, note)

@@ -1,0 +1,237 @@
+"""ONNX export, the bf16/fp32 precision plan and the OpenVINO runtime behind predict/evaluate/serve."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from cxr_pneumonia import export
+from cxr_pneumonia.cli import EXIT_OK, EXIT_USAGE, main
+from cxr_pneumonia.export import (
+    EXPORT_DIR,
+    EXPORT_INFO_FILE,
+    ONNX_FILE,
+    ExportConfig,
+    ExportError,
+    choose_cuts,
+    export_run,
+    search_plan,
+    single_tensor_cuts,
+)
+from cxr_pneumonia.io import list_image_files, load_image
+from cxr_pneumonia.predict import Run, RunError
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny run with an export (the shared tiny run must not change)."""
+    run = tmp_path_factory.mktemp("exported") / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def test_images(sample_dir: Path) -> list[Path]:
+    """Images the calibration never saw (the sample's test folder)."""
+    return list_image_files(sample_dir / "test")
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+# ---- cutting the graph ------------------------------------------------------------------------
+
+
+def test_cuts_are_where_a_single_tensor_flows():
+    x = keras.Input((8, 8, 3), name="x")
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(x)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    c = keras.layers.Add(name="c")([a, b])  # a's output lives until here: no cut after b
+    d = keras.layers.GlobalAveragePooling2D(name="d")(c)
+    out = keras.layers.Dense(1, name="out")(d)
+    model = keras.Model(x, out)
+    assert single_tensor_cuts(model) == ["a", "c", "d"]
+
+
+def test_chosen_cuts_split_a_resnet_into_callable_segments():
+    from cxr_pneumonia.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(backbone="resnet50v2", weights="none", image_size=64))
+    cuts = choose_cuts(model, "post_relu", 4)
+    names = [layer.name for layer in model.layers]
+    assert cuts[-1] == "post_relu" and len(cuts) == 4
+    assert [names.index(c) for c in cuts] == sorted(names.index(c) for c in cuts)
+    bounds = [model.input, *(model.get_layer(c).output for c in cuts), model.output]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype(np.float32)
+    h = x
+    for start, end in itertools.pairwise(bounds):
+        h = keras.Model(start, end)(h)  # "graph disconnected" here would mean a bad cut
+    np.testing.assert_allclose(np.asarray(h), np.asarray(model(x)), atol=1e-5)
+
+
+# ---- the plan search ----------------------------------------------------------------------------
+
+
+def test_greedy_search_keeps_the_most_saving_per_error_within_tolerance():
+    errors, savings = [0.02, 0.004, 0.005, 0.003], [5.0, 1.0, 3.0, 1.0]
+
+    def evaluate(segments):  # errors add up, as bf16 rounding errors roughly do
+        return {"max_abs_diff": sum(errors[i] for i in segments)}
+
+    chosen, trials = search_plan(4, savings, evaluate, lambda c: c["max_abs_diff"] <= 0.01)
+    # segment 0 fails alone; order by saving/error: 2 (600), 3 (333), 1 (250); 2+3 = 0.008 fits,
+    # adding 1 makes 0.012 and is refused
+    assert chosen == frozenset({2, 3})
+    assert [t["bf16_segments"] for t in trials if not t["accepted"]] == [[0], [1, 2, 3]]
+
+
+# ---- export_run -------------------------------------------------------------------------------
+
+
+def test_export_writes_onnx_and_a_checked_plan(exported_run):
+    folder = exported_run / EXPORT_DIR
+    info = json.loads((folder / EXPORT_INFO_FILE).read_text())
+    assert (folder / ONNX_FILE).stat().st_size > 1_000_000
+    assert info["segments"][-1]["precision"] == "fp32"  # the head
+    assert info["segments"][0]["input"] == "image" and info["segments"][-1]["output"] == "probability"
+    checks = info["checks"]
+    assert checks["onnx_fp32_vs_keras_max_abs_diff"] < 1e-4
+    assert checks["max_abs_diff"] <= ExportConfig().tolerance and checks["within_tolerance"]
+    assert info["calibration"]["source"] == "the run's validation split"
+    assert (
+        info["threshold"]["threshold"]
+        == json.loads((exported_run / "threshold.json").read_text())["threshold"]
+    )
+    if info["cpu_bf16"]:
+        assert info["search"], "a CPU with bf16 must try bf16 segments"
+    assert not list(exported_run.glob(".export-*")), "no temporary folder left behind"
+
+
+def test_onnx_file_runs_in_onnxruntime_like_keras(exported_run, test_images):
+    ort = pytest.importorskip("onnxruntime")
+    run = Run.load(exported_run, runtime="keras")
+    x = np.stack([run.preprocess(load_image(p)) for p in test_images[:16]])[..., None].astype(np.float32)
+    session = ort.InferenceSession(str(exported_run / EXPORT_DIR / ONNX_FILE))
+    (onnx_p,) = session.run(["probability"], {"image": x})
+    np.testing.assert_allclose(onnx_p.reshape(-1), run.predict_preprocessed(x), atol=1e-4)
+
+
+def test_runtime_auto_uses_the_export_within_tolerance_on_unseen_images(exported_run, test_images):
+    fast = Run.load(exported_run)
+    reference = Run.load(exported_run, runtime="keras")
+    assert fast.runtime["backend"] == "openvino"
+    assert reference.runtime["backend"] == "keras"
+    p_fast = np.array([p.probability for p in fast.predict_paths(test_images)])
+    p_ref = np.array([p.probability for p in reference.predict_paths(test_images)])
+    assert np.abs(p_fast - p_ref).max() <= 0.01
+    assert fast.info()["runtime"]["backend"] == "openvino"
+    assert fast._model is None, "the Keras model is loaded only when needed"
+    assert fast.model.name == reference.model.name  # ...and then on demand (Grad-CAM)
+
+
+def test_cpu_without_bf16_runs_every_segment_in_fp32(exported_run, test_images, monkeypatch):
+    monkeypatch.setattr(export, "cpu_supports_bf16", lambda: False)
+    run = Run.load(exported_run)
+    assert run.runtime["segments"] == ["fp32"] * len(run.runtime["segments"])
+    reference = Run.load(exported_run, runtime="keras")
+    x = np.stack([run.preprocess(load_image(p)) for p in test_images[:16]])
+    np.testing.assert_allclose(run.predict_preprocessed(x), reference.predict_preprocessed(x), atol=1e-4)
+
+
+def test_stale_export_is_not_used(exported_run, tmp_path, caplog):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    info_path = run_dir / EXPORT_DIR / EXPORT_INFO_FILE
+    info = json.loads(info_path.read_text())
+    info["model_sha256"] = "0" * 64  # as after retraining into the same folder
+    info_path.write_text(json.dumps(info))
+    run = Run.load(run_dir)
+    assert run.runtime["backend"] == "keras" and "older than model.keras" in run.runtime["reason"]
+    with pytest.raises(RunError, match="export again"):
+        Run.load(run_dir, runtime="openvino")
+
+
+def test_openvino_runtime_without_export_says_how_to_make_one(tiny_run):
+    with pytest.raises(RunError, match="cxr-pneumonia export"):
+        Run.load(tiny_run, runtime="openvino")
+    assert Run.load(tiny_run).runtime["reason"] == "no export"
+
+
+def test_failed_export_leaves_the_previous_one_intact(exported_run, tmp_path, monkeypatch):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    before = (run_dir / EXPORT_DIR / EXPORT_INFO_FILE).read_bytes()
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_plan_and_checks", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run_dir)
+    assert (run_dir / EXPORT_DIR / EXPORT_INFO_FILE).read_bytes() == before
+    assert not list(run_dir.glob(".export-*"))
+
+
+def test_missing_calibration_images_are_named(exported_run, tmp_path):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    csv = run_dir / "val_predictions.csv"
+    lines = csv.read_text().splitlines()
+    lines[1] = "/nonexistent/x.png," + lines[1].split(",", 1)[1]
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ExportError, match=re.escape("/nonexistent/x.png: calibration image not found")):
+        export_run(run_dir)
+
+
+def test_cli_export_fp32_and_predict_on_it(exported_run, test_images, tmp_path, capsys):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    assert main(["export", str(run_dir), "--precision", "fp32"]) == EXIT_OK
+    info = json.loads((run_dir / EXPORT_DIR / EXPORT_INFO_FILE).read_text())
+    assert {s["precision"] for s in info["segments"]} == {"fp32"}
+    assert info["checks"]["max_abs_diff"] == 0.0
+    assert "segments fp32" in capsys.readouterr().out
+    out = tmp_path / "p.csv"
+    code = main(["predict", str(run_dir), str(test_images[0]), "--runtime", "openvino", "-o", str(out)])
+    assert code == EXIT_OK
+    row = out.read_text().splitlines()[1].split(",")
+    assert row[0] == str(test_images[0]) and row[2] in ("NORMAL", "PNEUMONIA")
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == EXIT_USAGE
+    assert main(["export", str(tmp_path), "--precision", "int3"]) == EXIT_USAGE
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "not a complete run directory" in lines[0]
+    assert "unknown precision 'int3'" in lines[1]
+
+
+def test_evaluate_and_serve_run_on_the_export_and_say_so(exported_run, sample_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cxr_pneumonia import api
+    from cxr_pneumonia.serve import create_app
+
+    run = Run.load(exported_run)
+    metrics = api.evaluate(run, sample_dir / "test", tmp_path / "eval", n_bootstrap=20, heatmaps=False)
+    assert metrics["runtime"]["backend"] == "openvino"
+    assert "openvino" in (tmp_path / "eval" / "report.html").read_text()
+    image = next(iter(list_image_files(sample_dir / "test")))
+    with TestClient(create_app(run)) as client:
+        assert client.get("/v1/model").json()["runtime"]["backend"] == "openvino"
+        answer = client.post("/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
+    assert answer.status_code == 200
+    expected = run.predict_paths([image])[0].probability
+    assert answer.json()["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_neighbouring_segments_of_one_precision_compile_as_one_part():
+    bounds = [("image", "a"), ("a", "b"), ("b", "c"), ("c", "d"), ("d", "probability")]
+    parts = export.merge_runs(bounds, ["fp32", "bf16", "bf16", "fp32", "fp32"])
+    assert parts == [("image", "a", "fp32"), ("a", "c", "bf16"), ("c", "probability", "fp32")]
