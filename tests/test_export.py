@@ -235,3 +235,11 @@ def test_neighbouring_segments_of_one_precision_compile_as_one_part():
     bounds = [("image", "a"), ("a", "b"), ("b", "c"), ("c", "d"), ("d", "probability")]
     parts = export.merge_runs(bounds, ["fp32", "bf16", "bf16", "fp32", "fp32"])
     assert parts == [("image", "a", "fp32"), ("a", "c", "bf16"), ("c", "probability", "fp32")]
+
+
+def test_auto_prefers_keras_where_a_gpu_is_present(exported_run, monkeypatch):
+    from cxr_pneumonia import predict
+
+    monkeypatch.setattr(predict, "_nvidia_gpu_present", lambda: True)
+    assert Run.load(exported_run).runtime["reason"] == "a GPU is present"
+    assert Run.load(exported_run, runtime="openvino").runtime["backend"] == "openvino"

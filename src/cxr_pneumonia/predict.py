@@ -255,6 +255,9 @@ def _load_runtime(path: Path, runtime: str) -> tuple[Any, dict[str, Any]]:
         return None, {"backend": "keras", "precision": "fp32", "reason": "asked for"}
     if runtime == "auto" and read_export_info(path) is None:
         return None, {"backend": "keras", "precision": "fp32", "reason": "no export"}
+    if runtime == "auto" and _nvidia_gpu_present():
+        # The export runs on the CPU; TensorFlow on a GPU is faster and exact.
+        return None, {"backend": "keras", "precision": "fp32", "reason": "a GPU is present"}
     try:
         loaded = load_export(path)
     except (ExportError, ImportError, RuntimeError) as e:
@@ -274,6 +277,12 @@ def _load_runtime(path: Path, runtime: str) -> tuple[Any, dict[str, Any]]:
     if loaded.note:
         info["reason"] = loaded.note
     return loaded.model, info
+
+
+def _nvidia_gpu_present() -> bool:
+    """Cheap check (no TensorFlow import): the NVIDIA driver lists a GPU."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def _prefetch(
