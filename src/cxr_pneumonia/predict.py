@@ -3,8 +3,9 @@
 A run directory holds everything needed to apply the model exactly as it was validated:
 ``model.keras``, ``config.json`` (preprocessing, model and training configs, package version,
 data fingerprint), ``threshold.json`` (the operating point chosen on validation) and
-``metrics_val.json``. :class:`Run` loads it once; predict, evaluate, explain and serve all go
-through it, so they apply the identical pipeline.
+``metrics_val.json``, and after ``cxr-pneumonia export`` an ``export/`` folder (ONNX model and
+precision plan, see :mod:`cxr_pneumonia.export`). :class:`Run` loads it once; predict, evaluate,
+explain and serve all go through it, so they apply the identical pipeline and runtime.
 """
 
 from __future__ import annotations
