@@ -260,3 +260,12 @@ def test_every_backbone_splits_exports_and_reassembles_exactly(backbone, tmp_pat
     parts = export.merge_runs(list(itertools.pairwise(bounds)), ["fp32"] * (len(bounds) - 1))
     reassembled = export.compile_parts(merged, parts)(x)
     np.testing.assert_allclose(reassembled, np.asarray(model(x)).reshape(-1), atol=1e-5)
+
+
+def test_calibration_images_from_a_labelled_folder(tmp_path, sample_dir):
+    table = export.calibration_images(tmp_path, sample_dir / "test", 10, 0)
+    assert len(table) == 10 and table.attrs["source"] == str(sample_dir / "test")
+    for path, label in zip(table["path"], table["label"], strict=True):
+        assert Path(path).parent.name == ("PNEUMONIA" if label == 1 else "NORMAL")
+    with pytest.raises(ExportError, match=r"no val_predictions\.csv"):
+        export.calibration_images(tmp_path, None, 10, 0)
