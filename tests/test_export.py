@@ -269,3 +269,16 @@ def test_calibration_images_from_a_labelled_folder(tmp_path, sample_dir):
         assert Path(path).parent.name == ("PNEUMONIA" if label == 1 else "NORMAL")
     with pytest.raises(ExportError, match=r"no val_predictions\.csv"):
         export.calibration_images(tmp_path, None, 10, 0)
+
+
+def test_unreadable_calibration_images_are_skipped_and_named(exported_run, sample_dir, tmp_path, caplog):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    folder = tmp_path / "calibration"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(sample_dir / "test" / label, folder / label)
+    broken = folder / "NORMAL" / "broken.jpeg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    with caplog.at_level("WARNING", logger="cxr_pneumonia.export"):
+        info = export_run(run_dir, ExportConfig(precision="fp32"), calibration=folder)
+    assert info["calibration"]["n_images"] == len(list_image_files(sample_dir / "test"))
+    assert any(str(broken) in record.getMessage() for record in caplog.records)

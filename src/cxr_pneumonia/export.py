@@ -38,8 +38,8 @@ import pandas as pd
 
 from cxr_pneumonia import __version__
 from cxr_pneumonia.config import file_sha256, from_dict, read_json, to_dict, write_json
-from cxr_pneumonia.io import load_image
-from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
+from cxr_pneumonia.io import ImageReadError, load_image
+from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +403,21 @@ def calibration_images(run_dir: Path, folder: Path | None, n: int, seed: int) ->
     return table
 
 
-def _preprocessed(paths: Sequence[str], pcfg: PreprocessConfig) -> np.ndarray:
+def _preprocessed(images: pd.DataFrame, pcfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(preprocessed batch, labels) of the calibration images; unreadable ones are skipped with a
+    warning naming the file, as everywhere else."""
     pipeline = build_pipeline(pcfg)
-    return np.stack([pipeline(load_image(p), source=p) for p in paths])[..., None].astype(np.float32)
+    arrays, labels = [], []
+    for path, label in zip(images["path"], images["label"], strict=True):
+        try:
+            arrays.append(pipeline(load_image(path), source=path))
+        except (ImageReadError, PreprocessError) as e:
+            log.warning("skipping calibration image %s: %s", path, e)
+            continue
+        labels.append(label)
+    if not arrays:
+        raise ExportError("no calibration image could be read")
+    return np.stack(arrays)[..., None].astype(np.float32), np.asarray(labels)
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -451,8 +463,7 @@ def export_run(
         run_dir, Path(calibration) if calibration else None, cfg.calibration_images, cfg.seed
     )
     say(f"preprocessing {len(images)} calibration images ({images.attrs['source']})")
-    x = _preprocessed(images["path"].tolist(), pcfg)
-    labels = images["label"].to_numpy()
+    x, labels = _preprocessed(images, pcfg)
 
     say("exporting to ONNX")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
@@ -483,7 +494,7 @@ def export_run(
             package_version=__version__,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             config=to_dict(cfg),
-            calibration={"source": images.attrs["source"], "n_images": len(images)},
+            calibration={"source": images.attrs["source"], "n_images": len(x)},
             preprocess=config["preprocess"],
             threshold=threshold,
         )
