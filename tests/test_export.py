@@ -195,7 +195,7 @@ def test_cli_export_fp32_and_predict_on_it(exported_run, test_images, tmp_path, 
     assert main(["export", str(run_dir), "--precision", "fp32"]) == EXIT_OK
     info = json.loads((run_dir / EXPORT_DIR / EXPORT_INFO_FILE).read_text())
     assert {s["precision"] for s in info["segments"]} == {"fp32"}
-    assert info["checks"]["max_abs_diff"] == 0.0
+    assert info["checks"]["onnx_fp32_vs_keras_max_abs_diff"] < 1e-4 and info["search"] == []
     assert "segments fp32" in capsys.readouterr().out
     out = tmp_path / "p.csv"
     code = main(["predict", str(run_dir), str(test_images[0]), "--runtime", "openvino", "-o", str(out)])

@@ -245,16 +245,12 @@ class SegmentedModel:
     precisions: list[str]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self, batch: np.ndarray, plan: Sequence[str] | None = None) -> np.ndarray:
-        plan = self.precisions if plan is None else plan
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.lock:  # an infer request is not re-entrant
             h = np.ascontiguousarray(batch, dtype=np.float32)
-            for requests, precision in zip(self.requests, plan, strict=True):
+            for requests, precision in zip(self.requests, self.precisions, strict=True):
                 h = requests[precision].infer({0: h})[0]
             return np.array(h, dtype=np.float32).reshape(-1)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)
 
 
 def compile_segments(
@@ -348,10 +344,10 @@ def search_plan(
     return chosen, trials
 
 
-def _time_plan(model: SegmentedModel, plan: Sequence[str], x: np.ndarray, batch_size: int) -> float:
-    model.run(x[:batch_size], plan)  # first inference allocates
+def _time_plan(model: SegmentedModel, x: np.ndarray, batch_size: int) -> float:
+    model(x[:batch_size])  # first inference allocates
     start = time.perf_counter()
-    _batched(lambda b: model.run(b, plan), x, batch_size)
+    _batched(model, x, batch_size)
     return time.perf_counter() - start
 
 
@@ -527,7 +523,6 @@ def _plan_and_checks(
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     n_segments = len(boundaries) - 1
-    segment_bytes = [extract_segment(merged, boundaries[i], boundaries[i + 1]) for i in range(n_segments)]
     thr = float(threshold["threshold"])
     segments_info = [
         {"input": boundaries[i], "output": boundaries[i + 1], "last_layer": [*cuts, "head"][i]}
@@ -543,12 +538,13 @@ def _plan_and_checks(
     cpu_bf16 = cpu_supports_bf16()
     bf16 = cpu_bf16 and cfg.precision != "fp32"
     wanted = [("fp32", "bf16") if bf16 and i < n_segments - 1 else ("fp32",) for i in range(n_segments)]
+    bounds = list(itertools.pairwise(boundaries))
+    segment_bytes = [extract_segment(merged, start, end) for start, end in bounds]
     segmented = SegmentedModel(compile_segments(segment_bytes, wanted), ["fp32"] * n_segments)
     fp32_scores = _batched(segmented, x, cfg.batch_size)
     parity = compare_scores(reference, fp32_scores, labels, thr)
     if parity["max_abs_diff"] > 1e-3:
         raise ExportError(f"ONNX float32 differs from Keras by {parity['max_abs_diff']:.2g}; export refused")
-    bounds = list(itertools.pairwise(boundaries))
 
     def plan_for(segments: frozenset[int]) -> list[str]:
         return ["bf16" if i in segments else "fp32" for i in range(n_segments)]
@@ -570,9 +566,9 @@ def _plan_and_checks(
     plan = plan_for(chosen)
     check = evaluate(chosen) if chosen else compare_scores(fp32_scores, fp32_scores, labels, thr)
     fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * n_segments))
-    seconds_fp32 = _time_plan(fp32_model, fp32_model.precisions, x, cfg.batch_size)
+    seconds_fp32 = _time_plan(fp32_model, x, cfg.batch_size)
     plan_model = compile_parts(merged, merge_runs(bounds, plan)) if chosen else fp32_model
-    seconds_plan = _time_plan(plan_model, plan_model.precisions, x, cfg.batch_size)
+    seconds_plan = _time_plan(plan_model, x, cfg.batch_size)
     if chosen and not within(check, cfg):
         log.warning(
             "bf16 plan exceeds the tolerance on the calibration images: max |Δp| %.3g", check["max_abs_diff"]
