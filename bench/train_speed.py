@@ -100,9 +100,9 @@ def tf_dataset(paths: list[str], labels: np.ndarray, *, batch_size: int, shuffle
 def plain_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     import keras
 
+    from cxr_pneumonia.batch import cache_images
     from cxr_pneumonia.data import SplitConfig, discover, make_splits
     from cxr_pneumonia.model import build_model
-    from cxr_pneumonia.preprocess import cache_images
 
     preprocess_cfg, model_cfg = configs(args)
     keras.mixed_precision.set_global_policy("float32")

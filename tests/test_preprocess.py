@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -11,17 +12,21 @@ import pytest
 
 from cxr_pneumonia.preprocess import (
     STEP_NAMES,
+    STEPS,
     PreprocessConfig,
     PreprocessError,
+    Sample,
     apply_clahe,
     apply_mask,
     build_pipeline,
     contour_box,
     contour_mask,
+    crop_sample,
     disable_steps,
     find_largest_contour,
     refine_mask,
     resize_image,
+    resolve_steps,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -159,6 +164,51 @@ def test_unknown_step_names_are_rejected_with_the_valid_ones(bad):
     with pytest.raises(ValueError, match="valid steps") as info:
         PreprocessConfig(steps=bad)
     assert all(name in str(info.value) for name in STEP_NAMES)
+
+
+def test_crop_sample_cuts_image_and_mask_with_one_box():
+    image = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    mask = (np.arange(48).reshape(6, 8) % 2 * 255).astype(np.uint8)
+    sample = Sample(image=image, mask=mask, box=(2, 1, 3, 4))
+    cut = crop_sample(sample, (2, 1, 3, 4))
+    np.testing.assert_array_equal(cut.image, image[1:5, 2:5])
+    np.testing.assert_array_equal(cut.mask, mask[1:5, 2:5])
+    assert cut.box is None  # nothing left to cut
+    assert sample.image.shape == (6, 8) and sample.box == (2, 1, 3, 4)  # the input sample is untouched
+
+
+def test_pipeline_crops_image_and_mask_to_the_regions_box():
+    # an ellipse centred at (90, 70) with semi-axes (70, 50): its box is x 20..160, y 20..120
+    img = ellipse_image((160, 200), (90, 70), (70, 50))
+    cfg = PreprocessConfig(steps=("crop", "mask"), mask_shape="contour")
+    result = build_pipeline(cfg).run(img)
+    assert result.box == (20, 20, 141, 101)
+    assert result.image.shape == result.mask.shape == (101, 141)
+    np.testing.assert_array_equal(result.image, img[20:121, 20:161])
+    full_mask = build_pipeline(disable_steps(cfg, "crop")).run(img).mask
+    np.testing.assert_array_equal(result.mask, full_mask[20:121, 20:161])
+    # image and mask stay aligned: the contour mask covers exactly the ellipse's pixels
+    np.testing.assert_array_equal(result.mask > 0, result.image == 200)
+
+
+def test_steps_return_a_new_sample_and_leave_theirs_alone():
+    img = ellipse_image((160, 200), (90, 70), (70, 50))
+    sample = Sample(image=img)
+    masked = STEPS["mask"](sample, PreprocessConfig())
+    assert masked.mask is not None and masked.located and not masked.fallback
+    assert sample.mask is None and not sample.located
+    with pytest.raises(AttributeError):
+        sample.mask = masked.mask  # frozen
+
+
+def test_registry_rejects_unknown_step_names_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="valid steps") as info:
+        resolve_steps(("clahe", "sharpen"))
+    assert "sharpen" in str(info.value) and all(name in str(info.value) for name in STEP_NAMES)
+    # a config that skipped validation is still refused when the pipeline is built
+    unchecked = SimpleNamespace(**{**vars(PreprocessConfig()), "steps": ("crop", "blur")})
+    with pytest.raises(ValueError, match=r"\['blur'\]; valid steps"):
+        build_pipeline(unchecked)
 
 
 @pytest.mark.parametrize(

@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cxr_pneumonia.batch import write_failures_csv
 from cxr_pneumonia.config import file_sha256, write_json
 from cxr_pneumonia.data import discover
 from cxr_pneumonia.export import ExportConfig, export_run
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, RunError, expand_inputs
-from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, write_failures_csv
+from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError
 from cxr_pneumonia.train import TRAINING_IMAGES_FILE, TrainConfig
 from cxr_pneumonia.train import train as _train
 

@@ -103,8 +103,9 @@ def preprocess(
     preview: Annotated[Path | None, typer.Option(help="Write a before/after panel PNG here.")] = None,
 ) -> None:
     """Preprocess every image under SRC into DST (skips files already done with the same config)."""
+    from cxr_pneumonia.batch import preprocess_tree
     from cxr_pneumonia.io import list_image_files
-    from cxr_pneumonia.preprocess import preprocess_tree, write_preview
+    from cxr_pneumonia.preview import write_preview
 
     cfg = _preprocess_config(config, size, resize_mode, no_step, mask_shape)
     try:

@@ -1,41 +1,22 @@
 """The seed's preprocessing: CLAHE, largest-contour crop, refined mask, bitwise-AND, resize.
 
-Every step is a pure function on uint8 arrays with keyword-only parameters. A
-:class:`Pipeline` built from a :class:`PreprocessConfig` chains the enabled steps; the
-same pipeline object (and the same saved config) is used by training, evaluation,
-prediction and serving.
+Every step is a pure function on uint8 arrays with keyword-only parameters. What must travel
+together between steps (the image, its mask, the located region and the crop box) travels in
+an immutable :class:`Sample`; the registry :data:`STEPS` maps each step name to a function
+``(Sample, PreprocessConfig) -> Sample``. A :class:`Pipeline` built from a
+:class:`PreprocessConfig` chains the enabled steps; the same pipeline object (and the same saved
+config) is used by training, evaluation, prediction and serving. Batch processing and the cache
+live in :mod:`cxr_pneumonia.batch`, the before/after panel in :mod:`cxr_pneumonia.preview`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import logging
-import multiprocessing
-import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
-
-from cxr_pneumonia.config import (
-    atomic_write_bytes,
-    atomic_write_text,
-    config_hash,
-    file_sha256,
-    read_json,
-    to_dict,
-    write_json,
-)
-from cxr_pneumonia.io import DEFAULT_MAX_PIXELS, ImageReadError, list_image_files, load_image
-
-log = logging.getLogger(__name__)
 
 # The seed's order. "crop", "mask", "morph" and "apply_mask" all use the contour found
 # by "crop"/"mask", so the region is located once per image.
@@ -43,6 +24,8 @@ DEFAULT_STEPS: tuple[str, ...] = ("clahe", "crop", "mask", "morph", "apply_mask"
 RESIZE_MODES = ("stretch", "pad")
 MASK_SHAPES = ("hull", "contour")
 THRESHOLD_METHODS = ("otsu", "mean")
+
+Box = tuple[int, int, int, int]  # x, y, width, height
 
 
 class PreprocessError(RuntimeError):
@@ -86,7 +69,7 @@ class PreprocessConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure step functions
+# Pure step functions on arrays
 # ---------------------------------------------------------------------------------------------
 
 
@@ -122,7 +105,7 @@ def find_largest_contour(
     return largest
 
 
-def contour_box(contour: np.ndarray) -> tuple[int, int, int, int]:
+def contour_box(contour: np.ndarray) -> Box:
     """Bounding box (x, y, w, h) of a contour."""
     x, y, w, h = cv2.boundingRect(contour)
     return int(x), int(y), int(w), int(h)
@@ -149,7 +132,8 @@ def apply_mask(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return cv2.bitwise_and(img, img, mask=mask)
 
 
-def crop_to_box(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def crop_to_box(img: np.ndarray, box: Box) -> np.ndarray:
+    """The (x, y, w, h) box of ``img``, as a new array."""
     x, y, w, h = box
     return img[y : y + h, x : x + w].copy()
 
@@ -170,93 +154,106 @@ def resize_image(img: np.ndarray, *, size: int, mode: str = "stretch") -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------
-# Pipeline
+# The sample: image, mask and region travelling together
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PreprocessResult:
-    """The final image plus what each stage produced (for previews and audits)."""
+@dataclass(frozen=True)
+class Sample:
+    """An image and what travels with it through the steps; steps return a new Sample.
+
+    ``contour`` is the region, located once (by the first step that needs it) on the image as it
+    was then; ``located`` says whether that search has run. ``box`` is a crop still to be cut:
+    :func:`crop_sample` cuts image and mask with it together, as MONAI's ``CropForegroundd``
+    crops every key of a sample with one box.
+    """
 
     image: np.ndarray
-    stages: dict[str, np.ndarray] = field(default_factory=dict)
     mask: np.ndarray | None = None
-    box: tuple[int, int, int, int] | None = None
-    fallback: bool = False  # True when no usable contour was found and the whole image was kept
-
-
-@dataclass
-class _State:
-    image: np.ndarray
     contour: np.ndarray | None = None
-    contour_searched: bool = False
-    mask: np.ndarray | None = None
-    box: tuple[int, int, int, int] | None = None
-    fallback: bool = False
+    located: bool = False
+    box: Box | None = None
+
+    @property
+    def fallback(self) -> bool:
+        """True when the region was searched and none was usable: the whole image is kept."""
+        return self.located and self.contour is None
 
 
-def _locate(state: _State, cfg: PreprocessConfig) -> None:
-    """Find the region once; a missing region means 'keep the whole image' and is recorded."""
-    if state.contour_searched:
-        return
-    state.contour_searched = True
-    state.contour = find_largest_contour(
-        state.image, method=cfg.threshold_method, min_region_fraction=cfg.min_region_fraction
+def locate_region(sample: Sample, *, method: str, min_region_fraction: float) -> Sample:
+    """The sample with its region located (a no-op when already searched)."""
+    if sample.located:
+        return sample
+    contour = find_largest_contour(sample.image, method=method, min_region_fraction=min_region_fraction)
+    return replace(sample, contour=contour, located=True)
+
+
+def crop_sample(sample: Sample, box: Box) -> Sample:
+    """Image and mask cut with the same box; nothing is left to cut afterwards."""
+    mask = None if sample.mask is None else crop_to_box(sample.mask, box)
+    return replace(sample, image=crop_to_box(sample.image, box), mask=mask, box=None)
+
+
+def resize_sample(sample: Sample, *, size: int, mode: str) -> Sample:
+    """Image and mask resized alike, after cutting any pending crop."""
+    if sample.box is not None:
+        sample = crop_sample(sample, sample.box)
+    mask = None if sample.mask is None else resize_image(sample.mask, size=size, mode=mode)
+    return replace(sample, image=resize_image(sample.image, size=size, mode=mode), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step registry: each name binds a config's parameters to the functions above
+# ---------------------------------------------------------------------------------------------
+
+Step = Callable[[Sample, PreprocessConfig], Sample]
+
+
+def _located(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    return locate_region(sample, method=cfg.threshold_method, min_region_fraction=cfg.min_region_fraction)
+
+
+def _step_clahe(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    image = apply_clahe(sample.image, clip_limit=cfg.clahe_clip_limit, tile_grid=cfg.clahe_tile_grid)
+    return replace(sample, image=image)
+
+
+def _step_crop(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    # Only the box is recorded here; the cut comes before resizing (or at the end). Cutting now
+    # would change the mask's erosion along the box edges, and the seed's outputs with it.
+    sample = _located(sample, cfg)
+    return sample if sample.contour is None else replace(sample, box=contour_box(sample.contour))
+
+
+def _step_mask(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    sample = _located(sample, cfg)
+    if sample.contour is None:
+        return sample
+    region = cv2.convexHull(sample.contour) if cfg.mask_shape == "hull" else sample.contour
+    return replace(sample, mask=contour_mask(sample.image.shape, region))
+
+
+def _step_morph(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    if sample.mask is None:
+        return sample
+    mask = refine_mask(
+        sample.mask,
+        kernel_size=cfg.morph_kernel,
+        erode_iterations=cfg.erode_iterations,
+        dilate_iterations=cfg.dilate_iterations,
     )
-    state.fallback = state.contour is None
+    return replace(sample, mask=mask)
 
 
-def _step_clahe(state: _State, cfg: PreprocessConfig) -> _State:
-    state.image = apply_clahe(state.image, clip_limit=cfg.clahe_clip_limit, tile_grid=cfg.clahe_tile_grid)
-    return state
+def _step_apply_mask(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    return sample if sample.mask is None else replace(sample, image=apply_mask(sample.image, sample.mask))
 
 
-def _step_crop(state: _State, cfg: PreprocessConfig) -> _State:
-    _locate(state, cfg)
-    if state.contour is not None:
-        state.box = contour_box(state.contour)
-    return state
+def _step_resize(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    return resize_sample(sample, size=cfg.size, mode=cfg.resize_mode)
 
 
-def _step_mask(state: _State, cfg: PreprocessConfig) -> _State:
-    _locate(state, cfg)
-    if state.contour is not None:
-        region = cv2.convexHull(state.contour) if cfg.mask_shape == "hull" else state.contour
-        state.mask = contour_mask(state.image.shape, region)
-    return state
-
-
-def _step_morph(state: _State, cfg: PreprocessConfig) -> _State:
-    if state.mask is not None:
-        state.mask = refine_mask(
-            state.mask,
-            kernel_size=cfg.morph_kernel,
-            erode_iterations=cfg.erode_iterations,
-            dilate_iterations=cfg.dilate_iterations,
-        )
-    return state
-
-
-def _step_apply_mask(state: _State, cfg: PreprocessConfig) -> _State:
-    if state.mask is not None:
-        state.image = apply_mask(state.image, state.mask)
-    return state
-
-
-def _step_resize(state: _State, cfg: PreprocessConfig) -> _State:
-    # Cropping is applied here, after masking, so mask and image share coordinates until the end.
-    if state.box is not None:
-        state.image = crop_to_box(state.image, state.box)
-        if state.mask is not None:
-            state.mask = crop_to_box(state.mask, state.box)
-        state.box = None
-    state.image = resize_image(state.image, size=cfg.size, mode=cfg.resize_mode)
-    if state.mask is not None:
-        state.mask = resize_image(state.mask, size=cfg.size, mode=cfg.resize_mode)
-    return state
-
-
-STEPS: dict[str, Callable[[_State, PreprocessConfig], _State]] = {
+STEPS: dict[str, Step] = {
     "clahe": _step_clahe,
     "crop": _step_crop,
     "mask": _step_mask,
@@ -267,12 +264,36 @@ STEPS: dict[str, Callable[[_State, PreprocessConfig], _State]] = {
 STEP_NAMES = tuple(STEPS)
 
 
+def resolve_steps(names: tuple[str, ...] | list[str]) -> list[tuple[str, Step]]:
+    """The registry's functions for ``names``, in order; unknown names fail listing the valid ones."""
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown preprocessing steps {unknown}; valid steps: {list(STEP_NAMES)}")
+    return [(name, STEPS[name]) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    """The final image plus what each stage produced (for previews and audits)."""
+
+    image: np.ndarray
+    stages: dict[str, np.ndarray] = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    box: Box | None = None  # the located region's box, in the coordinates it was found in
+    fallback: bool = False  # True when no usable contour was found and the whole image was kept
+
+
 class Pipeline:
     """The enabled steps of a config, applied in order to a uint8 grayscale image."""
 
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
-        self._steps = [(name, STEPS[name]) for name in cfg.steps]
+        self._steps = resolve_steps(cfg.steps)
 
     def __repr__(self) -> str:
         return f"Pipeline(steps={list(self.cfg.steps)}, size={self.cfg.size})"
@@ -280,338 +301,39 @@ class Pipeline:
     def run(self, img: np.ndarray, *, source: str = "<array>", keep_stages: bool = False) -> PreprocessResult:
         """Apply every step; the input is never modified."""
         check_image(img)
-        state = _State(image=img.copy())
+        sample = Sample(image=img)
         stages: dict[str, np.ndarray] = {"original": img} if keep_stages else {}
         for name, step in self._steps:
             try:
-                state = step(state, self.cfg)
+                sample = step(sample, self.cfg)
             except Exception as e:
                 raise PreprocessError(f"{name} failed on {source}: {e}") from e
-            if keep_stages:
-                stages[name] = (
-                    state.image.copy() if name != "mask" or state.mask is None else state.mask.copy()
-                )
-        if state.box is not None:  # "crop" enabled without "resize": crop at the end
-            state.image = crop_to_box(state.image, state.box)
-            if state.mask is not None:
-                state.mask = crop_to_box(state.mask, state.box)
+            if keep_stages:  # the "mask" stage shows the mask it made, every other the image
+                shown = sample.mask if name == "mask" and sample.mask is not None else sample.image
+                stages[name] = shown.copy()
+        if sample.box is not None:  # "crop" enabled without "resize": cut at the end
+            sample = crop_sample(sample, sample.box)
+        # Steps never write into arrays, so with no step changing it the output is the input: copy it.
+        image = sample.image.copy() if sample.image is img else sample.image
         return PreprocessResult(
-            image=np.ascontiguousarray(state.image),
+            image=np.ascontiguousarray(image),
             stages=stages,
-            mask=state.mask,
-            box=None if state.contour is None else contour_box(state.contour),
-            fallback=state.fallback,
+            mask=sample.mask,
+            box=None if sample.contour is None else contour_box(sample.contour),
+            fallback=sample.fallback,
         )
 
     def __call__(self, img: np.ndarray, *, source: str = "<array>") -> np.ndarray:
+        """The final image only."""
         return self.run(img, source=source).image
 
 
 def build_pipeline(cfg: PreprocessConfig | None = None) -> Pipeline:
-    """The pipeline for ``cfg`` (the seed's defaults when None)."""
+    """The pipeline for ``cfg`` (the seed's defaults when None); unknown step names fail."""
     return Pipeline(cfg or PreprocessConfig())
 
 
 def disable_steps(cfg: PreprocessConfig, *names: str) -> PreprocessConfig:
     """A copy of ``cfg`` without the named steps (validated)."""
-    unknown = [n for n in names if n not in STEP_NAMES]
-    if unknown:
-        raise ValueError(f"unknown preprocessing steps {unknown}; valid steps: {list(STEP_NAMES)}")
+    resolve_steps(names)
     return dataclasses.replace(cfg, steps=tuple(s for s in cfg.steps if s not in names))
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch processing: the `preprocess` command and training's cache
-# ---------------------------------------------------------------------------------------------
-
-MANIFEST_NAME = "manifest.json"
-FAILURES_NAME = "failures.csv"
-CONFIG_NAME = "preprocess_config.json"
-
-
-@dataclass(frozen=True)
-class FileJob:
-    """One source image and where its preprocessed PNG goes."""
-
-    source: Path
-    target: Path
-    sha256: str
-
-
-@dataclass
-class BatchReport:
-    """What a batch did: processed and skipped targets, and failures as (source, reason)."""
-
-    processed: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    fallbacks: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def n_total(self) -> int:
-        return len(self.processed) + len(self.skipped) + len(self.failures)
-
-    def summary(self) -> str:
-        return (
-            f"{len(self.processed)} processed, {len(self.skipped)} skipped (already done), "
-            f"{len(self.failures)} failed, {len(self.fallbacks)} without a usable contour "
-            f"(whole image kept), {self.seconds:.1f} s"
-        )
-
-
-def _process_one(job: FileJob, cfg: PreprocessConfig, max_pixels: int) -> tuple[str, str | None, bool]:
-    """Load, preprocess, write atomically. Returns (source, error, fallback); never raises."""
-    try:
-        img = load_image(job.source, max_pixels=max_pixels)
-        result = build_pipeline(cfg).run(img, source=str(job.source))
-        ok, encoded = cv2.imencode(".png", result.image)
-        if not ok:
-            raise PreprocessError(f"PNG encoding failed for {job.source}")
-        atomic_write_bytes(job.target, encoded.tobytes())
-    except ImageReadError as e:
-        return str(job.source), e.reason, False
-    except PreprocessError as e:
-        return str(job.source), str(e), False
-    except Exception as e:  # a bad file must never stop the batch
-        return str(job.source), f"unexpected {type(e).__name__}: {e}", False
-    return str(job.source), None, result.fallback
-
-
-def _process_chunk(
-    jobs: list[FileJob], cfg: PreprocessConfig, max_pixels: int
-) -> list[tuple[str, str | None, bool]]:
-    """Worker body: a few files per task keeps inter-process overhead small next to the work."""
-    return [_process_one(job, cfg, max_pixels) for job in jobs]
-
-
-def _init_worker() -> None:
-    # One OpenCV thread per process: N workers use N cores without oversubscription.
-    cv2.setNumThreads(1)
-
-
-def _pool_context(start_method: str | None) -> multiprocessing.context.BaseContext:
-    """spawn by default: forking a process whose OpenCV or TensorFlow thread pools are running
-    can deadlock the children. Callers that know their process is fresh (the CLI) pass "fork",
-    which starts workers in milliseconds. As with any spawn pool, scripts calling this with
-    workers > 1 need the usual ``if __name__ == "__main__":`` guard."""
-    return multiprocessing.get_context(start_method or "spawn")
-
-
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def run_jobs(
-    jobs: list[FileJob],
-    cfg: PreprocessConfig,
-    *,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = True,
-    description: str = "preprocessing",
-    start_method: str | None = None,
-) -> BatchReport:
-    """Process ``jobs`` with ``workers`` processes (in-process when 1), never stopping on bad files."""
-    report = BatchReport()
-    workers = workers or default_workers()
-    start = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=description, unit="img", disable=not progress or not jobs)
-
-    def record(job: FileJob, outcome: tuple[str, str | None, bool]) -> None:
-        source, error, fallback = outcome
-        if error is None:
-            report.processed.append(job.target)
-            if fallback:
-                report.fallbacks.append(source)
-        else:
-            report.failures.append((source, error))
-        bar.update(1)
-
-    if workers == 1 or len(jobs) <= 1:
-        previous_threads = cv2.getNumThreads()
-        _init_worker()
-        try:
-            for job in jobs:
-                record(job, _process_one(job, cfg, max_pixels))
-        finally:
-            cv2.setNumThreads(previous_threads)
-    else:
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=_pool_context(start_method), initializer=_init_worker
-        ) as pool:
-            chunk = max(1, min(8, len(jobs) // (4 * workers)))
-            chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
-            futures = {pool.submit(_process_chunk, part, cfg, max_pixels): part for part in chunks}
-            for future in as_completed(futures):
-                for job, outcome in zip(futures[future], future.result(), strict=True):
-                    record(job, outcome)
-    bar.close()
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def target_for(source: Path, src_root: Path, dst_root: Path) -> Path:
-    """Mirror ``source``'s place under ``src_root`` into ``dst_root``, as PNG."""
-    return (dst_root / source.relative_to(src_root)).with_suffix(".png")
-
-
-def _load_manifest(path: Path, cfg_hash: str) -> dict[str, dict[str, str]]:
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    return manifest.get("entries", {}) if manifest.get("config_hash") == cfg_hash else {}
-
-
-def preprocess_tree(
-    src: Path,
-    dst: Path,
-    cfg: PreprocessConfig | None = None,
-    *,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = True,
-    start_method: str | None = None,
-) -> BatchReport:
-    """Mirror every image under ``src`` into ``dst`` preprocessed; skip what is already done.
-
-    A file is skipped when the manifest holds the same content hash under the same config hash
-    and its output exists. ``failures.csv`` lists every unreadable input with the reason; the
-    config is saved beside the outputs.
-    """
-    cfg = cfg or PreprocessConfig()
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise NotADirectoryError(f"{src}: not a folder")
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise ValueError(f"{dst}: the output folder must not be inside the source folder {src}")
-    cfg_hash = config_hash(cfg)
-    manifest_path = dst / MANIFEST_NAME
-    done = _load_manifest(manifest_path, cfg_hash)
-
-    sources = list_image_files(src)
-    jobs, skipped = [], []
-    for source in tqdm(sources, desc="hashing", unit="img", disable=not progress or len(sources) < 500):
-        target = target_for(source, src, dst)
-        key = target.relative_to(dst).as_posix()
-        sha = file_sha256(source)
-        if done.get(key, {}).get("sha256") == sha and target.exists():
-            skipped.append(target)
-        else:
-            jobs.append(FileJob(source, target, sha))
-
-    report = run_jobs(
-        jobs, cfg, workers=workers, max_pixels=max_pixels, progress=progress, start_method=start_method
-    )
-    report.skipped = skipped
-
-    failed = {source for source, _ in report.failures}
-    entries = {k: v for k, v in done.items() if (dst / k).exists()}
-    for job in jobs:
-        if str(job.source) not in failed:
-            entries[job.target.relative_to(dst).as_posix()] = {
-                "source": str(job.source.relative_to(src)),
-                "sha256": job.sha256,
-            }
-    write_json(dst / CONFIG_NAME, to_dict(cfg))
-    write_json(manifest_path, {"config_hash": cfg_hash, "entries": entries})
-    write_failures_csv(dst / FAILURES_NAME, report.failures)
-    log.info("preprocess %s -> %s: %s", src, dst, report.summary())
-    return report
-
-
-def write_failures_csv(path: Path, failures: list[tuple[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "reason"])
-    writer.writerows(sorted(failures))
-    atomic_write_text(path, buffer.getvalue())
-
-
-def cache_images(
-    paths: list[Path],
-    cfg: PreprocessConfig,
-    cache_dir: Path,
-    *,
-    workers: int | None = None,
-    progress: bool = True,
-) -> tuple[list[Path | None], BatchReport]:
-    """Preprocess ``paths`` into a content-addressed cache ``cache_dir/<config hash>/``.
-
-    Returns the cached PNG for each input (None where it failed) and the batch report.
-    Identical files share one entry, so exact duplicates cost nothing twice.
-    """
-    root = Path(cache_dir) / config_hash(cfg)
-    write_json(root / CONFIG_NAME, to_dict(cfg))
-    targets: list[Path] = []
-    jobs: dict[Path, FileJob] = {}
-    skipped: list[Path] = []
-    for path in tqdm(paths, desc="hashing", unit="img", disable=not progress or len(paths) < 500):
-        sha = file_sha256(Path(path))
-        target = root / sha[:2] / f"{sha}.png"
-        targets.append(target)
-        if target.exists():
-            skipped.append(target)
-        elif target not in jobs:
-            jobs[target] = FileJob(Path(path), target, sha)
-    report = run_jobs(list(jobs.values()), cfg, workers=workers, progress=progress)
-    report.skipped = skipped
-    ok = set(report.processed) | set(skipped)
-    return [t if t in ok else None for t in targets], report
-
-
-# ---------------------------------------------------------------------------------------------
-# Preview: the seed's "Nach Preprocessing" picture
-# ---------------------------------------------------------------------------------------------
-
-PREVIEW_COLUMNS = (
-    ("original", "original"),
-    ("clahe", "CLAHE"),
-    ("mask", "mask"),
-    ("apply_mask", "masked"),
-    ("final", "final"),
-)
-
-
-def write_preview(files: list[Path], cfg: PreprocessConfig, out_png: Path, *, max_images: int = 4) -> Path:
-    """A panel of a few images through every stage (original, CLAHE, mask, masked, final)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pipeline = build_pipeline(cfg)
-    rows = []
-    for path in files:
-        try:
-            result = pipeline.run(load_image(path), source=str(path), keep_stages=True)
-        except (ImageReadError, PreprocessError) as e:
-            log.warning("preview skips %s", e)
-            continue
-        rows.append((path, {**result.stages, "final": result.image}, result.fallback))
-        if len(rows) == max_images:
-            break
-    if not rows:
-        raise ValueError("no readable image for the preview")
-    fig, axes = plt.subplots(
-        len(rows), len(PREVIEW_COLUMNS), figsize=(3 * len(PREVIEW_COLUMNS), 3 * len(rows)), squeeze=False
-    )
-    for r, (path, stages, fallback) in enumerate(rows):
-        for c, (key, title) in enumerate(PREVIEW_COLUMNS):
-            ax = axes[r][c]
-            ax.axis("off")
-            if key in stages:
-                ax.imshow(stages[key], cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.text(0.5, 0.5, "step off" if not fallback else "no contour", ha="center", va="center")
-            if r == 0:
-                ax.set_title(title)
-        axes[r][0].text(0, -0.02, Path(path).name[:40], transform=axes[r][0].transAxes, fontsize=7, va="top")
-    fig.suptitle("Preprocessing: before / after")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(Path(out_png), buffer.getvalue())
-    return Path(out_png)

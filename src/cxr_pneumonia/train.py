@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_pneumonia.augment import AugmentConfig
+from cxr_pneumonia.batch import cache_images, default_workers, write_failures_csv
 from cxr_pneumonia.config import config_hash, from_dict, read_json, to_dict, write_json
 from cxr_pneumonia.data import SplitConfig, discover, make_splits
 from cxr_pneumonia.evaluate import choose_threshold, compute_metrics
@@ -49,13 +50,7 @@ from cxr_pneumonia.model import (
     split_model,
 )
 from cxr_pneumonia.predict import METRICS_VAL_FILE, MODEL_FILE, Run
-from cxr_pneumonia.preprocess import (
-    PreprocessConfig,
-    build_pipeline,
-    cache_images,
-    default_workers,
-    write_failures_csv,
-)
+from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
 
 log = logging.getLogger(__name__)
 
