@@ -132,6 +132,7 @@ def default_workers() -> int:
 def _run_in_process(
     jobs: list[FileJob], cfg: PreprocessConfig, max_pixels: int, report: BatchReport, bar: tqdm
 ) -> None:
+    """One worker: the jobs run here, in order."""
     previous_threads = cv2.getNumThreads()
     _init_worker()  # as in a worker, so timings compare; the caller's setting is restored
     try:
@@ -152,6 +153,7 @@ def _run_in_pool(
     workers: int,
     start_method: str | None,
 ) -> None:
+    """Several workers: chunks of jobs run in a process pool, recorded as they finish."""
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=_pool_context(start_method), initializer=_init_worker
     ) as pool:

@@ -210,6 +210,7 @@ Step = Callable[[Sample, PreprocessConfig], Sample]
 
 
 def _located(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    """The region, searched by whichever of "crop" and "mask" comes first."""
     return locate_region(sample, method=cfg.threshold_method, min_region_fraction=cfg.min_region_fraction)
 
 

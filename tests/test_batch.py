@@ -1,0 +1,125 @@
+"""Batch preprocessing: the mirrored tree with its manifest, training's content-addressed cache,
+failures collected rather than raised, and the worker pool."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_pneumonia.batch import (
+    CONFIG_NAME,
+    FAILURES_NAME,
+    MANIFEST_NAME,
+    cache_images,
+    default_workers,
+    preprocess_tree,
+    write_failures_csv,
+)
+from cxr_pneumonia.io import load_image
+from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
+
+CFG = PreprocessConfig(size=32)
+
+
+def xray(seed: int) -> np.ndarray:
+    """A bright body with two dark lungs on a dark background, a little noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((96, 80), 20, np.uint8)
+    cv2.ellipse(img, (40, 48), (36, 43), 0, 0, 360, 180, cv2.FILLED)
+    for x in (24, 56):
+        cv2.ellipse(img, (x, 48), (11, 32), 0, 0, 360, 70, cv2.FILLED)
+    return np.clip(img + rng.integers(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """src/{a,b}/*.png: three readable images (two byte-identical) and one broken file."""
+    src = tmp_path / "src"
+    for rel, seed in [("a/one.png", 1), ("a/two.png", 2), ("b/copy_of_one.png", 1)]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(src / rel), xray(seed))
+    (src / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return src
+
+
+def read_failures(path: Path) -> dict[str, str]:
+    with open(path, newline="") as handle:
+        return {Path(row["file"]).name: row["reason"] for row in csv.DictReader(handle)}
+
+
+def test_tree_is_mirrored_with_manifest_config_and_failures(tree, tmp_path):
+    dst = tmp_path / "dst"
+    report = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert len(report.processed) == 3 and report.skipped == [] and report.n_total == 4
+    assert list(read_failures(dst / FAILURES_NAME)) == ["broken.png"]
+    for rel in ("a/one.png", "a/two.png", "b/copy_of_one.png"):
+        expected = build_pipeline(CFG)(load_image(tree / rel))
+        np.testing.assert_array_equal(cv2.imread(str(dst / rel), cv2.IMREAD_UNCHANGED), expected)
+    manifest = json.loads((dst / MANIFEST_NAME).read_text())
+    assert set(manifest["entries"]) == {"a/one.png", "a/two.png", "b/copy_of_one.png"}
+    assert json.loads((dst / CONFIG_NAME).read_text())["size"] == 32
+
+
+def test_rerun_skips_what_is_done_and_redoes_what_changed(tree, tmp_path):
+    dst = tmp_path / "dst"
+    preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    again = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert again.processed == [] and len(again.skipped) == 3 and len(again.failures) == 1
+
+    cv2.imwrite(str(tree / "a" / "two.png"), xray(7))  # new content under the same name
+    (dst / "a" / "one.png").unlink()  # an output gone missing
+    third = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert sorted(p.relative_to(dst).as_posix() for p in third.processed) == ["a/one.png", "a/two.png"]
+
+    other = preprocess_tree(tree, dst, PreprocessConfig(size=16), workers=1, progress=False)
+    assert len(other.processed) == 3  # another config: everything redone
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_bad_folders_are_refused(tree, tmp_path, inside):
+    if inside:
+        with pytest.raises(ValueError, match="must not be inside"):
+            preprocess_tree(tree, tree / "out", CFG, workers=1, progress=False)
+    else:
+        with pytest.raises(NotADirectoryError):
+            preprocess_tree(tmp_path / "missing", tmp_path / "out", CFG, workers=1, progress=False)
+
+
+def test_cache_shares_duplicates_marks_failures_and_skips_on_rerun(tree, tmp_path):
+    paths = [tree / "a/one.png", tree / "b/broken.png", tree / "b/copy_of_one.png", tree / "a/two.png"]
+    cached, report = cache_images(paths, CFG, tmp_path / "cache", workers=1, progress=False)
+    assert cached[1] is None and len(report.failures) == 1
+    assert cached[0] == cached[2] and cached[0] != cached[3]  # identical bytes, one entry
+    assert len(report.processed) == 2
+    assert cached[0].parent.parent.parent == tmp_path / "cache"  # cache/<config hash>/<sha[:2]>/
+    np.testing.assert_array_equal(
+        cv2.imread(str(cached[3]), cv2.IMREAD_UNCHANGED), build_pipeline(CFG)(load_image(paths[3]))
+    )
+    again, second = cache_images(paths, CFG, tmp_path / "cache", workers=1, progress=False)
+    assert again == cached and second.processed == [] and len(second.skipped) == 3
+
+
+def test_a_pool_of_workers_gives_the_same_outputs(tree, tmp_path):
+    one = preprocess_tree(tree, tmp_path / "one", CFG, workers=1, progress=False)
+    two = preprocess_tree(tree, tmp_path / "two", CFG, workers=2, progress=False)  # spawn
+    assert len(two.processed) == len(one.processed) == 3 and len(two.failures) == 1
+    for path in one.processed:
+        rel = path.relative_to(tmp_path / "one")
+        assert (tmp_path / "two" / rel).read_bytes() == path.read_bytes()
+
+
+def test_failures_csv_is_sorted_with_a_header(tmp_path):
+    write_failures_csv(tmp_path / "f.csv", [("z.png", "empty file"), ("a.png", "truncated")])
+    rows = list(csv.reader((tmp_path / "f.csv").read_text().splitlines()))
+    assert rows == [["file", "reason"], ["a.png", "truncated"], ["z.png", "empty file"]]
+    write_failures_csv(tmp_path / "none.csv", [])
+    assert (tmp_path / "none.csv").read_text().strip() == "file,reason"
+
+
+def test_default_workers_is_at_least_one():
+    assert default_workers() >= 1
