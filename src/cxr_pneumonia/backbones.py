@@ -515,7 +515,9 @@ def import_torch_weights(src: str | Path, dst: str | Path, backbone: str | None 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cxr_pneumonia.backbones import-weights SRC DST_DIR [--backbone NAME]``."""
-    parser = argparse.ArgumentParser(prog="python -m cxr_pneumonia.backbones", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pneumonia.backbones", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import-weights", help="convert a PyTorch state dict to Keras weights")
     imp.add_argument("src", type=Path, help="PyTorch .pt/.pth state dict")
