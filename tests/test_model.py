@@ -253,6 +253,8 @@ def test_initial_bias_and_label_smoothing_reach_the_compiled_model():
         ("xception", "gap"),
         ("densenet121", "gap"),
         ("efficientnetv2b0", "flatten"),
+        ("mobilenetv2", "gap"),
+        ("efficientnet_lite0", "flatten"),
     ],
 )
 def test_saved_model_reloads_without_custom_objects(tmp_path, backbone, head):

@@ -311,6 +311,24 @@ def test_imagenet_without_imported_file_explains_the_import(backbone, monkeypatc
         cm.build_model(cfg)
 
 
+@pytest.mark.parametrize(
+    ("backbone", "split_block", "channels"),
+    [("mobilenetv2", "block17_expand_conv", 160), ("efficientnet_lite0", "block7a_expand_conv", 192)],
+)
+def test_fine_tuning_the_top_two_blocks_splits_at_the_last_block_input(backbone, split_block, channels):
+    """fine_tune_blocks=2 is the 1×1 top conv and the last inverted-residual block."""
+    cfg = cm.ModelConfig(backbone=backbone, weights="none", head="gap", image_size=64, fine_tune_blocks=2)
+    model = cm.build_model(cfg)
+    trainable = cm.set_trainable_blocks(model, cfg, cfg.fine_tune_blocks)
+    assert trainable[0] == split_block and trainable[-1] == "top_conv"
+    extractor, head = cm.split_model(model, cfg, at="fine_tune")
+    assert extractor.output is model.get_layer(split_block).input
+    assert extractor.output.shape[1:] == (2, 2, channels)  # stride 32 at 64 px
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    features = np.asarray(extractor(x, training=False))
+    np.testing.assert_allclose(np.asarray(head(features)), np.asarray(model(x, training=False)), atol=1e-5)
+
+
 def test_import_rejects_weights_of_the_other_backbone(tmp_path):
     state = backbones.read_torch_state_dict(shared_weights("mobilenetv2"))
     model = backbones.efficientnet_lite0(input_shape=(32, 32, 3))
