@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_pneumonia import config
+from cxr_pneumonia import backbones, config
 from cxr_pneumonia import model as cm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -20,17 +20,22 @@ SHARED_XCEPTION = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
 
 # Smallest sizes each backbone accepts, to keep the tests fast.
 SIZES = {"resnet50v2": 32, "xception": 71, "densenet121": 32, "efficientnetv2b0": 32}
+SIZES |= {"mobilenetv2": 32, "efficientnet_lite0": 32}
 PREPROCESS_INPUT = {
     "resnet50v2": keras.applications.resnet_v2.preprocess_input,
     "xception": keras.applications.xception.preprocess_input,
     "densenet121": keras.applications.densenet.preprocess_input,
     "efficientnetv2b0": keras.applications.efficientnet_v2.preprocess_input,
+    "mobilenetv2": keras.applications.densenet.preprocess_input,  # ImageNet mean/std ("torch")
+    "efficientnet_lite0": lambda x: (x - 127.0) / 128.0,
 }
 REFERENCE_CONSTRUCTORS = {
     "resnet50v2": keras.applications.ResNet50V2,
     "xception": keras.applications.Xception,
     "densenet121": keras.applications.DenseNet121,
     "efficientnetv2b0": keras.applications.EfficientNetV2B0,
+    "mobilenetv2": backbones.mobilenetv2,
+    "efficientnet_lite0": backbones.efficientnet_lite0,
 }
 BACKBONE_NAMES = sorted(SIZES)
 
@@ -84,7 +89,7 @@ def test_default_config_is_the_seed_model():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"backbone": "vgg16"}, re.escape("valid backbones: ['densenet121', 'efficientnetv2b0'")),
+        ({"backbone": "vgg16"}, re.escape("valid backbones: ['densenet121', 'efficientnet_lite0',")),
         ({"head": "attention"}, re.escape("valid heads: ['flatten', 'gap']")),
         ({"backbone": "xception", "image_size": 64}, "minimum 71"),
         ({"fine_tune_blocks": 17}, r"\[0, 16\]"),
@@ -248,6 +253,8 @@ def test_initial_bias_and_label_smoothing_reach_the_compiled_model():
         ("xception", "gap"),
         ("densenet121", "gap"),
         ("efficientnetv2b0", "flatten"),
+        ("mobilenetv2", "gap"),
+        ("efficientnet_lite0", "flatten"),
     ],
 )
 def test_saved_model_reloads_without_custom_objects(tmp_path, backbone, head):

@@ -19,6 +19,8 @@ from typing import Any
 
 import keras
 
+from cxr_pneumonia import backbones
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "CXR_PNEUMONIA_WEIGHTS_DIR"
@@ -45,7 +47,8 @@ class BackboneSpec:
     """How to build one backbone and where its parts are.
 
     ``scaling`` is one of ``"tf"`` ([0, 255] -> [-1, 1]), ``"torch"`` ([0, 1] then ImageNet
-    mean/std) or ``"builtin"`` (the backbone rescales raw pixels itself).
+    mean/std), ``"lite"`` ((x - 127) / 128, TensorFlow's EfficientNet-Lite) or ``"builtin"``
+    (the backbone rescales raw pixels itself).
     ``block_prefixes`` name the backbone's blocks from the top of the network downwards.
     """
 
@@ -100,6 +103,20 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         scaling="builtin",
         constructor_kwargs=(("include_preprocessing", True),),
+    ),
+    # Ported from PyTorch ImageNet weights (backbones.py; import them with
+    # `python -m cxr_pneumonia.backbones import-weights`).
+    "mobilenetv2": BackboneSpec(
+        constructor=backbones.mobilenetv2,
+        last_conv_layer="top_relu",
+        block_prefixes=("top_", *(f"block{i}_" for i in range(backbones.MOBILENETV2_BLOCKS, 0, -1))),
+        scaling="torch",
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        constructor=backbones.efficientnet_lite0,
+        last_conv_layer="top_relu",
+        block_prefixes=("top_", *_efficientnet_blocks(backbones.LITE0_STAGES)),
+        scaling="lite",
     ),
 }
 
@@ -235,9 +252,11 @@ def _scale(x: Any, scaling: str) -> Any:
         return keras.layers.Normalization(
             mean=list(_TORCH_MEAN), variance=[s**2 for s in _TORCH_STD], name=SCALING_NAME
         )(x)
+    if scaling == "lite":
+        return keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name=SCALING_NAME)(x)
     if scaling == "builtin":
         return keras.layers.Identity(name=SCALING_NAME)(x)
-    raise ValueError(f"unknown scaling {scaling!r}; valid: ['builtin', 'tf', 'torch']")
+    raise ValueError(f"unknown scaling {scaling!r}; valid: ['builtin', 'lite', 'tf', 'torch']")
 
 
 def _head(features: Any, cfg: ModelConfig) -> Any:
