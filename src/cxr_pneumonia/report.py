@@ -188,7 +188,7 @@ def plot_calibration(y_true: Any, scores: Any, *, n_bins: int = 10) -> Figure:
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     CalibrationDisplay.from_predictions(y, s, n_bins=n_bins, strategy="uniform", name="model", ax=top)
     top.set_ylim(-0.01, 1.01)
-    top.set_xlabel("")
+    top.set(xlabel="", ylabel="fraction positive")
     top.set_title("Calibration")
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize="small")
