@@ -24,13 +24,88 @@ def half_bright(h: int = 96, w: int = 80) -> np.ndarray:
     return img
 
 
+def textured(h: int = 96, w: int = 80) -> np.ndarray:
+    """A ramp with noise: no 8x8 block is flat, so even JPEG must change it."""
+    noise = np.random.default_rng(0).normal(0, 10, (h, w))
+    return np.clip(np.add.outer(np.arange(h), np.arange(w)) * 1.2 + noise, 0, 255).astype(np.uint8)
+
+
+def centred_square(side: int = 20, size: int = 100) -> np.ndarray:
+    img = np.full((size, size), 30, np.uint8)
+    start = (size - side) // 2
+    img[start : start + side, start : start + side] = 220
+    return img
+
+
+def bright_side(img: np.ndarray) -> float:
+    """Side of the bright square, from its area."""
+    return float(np.sqrt((img > 125).sum()))
+
+
+def column_centre(img: np.ndarray, row: int) -> float:
+    values = img[row].astype(float)
+    return float((values * np.arange(len(values))).sum() / values.sum())
+
+
+def vertical_bar() -> np.ndarray:
+    img = np.zeros((101, 101), np.uint8)
+    img[:, 48:53] = 255
+    return img
+
+
+def gamma_of(level: int, gamma: float) -> int:
+    return round(255 * (level / 255) ** gamma)
+
+
+HB = half_bright()  # left 200, right 40
+# What each named perturbation must do, measured on an image where the effect is known.
+EFFECTS = {
+    "contrast_0.6": (HB, lambda out: out.std() == pytest.approx(HB.std() * 0.6, rel=0.02)),
+    "contrast_1.4": (HB, lambda out: (out[0, 0], out[0, -1]) == (232, 8)),  # 120 ± 80 * 1.4
+    "gamma_0.7": (HB, lambda out: (out[0, 0], out[0, -1]) == (gamma_of(200, 0.7), gamma_of(40, 0.7))),
+    "gamma_1.4": (HB, lambda out: (out[0, 0], out[0, -1]) == (gamma_of(200, 1.4), gamma_of(40, 1.4))),
+    # the 160-level step at column 40 spreads over a few pixels; flat parts far from it stay put
+    "blur_1.5": (
+        HB,
+        lambda out: np.abs(np.diff(out[0].astype(int))).max() < 60 and (out[:, :30] == 200).all(),
+    ),
+    "jpeg_30": (textured(), lambda out: 2 < np.abs(out.astype(int) - textured()).mean() < 15),
+    # a tighter field of view: the square's side grows by 1/0.85; zooming out shrinks it by 0.85
+    "crop_0.85": (centred_square(), lambda out: bright_side(out) == pytest.approx(20 / 0.85, rel=0.05)),
+    "zoom_out_0.85": (
+        centred_square(),
+        lambda out: bright_side(out) == pytest.approx(20 * 0.85, rel=0.05) and out[0, 0] == 0,
+    ),
+    # 5 degrees counter-clockwise: the bar's top leans left, its bottom right, tan(5°) per row
+    "rotate_5": (
+        vertical_bar(),
+        lambda out: (
+            column_centre(out, 80) - column_centre(out, 20)
+            == pytest.approx(np.tan(np.radians(5)) * 60, rel=0.05)
+        ),
+    ),
+}
+
+
+def test_every_perturbation_has_a_known_effect():
+    assert sorted(EFFECTS) == sorted(PERTURBATIONS)
+
+
 @pytest.mark.parametrize("name", sorted(PERTURBATIONS))
 def test_perturbations_keep_shape_dtype_and_do_not_mutate(name):
-    img = half_bright()
+    img = textured()
     before = img.copy()
     out = PERTURBATIONS[name](img)
     assert out.shape == img.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(img, before)
+    assert not np.array_equal(out, img)  # an identity "perturbation" would test nothing
+
+
+@pytest.mark.parametrize("name", sorted(PERTURBATIONS))
+def test_perturbations_change_the_image_by_the_intended_amount(name):
+    img, expected = EFFECTS[name]
+    out = PERTURBATIONS[name](img.copy())
+    assert expected(out), name
 
 
 @pytest.mark.parametrize("fn", [lambda img: adjust_contrast(img, 1.0), lambda img: adjust_gamma(img, 1.0)])

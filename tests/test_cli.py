@@ -100,9 +100,9 @@ def test_usage_errors_exit_1(args, bad_inputs_dir, tmp_path, capsys):
 
 
 def test_steps_can_be_switched_off_from_the_cli(bad_inputs_dir, tmp_path):
-    folder, _ = bad_inputs_dir
+    folder, expected_failures = bad_inputs_dir
     out = tmp_path / "out"
-    main(
+    code = main(
         [
             "preprocess",
             str(folder),
@@ -117,6 +117,8 @@ def test_steps_can_be_switched_off_from_the_cli(bad_inputs_dir, tmp_path):
             "1",
         ]
     )
+    assert code == EXIT_PARTIAL  # the folder's broken files fail; the valid ones are processed
+    assert read_failures(out / "failures.csv").keys() == expected_failures.keys()
     import json
 
     saved = json.loads((out / "preprocess_config.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def test_report_uses_given_thumbnails_heatmaps_and_tolerates_unreadable(
     text = _write(tmp_path, dataset, thumbnails=thumbnails, heatmaps=heatmaps)
     # 5 figures + 3 thumbnails (fn_far unreadable) + 2 heatmaps.
     assert text.count(PNG_URI) == 10
-    assert text.count("alt='heatmap'") == 2
+    assert text.count('alt="heatmap"') == 2
     assert "image unreadable" in text
     assert "fn_far.png" in text
 
@@ -185,6 +186,71 @@ def test_report_with_one_class_skips_curves(tmp_path: Path, dataset: dict) -> No
     assert "ROC curve: not defined with only one class" in text
     assert not (tmp_path / "out" / "plots" / "roc.png").exists()
     assert "n/a" in text  # AUCs and their intervals
+
+
+KNOWN = {
+    # Hand-checked: 6 positive-negative pairs, 5 ordered right -> ROC AUC 5/6 = 0.833; ranking
+    # P P N P N -> AP = (1/1 + 2/2 + 3/4) / 3 = 0.917. At t=0.35: TN 1, FP 1 (0.4), FN 1 (0.3), TP 2;
+    # at t=0.5: TN 2, FP 0, FN 1, TP 2.
+    "y": np.array([1, 1, 1, 0, 0]),
+    "scores": np.array([0.9, 0.6, 0.3, 0.4, 0.1]),
+    "threshold": 0.35,
+}
+
+
+def _known(tmp_path: Path, names: list[str] | None = None, **kwargs) -> str:
+    names = names or ["p_high.png", "p_mid.png", "p_missed.png", "n_alarm.png", "n_low.png"]
+    thumbnails = {name: np.full((32, 32), 100, dtype=np.uint8) for name in names}
+    return _write(tmp_path, {**KNOWN, "paths": names}, thumbnails=thumbnails, **kwargs)
+
+
+def test_report_shows_known_confusion_counts_and_auc(tmp_path: Path) -> None:
+    text = _known(tmp_path)
+    assert "<tr><th>ROC AUC</th><td>0.833</td>" in text
+    assert "<tr><th>PR AUC (average precision)</th><td>0.917</td>" in text
+    assert "<tr><th>Recall (sensitivity)</th><td>0.667</td>" in text
+    confusion_row = re.search(r"<tr><th>Confusion \[\[TN, FP\], \[FN, TP\]\]</th>(.*?)</tr>", text).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", confusion_row)
+    assert cells == ["[[1, 1], [1, 2]]", "", "[[2, 0], [1, 2]]"]  # operating threshold, -, t=0.5
+    assert "5 images: 3 PNEUMONIA, 2 NORMAL. Decision rule: PNEUMONIA when score ≥ 0.35." in text
+    # The gallery holds exactly the one false negative and the one false positive.
+    assert re.findall(r"<b>(.*?)</b>", text) == ["p_missed.png", "n_alarm.png"]
+    assert "score 0.300 · true PNEUMONIA · predicted NORMAL" in text
+    assert "score 0.400 · true NORMAL · predicted PNEUMONIA" in text
+
+
+def test_report_escapes_script_in_file_names_title_and_run_info(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    names = [f"{evil}.png", "b.png", "c.png", "d.png", "e.png"]
+    names[2] = f"x'\"{evil}.png"  # the false negative: shown in the gallery, with quotes
+    text = _known(tmp_path, names, title=f"Report {evil}", run_info={evil: {"nested": evil}})
+    assert "<script" not in text.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<title>Report {escaped}</title>" in text and f"<h1>Report {escaped}</h1>" in text
+    assert f"<th>{escaped}</th>" in text and f"<th>nested</th><td>{escaped}</td>" in text
+    assert f'<figure title="x&#39;&#34;{escaped}.png">' in text  # quotes cannot end the attribute
+
+
+def test_report_embeds_every_image_as_png_data(tmp_path: Path, dataset: dict) -> None:
+    text = _write(tmp_path, dataset)
+    sources = re.findall(r"<img src=\"([^\"]*)\"", text)
+    assert len(sources) == 9 and all(src.startswith(PNG_URI) for src in sources)
+    images = [base64.b64decode(src[len(PNG_URI) :]) for src in sources]
+    for png in images:
+        decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert png.startswith(b"\x89PNG") and decoded is not None and decoded.size > 0
+    plots = tmp_path / "out" / "plots"
+    saved = {p.read_bytes() for p in plots.glob("*.png")}
+    assert len(saved) == 5 and saved <= set(images)  # the figures on disk are the ones embedded
+    thumbnail = cv2.imdecode(np.frombuffer(images[5], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert thumbnail.shape == (128, 102)  # 300x240 source shrunk to the 128-pixel thumbnail
+
+
+def test_report_states_research_use_notice_at_top_and_bottom(tmp_path: Path, dataset: dict) -> None:
+    text = _write(tmp_path, dataset)
+    assert text.count(f'<p class="notice">{report.NOTICE}</p>') == 2
+    assert text.index(report.NOTICE) < text.index("<h2>Metrics</h2>")
+    assert text.rindex(report.NOTICE) > text.index("<h2>Misclassified images</h2>")
 
 
 def test_report_rejects_misaligned_paths(tmp_path: Path, dataset: dict) -> None:

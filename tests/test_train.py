@@ -52,15 +52,32 @@ def test_run_directory_holds_every_artefact(tiny_run):
     assert json.loads((tiny_run / "metrics_val.json").read_text()).keys() >= METRIC_KEYS
 
 
-def test_threshold_is_chosen_on_validation_scores_only(tiny_run):
+def test_threshold_is_chosen_on_validation_scores_only(tiny_run, sample_dir):
     saved = json.loads((tiny_run / "threshold.json").read_text())
     val = pd.read_csv(tiny_run / "val_predictions.csv")
-    again = choose_threshold(
-        val["label"], val["probability"], target_recall=saved["target_recall"], rule=saved["rule"]
-    )
-    assert saved["threshold"] == pytest.approx(again.threshold)
+
+    def rechoose(labels, scores) -> float:
+        return choose_threshold(
+            labels, scores, target_recall=saved["target_recall"], rule=saved["rule"]
+        ).threshold
+
+    assert saved["threshold"] == pytest.approx(rechoose(val["label"], val["probability"]))
     assert saved["chosen_on"].startswith("validation")
     assert (val["probability"][val["label"] == 1] >= saved["threshold"]).mean() >= saved["target_recall"]
+    # val_predictions.csv holds exactly the validation patients, none trained on ...
+    seen = pd.read_csv(tiny_run / "training_images.csv")
+    assert len(val) == (seen.role == "val").sum()
+    assert set(val["patient_id"]) == set(seen.loc[seen.role == "val", "patient_id"])
+    assert not set(val["patient_id"]) & set(seen.loc[seen.role == "train", "patient_id"])
+    # ... and the choice depends on which images it is made on: the saved model's scores on the
+    # training images or on the test images would each have given another threshold.
+    run = Run.load(tiny_run)
+    val_paths = {Path(p).resolve() for p in val["path"]}
+    for folder in (sample_dir / "train", sample_dir / "test"):
+        others = [p for p in sorted(folder.rglob("*.jpeg")) if p.resolve() not in val_paths]
+        labels = [int(p.parent.name == "PNEUMONIA") for p in others]
+        scores = run.predict_images([load_image(p) for p in others])
+        assert rechoose(labels, scores) != pytest.approx(saved["threshold"], abs=1e-6), folder.name
 
 
 def test_validation_patients_never_trained_on(tiny_run):

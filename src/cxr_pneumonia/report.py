@@ -7,7 +7,7 @@ figure registry, so nothing leaks when reports are made in a loop or a server.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io as _bytes_io
 import json
 import logging
@@ -18,21 +18,16 @@ from typing import Any
 
 import matplotlib
 
-# Headless by design (CLI, CI, servers): pick Agg before pyplot/seaborn import it.
+# Headless by design (CLI, CI, servers): pick Agg before pyplot is imported.
 matplotlib.use("Agg")
 
 import cv2
+import jinja2
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from cxr_pneumonia import config, evaluate
 
@@ -105,100 +100,78 @@ def plot_confusion_matrix(
     class_names: Sequence[str] = CLASS_NAMES,
     title: str = "Confusion matrix",
 ) -> Figure:
-    """Seaborn heatmap of ``[[tn, fp], [fn, tp]]``, annotated with counts and row percentages."""
+    """``ConfusionMatrixDisplay`` of ``[[tn, fp], [fn, tp]]``: counts with row percentages."""
     cm = np.asarray(confusion, dtype=np.int64)
     if cm.shape != (2, 2):
         raise ValueError(f"confusion matrix must be 2x2; got shape {cm.shape}")
-    row_totals = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, row_totals, out=np.zeros(cm.shape), where=row_totals > 0)
-    annot = np.array([[f"{cm[i, j]}\n{share[i, j]:.1%}" for j in range(2)] for i in range(2)], dtype=object)
     fig = Figure(figsize=(4.6, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    sns.heatmap(
-        share,
-        annot=annot,
-        fmt="",
-        cmap="Blues",
-        vmin=0,
-        vmax=1,
-        cbar=False,
-        ax=ax,
-        xticklabels=list(class_names),
-        yticklabels=list(class_names),
-        annot_kws={"size": 12},
-    )
+    display = ConfusionMatrixDisplay(cm, display_labels=list(class_names))
+    display.plot(ax=ax, cmap="Blues", colorbar=False, values_format="d")
+    row_totals = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, row_totals, out=np.zeros(cm.shape), where=row_totals > 0)
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_text(f"{cm[i, j]}\n{share[i, j]:.1%}")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     return fig
 
 
-def _operating_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
-    rates = evaluate.rates_at(y, s, threshold)
-    return {"fpr": 1.0 - rates["specificity"], **rates}
+def _mark_operating_points(ax: Any, y: np.ndarray, s: np.ndarray, threshold: float, *, roc: bool) -> None:
+    """Mark the operating threshold (filled) and t=0.5 (hollow) on a ROC or PR axis."""
+    for t, style, label in (
+        (threshold, {"ms": 9, "color": "crimson"}, f"operating point (t={threshold:.3g})"),
+        (0.5, {"ms": 8, "mfc": "none", "color": "black"}, "t=0.5"),
+    ):
+        rates = evaluate.rates_at(y, s, t)
+        x, y_value = (
+            (1.0 - rates["specificity"], rates["recall"]) if roc else (rates["recall"], rates["precision"])
+        )
+        ax.plot(x, y_value, "o", label=label, **style)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
 
 
 def plot_roc(y_true: Any, scores: Any, threshold: float) -> Figure:
-    """ROC curve with AUC, the operating point and the 0.5 point marked."""
+    """``RocCurveDisplay`` with AUC and chance line; the operating point and t=0.5 marked."""
     y, s = np.asarray(y_true), np.asarray(scores)
-    fpr, tpr, _ = roc_curve(y, s)
     fig = Figure(figsize=(4.6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label=f"ROC (AUC {roc_auc_score(y, s):.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    op, half = _operating_point(y, s, threshold), _operating_point(y, s, 0.5)
-    ax.plot(op["fpr"], op["recall"], "o", ms=9, color="crimson", label=f"operating point (t={threshold:.3g})")
-    ax.plot(half["fpr"], half["recall"], "o", ms=8, mfc="none", color="black", label="t=0.5")
+    RocCurveDisplay.from_predictions(y, s, name="ROC", ax=ax, plot_chance_level=True)
+    _mark_operating_points(ax, y, s, threshold, roc=True)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (recall)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
     ax.set_title("ROC curve")
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     return fig
 
 
 def plot_pr(y_true: Any, scores: Any, threshold: float) -> Figure:
-    """Precision-recall curve with average precision, prevalence baseline and operating point."""
+    """``PrecisionRecallDisplay`` with AP and prevalence line; the operating point and t=0.5 marked."""
     y, s = np.asarray(y_true), np.asarray(scores)
-    precision, recall, _ = precision_recall_curve(y, s)
     fig = Figure(figsize=(4.6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.step(recall, precision, where="post", lw=2, label=f"PR (AP {average_precision_score(y, s):.3f})")
-    ax.axhline(float(np.mean(y)), ls="--", color="grey", lw=1, label="prevalence")
-    op, half = _operating_point(y, s, threshold), _operating_point(y, s, 0.5)
-    ax.plot(
-        op["recall"],
-        op["precision"],
-        "o",
-        ms=9,
-        color="crimson",
-        label=f"operating point (t={threshold:.3g})",
-    )
-    ax.plot(half["recall"], half["precision"], "o", ms=8, mfc="none", color="black", label="t=0.5")
+    PrecisionRecallDisplay.from_predictions(y, s, name="PR", ax=ax, plot_chance_level=True)
+    _mark_operating_points(ax, y, s, threshold, roc=False)
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
     ax.set_title("Precision-recall curve")
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
     return fig
 
 
 def plot_threshold_sweep(y_true: Any, scores: Any, threshold: float) -> Figure:
-    """Sensitivity and specificity against the threshold, with the operating point marked."""
+    """Sensitivity and specificity against the threshold (no sklearn Display for this one)."""
     sweep = evaluate.threshold_sweep(y_true, scores)
     fig = Figure(figsize=(5.2, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    ax.step(sweep["threshold"], sweep["sensitivity"], where="post", lw=2, label="sensitivity")
-    ax.step(sweep["threshold"], sweep["specificity"], where="post", lw=2, label="specificity")
-    ax.axvline(threshold, color="crimson", ls="-", lw=1.5, label=f"operating point (t={threshold:.3g})")
+    for rate in ("sensitivity", "specificity"):
+        ax.step(sweep["threshold"], sweep[rate], where="post", lw=2, label=rate)
+    ax.axvline(threshold, color="crimson", lw=1.5, label=f"operating point (t={threshold:.3g})")
     ax.axvline(0.5, color="black", ls=":", lw=1, label="t=0.5")
-    ax.set_xlabel("threshold (positive when score >= t)")
-    ax.set_ylabel("rate")
-    ax.set_ylim(-0.01, 1.01)
+    ax.set(xlabel="threshold (positive when score >= t)", ylabel="rate", ylim=(-0.01, 1.01))
     ax.set_title("Sensitivity and specificity vs threshold")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
@@ -206,15 +179,16 @@ def plot_threshold_sweep(y_true: Any, scores: Any, threshold: float) -> Figure:
 
 
 def plot_calibration(y_true: Any, scores: Any, *, n_bins: int = 10) -> Figure:
-    """Reliability diagram (``calibration_curve``, uniform bins) over score histograms by class."""
+    """``CalibrationDisplay`` (uniform bins) over score histograms by class.
+
+    Raises ``ValueError`` (from scikit-learn) when scores lie outside [0, 1].
+    """
     y, s = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
-    prob_true, prob_pred = calibration_curve(y, s, n_bins=n_bins, strategy="uniform")
     fig = Figure(figsize=(4.6, 5.2), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    top.plot(prob_pred, prob_true, "-o", lw=2, label="model")
-    top.set_ylabel("fraction positive")
+    CalibrationDisplay.from_predictions(y, s, n_bins=n_bins, strategy="uniform", name="model", ax=top)
     top.set_ylim(-0.01, 1.01)
+    top.set(xlabel="", ylabel="fraction positive")
     top.set_title("Calibration")
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize="small")
@@ -280,7 +254,7 @@ def _load_thumbnail(path: str) -> np.ndarray | None:
         return None
 
 
-# ----------------------------------------------------------------------------- HTML pieces
+# ----------------------------------------------------------------------------- HTML context
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -293,48 +267,31 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _metrics_table(metrics: Mapping[str, Any]) -> str:
+def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per metric: value at the operating threshold, its 95 % CI, value at 0.5."""
     ci95 = metrics.get("ci95") or {}
     at_half = metrics.get("at_0_5") or {}
     rows = []
     for name, label in _METRIC_LABELS.items():
         ci = ci95.get(name)
-        ci_text = f"{_fmt(ci[0])} – {_fmt(ci[1])}" if ci else "n/a"
-        half = _fmt(at_half.get(name)) if name in evaluate.RATE_NAMES else "(threshold-free)"
         rows.append(
-            f"<tr><th>{_esc(label)}</th><td>{_esc(_fmt(metrics.get(name)))}</td>"
-            f"<td>{_esc(ci_text)}</td><td>{_esc(half)}</td></tr>"
+            {
+                "label": label,
+                "value": _fmt(metrics.get(name)),
+                "ci": f"{_fmt(ci[0])} – {_fmt(ci[1])}" if ci else "n/a",
+                "at_half": _fmt(at_half.get(name)) if name in evaluate.RATE_NAMES else "(threshold-free)",
+            }
         )
-    head = (
-        f"<tr><th>metric</th><th>at operating threshold {_esc(_fmt(metrics.get('threshold'), 4))}"
-        "</th><th>95 % CI (bootstrap)</th><th>at threshold 0.5</th></tr>"
-    )
-    cm = metrics.get("confusion_matrix")
-    cm_half = at_half.get("confusion_matrix")
-    cm_row = (
-        f"<tr><th>Confusion [[TN, FP], [FN, TP]]</th><td>{_esc(cm)}</td><td></td>"
-        f"<td>{_esc(cm_half)}</td></tr>"
-    )
-    return f"<table class='metrics'>{head}{''.join(rows)}{cm_row}</table>"
+    return rows
 
 
-def _value_html(value: Any) -> str:
+def _info_value(value: Any) -> Any:
+    """Run-info values as the template shows them: nested mappings stay mappings, the rest text."""
     if isinstance(value, Mapping):
-        return _key_value_table(value)
+        return {str(k): _info_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return _esc(", ".join(_fmt(v, 4) for v in value))
-    return _esc(_fmt(value, 4))
-
-
-def _key_value_table(values: Mapping[str, Any]) -> str:
-    rows = "".join(
-        f"<tr><th>{_esc(key)}</th><td>{_value_html(value)}</td></tr>" for key, value in values.items()
-    )
-    return f"<table class='kv'>{rows}</table>"
+        return ", ".join(_fmt(v, 4) for v in value)
+    return _fmt(value, 4)
 
 
 def _misclassified(
@@ -357,71 +314,44 @@ def _misclassified(
 
 
 def _gallery_item(
-    path: str,
-    score: float,
-    truth: int,
-    threshold: float,
-    thumbnail: np.ndarray | None,
-    heatmap: np.ndarray | None,
-) -> str:
-    images = []
-    if thumbnail is not None:
-        images.append(f"<img src='{_data_uri(_image_png(thumbnail, rgb=False))}' alt='image'>")
-    else:
-        images.append("<div class='missing'>image unreadable</div>")
-    if heatmap is not None:
-        images.append(f"<img src='{_data_uri(_image_png(heatmap, rgb=True))}' alt='heatmap'>")
-    predicted = CLASS_NAMES[int(score >= threshold)]
-    caption = (
-        f"<b>{_esc(Path(path).name)}</b><br>score {_esc(f'{score:.3f}')} · "
-        f"true {_esc(CLASS_NAMES[truth])} · predicted {_esc(predicted)}"
-    )
-    return (
-        f"<figure title='{_esc(path)}'><div class='pair'>{''.join(images)}</div>"
-        f"<figcaption>{caption}<br><span class='path'>{_esc(path)}</span></figcaption></figure>"
-    )
+    path: str, score: float, truth: int, threshold: float, thumbnail: np.ndarray | None, heatmap: Any
+) -> dict[str, Any]:
+    return {
+        "path": path,
+        "name": Path(path).name,
+        "score": f"{score:.3f}",
+        "truth": CLASS_NAMES[truth],
+        "predicted": CLASS_NAMES[int(evaluate.apply_threshold(np.asarray([score]), threshold)[0])],
+        "image": None if thumbnail is None else _data_uri(_image_png(thumbnail, rgb=False)),
+        "heatmap": None if heatmap is None else _data_uri(_image_png(heatmap, rgb=True)),
+    }
 
 
-def _gallery(
-    heading: str,
-    indices: list[int],
-    total: int,
-    *,
+def _galleries(
     y: np.ndarray,
     s: np.ndarray,
     paths: Sequence[str],
     threshold: float,
+    max_items: int,
     thumbnails: Mapping[str, np.ndarray],
     heatmaps: Mapping[str, np.ndarray],
-) -> str:
-    items = []
-    for i in indices:
-        path = str(paths[i])
-        thumbnail = thumbnails[path] if path in thumbnails else _load_thumbnail(path)
-        items.append(_gallery_item(path, float(s[i]), int(y[i]), threshold, thumbnail, heatmaps.get(path)))
-    shown = f"showing {len(indices)} of {total}"
-    body = "".join(items) if items else "<p>none</p>"
-    return f"<h3>{_esc(heading)} — {_esc(shown)}</h3><div class='gallery'>{body}</div>"
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222;
-max-width:1200px}
-.notice{background:#fff3cd;border:1px solid #e0b000;padding:.8rem 1rem;font-weight:600;
-border-radius:4px}
-table{border-collapse:collapse;margin:.5rem 0 1rem}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left;vertical-align:top}
-table.metrics td{font-variant-numeric:tabular-nums}
-.figs{display:flex;flex-wrap:wrap;gap:1rem}
-.figs img{max-width:560px;border:1px solid #eee}
-.gallery{display:flex;flex-wrap:wrap;gap:.8rem}
-.gallery figure{margin:0;width:290px;font-size:.8rem}
-.pair{display:flex;gap:4px}
-.pair img{width:140px;height:auto;image-rendering:auto}
-.missing{width:140px;height:140px;background:#eee;display:flex;align-items:center;
-justify-content:center;color:#900}
-.path{color:#666;word-break:break-all}
-"""
+) -> list[dict[str, Any]]:
+    """The false-negative and false-positive galleries (headings, counts, items)."""
+    fn_idx, fp_idx, n_fn, n_fp = _misclassified(y, s, threshold, max_items)
+    galleries = []
+    for heading, indices, total in (
+        ("False negatives (missed pneumonia)", fn_idx, n_fn),
+        ("False positives (false alarms)", fp_idx, n_fp),
+    ):
+        items = []
+        for i in indices:
+            path = str(paths[i])
+            thumbnail = thumbnails[path] if path in thumbnails else _load_thumbnail(path)
+            items.append(
+                _gallery_item(path, float(s[i]), int(y[i]), threshold, thumbnail, heatmaps.get(path))
+            )
+        galleries.append({"heading": heading, "shown": f"showing {len(indices)} of {total}", "items": items})
+    return galleries
 
 
 def _save_figure(fig: Figure, path: Path) -> str:
@@ -429,6 +359,56 @@ def _save_figure(fig: Figure, path: Path) -> str:
     png = _figure_png(fig)
     config.atomic_write_bytes(path, png)
     return _data_uri(png)
+
+
+def _figures(
+    y: np.ndarray, s: np.ndarray, threshold: float, metrics: Mapping[str, Any], plots_dir: Path
+) -> list[dict[str, str]]:
+    """Build, save (``plots_dir/<name>.png``) and embed each figure; a note where one is undefined."""
+    builders: list[tuple[str, str, Callable[[], Figure]]] = [
+        (
+            "confusion_matrix",
+            "Confusion matrix at the operating threshold",
+            lambda: plot_confusion_matrix(
+                metrics["confusion_matrix"], title=f"Confusion matrix (t={threshold:.3g})"
+            ),
+        ),
+        ("roc", "ROC curve", lambda: plot_roc(y, s, threshold)),
+        ("pr", "Precision-recall curve", lambda: plot_pr(y, s, threshold)),
+        (
+            "threshold_sweep",
+            "Sensitivity and specificity vs threshold",
+            lambda: plot_threshold_sweep(y, s, threshold),
+        ),
+        ("calibration", "Calibration", lambda: plot_calibration(y, s)),
+    ]
+    both_classes = len(np.unique(y)) == 2
+    figures = []
+    for name, caption, build in builders:
+        if name in ("roc", "pr") and not both_classes:
+            figures.append({"caption": caption, "note": "not defined with only one class"})
+            continue
+        try:
+            fig = build()
+        except ValueError as exc:  # e.g. calibration of scores outside [0, 1]
+            logger.warning("report: skipping %s: %s", name, exc)
+            figures.append({"caption": caption, "note": f"not available ({exc})"})
+            continue
+        figures.append({"caption": caption, "uri": _save_figure(fig, plots_dir / f"{name}.png")})
+    return figures
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """The report template (package file ``templates/report.html.j2``), HTML-escaping every value."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cxr_pneumonia", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html.j2")
 
 
 def write_report(
@@ -457,80 +437,26 @@ def write_report(
     if len(paths) != len(y):
         raise ValueError(f"paths has {len(paths)} items but scores has {len(y)}")
     out_dir = Path(out_dir)
-    plots_dir = out_dir / "plots"
-    thumbnails = dict(thumbnails or {})
-    heatmaps = dict(heatmaps or {})
-
-    both_classes = len(np.unique(y)) == 2
-    builders: list[tuple[str, str, Callable[[], Figure]]] = [
-        (
-            "confusion_matrix",
-            "Confusion matrix at the operating threshold",
-            lambda: plot_confusion_matrix(
-                metrics["confusion_matrix"], title=f"Confusion matrix (t={threshold:.3g})"
-            ),
-        ),
-        ("roc", "ROC curve", lambda: plot_roc(y, s, threshold)),
-        ("pr", "Precision-recall curve", lambda: plot_pr(y, s, threshold)),
-        (
-            "threshold_sweep",
-            "Sensitivity and specificity vs threshold",
-            lambda: plot_threshold_sweep(y, s, threshold),
-        ),
-        ("calibration", "Calibration", lambda: plot_calibration(y, s)),
-    ]
-    figures = []
-    for name, caption, build in builders:
-        if name in ("roc", "pr") and not both_classes:
-            figures.append(f"<p>{_esc(caption)}: not defined with only one class.</p>")
-            continue
-        try:
-            fig = build()
-        except ValueError as exc:  # e.g. calibration of scores outside [0, 1]
-            logger.warning("report: skipping %s: %s", name, exc)
-            figures.append(f"<p>{_esc(caption)}: not available ({_esc(exc)}).</p>")
-            continue
-        uri = _save_figure(fig, plots_dir / f"{name}.png")
-        figures.append(f"<img src='{uri}' alt='{_esc(caption)}' title='{_esc(caption)}'>")
-
-    fn_idx, fp_idx, n_fn, n_fp = _misclassified(y, s, threshold, max_misclassified)
-    gallery_kwargs = {
-        "y": y,
-        "s": s,
-        "paths": paths,
-        "threshold": threshold,
-        "thumbnails": thumbnails,
-        "heatmaps": heatmaps,
-    }
-    galleries = _gallery("False negatives (missed pneumonia)", fn_idx, n_fn, **gallery_kwargs) + _gallery(
-        "False positives (false alarms)", fp_idx, n_fp, **gallery_kwargs
-    )
     summary = (
         f"{metrics.get('n', len(y))} images: {metrics.get('n_positive', int(y.sum()))} "
         f"{CLASS_NAMES[1]}, {metrics.get('n_negative', int(len(y) - y.sum()))} {CLASS_NAMES[0]}. "
         f"Decision rule: {CLASS_NAMES[1]} when score ≥ {threshold:.4g}."
     )
-    document = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_esc(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_esc(title)}</h1>
-<p class="notice">{_esc(NOTICE)}</p>
-<p>{_esc(summary)}</p>
-<h2>Metrics</h2>
-{_metrics_table(metrics)}
-<h2>Figures</h2>
-<div class="figs">{"".join(figures)}</div>
-<h2>Run</h2>
-{_key_value_table(run_info)}
-<h2>Misclassified images</h2>
-{galleries}
-<details><summary>metrics (JSON)</summary>
-<pre>{_esc(json.dumps(metrics, indent=2, default=str))}</pre></details>
-<p class="notice">{_esc(NOTICE)}</p>
-</body></html>
-"""
+    document = _template().render(
+        title=title,
+        notice=NOTICE,
+        summary=summary,
+        threshold=_fmt(metrics.get("threshold"), 4),
+        metric_rows=_metric_rows(metrics),
+        confusion=metrics.get("confusion_matrix"),
+        confusion_at_half=(metrics.get("at_0_5") or {}).get("confusion_matrix"),
+        figures=_figures(y, s, threshold, metrics, out_dir / "plots"),
+        run_info=_info_value(run_info),
+        galleries=_galleries(
+            y, s, paths, threshold, max_misclassified, dict(thumbnails or {}), dict(heatmaps or {})
+        ),
+        metrics_json=json.dumps(metrics, indent=2, default=str),
+    )
     report_path = out_dir / "report.html"
     config.atomic_write_text(report_path, document)
     logger.info("report written to %s", report_path)
