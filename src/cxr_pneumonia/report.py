@@ -35,12 +35,13 @@ from sklearn.metrics import (
 )
 
 from cxr_pneumonia import config, evaluate
+from cxr_pneumonia.data import CLASS_NAMES
+from cxr_pneumonia.rundir import DISCLAIMER
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 TRAINING_METRICS = ("loss", "accuracy", "recall", "precision", "auc")
-NOTICE = "Research use only — not a medical device. Not for diagnosis or clinical decisions."
+NOTICE = DISCLAIMER  # the one research-use notice (rundir)
 THUMBNAIL_SIZE = 128
 _METRIC_LABELS = {
     "accuracy": "Accuracy",
@@ -371,7 +372,7 @@ def _gallery_item(
         images.append("<div class='missing'>image unreadable</div>")
     if heatmap is not None:
         images.append(f"<img src='{_data_uri(_image_png(heatmap, rgb=True))}' alt='heatmap'>")
-    predicted = CLASS_NAMES[int(score >= threshold)]
+    predicted = CLASS_NAMES[int(evaluate.apply_threshold(score, threshold))]
     caption = (
         f"<b>{_esc(Path(path).name)}</b><br>score {_esc(f'{score:.3f}')} · "
         f"true {_esc(CLASS_NAMES[truth])} · predicted {_esc(predicted)}"
