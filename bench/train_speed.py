@@ -50,6 +50,7 @@ def configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def project_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     from cxr_pneumonia.features import bf16_supported
+    from cxr_pneumonia.predict import Run
     from cxr_pneumonia.train import TrainConfig, train
 
     preprocess_cfg, model_cfg = configs(args)
@@ -64,13 +65,14 @@ def project_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         workers=args.workers,
     )
     with Timer() as timer:
-        run = train(
+        run_dir = train(
             args.csv,
             args.workdir / "run",
             preprocess_cfg=preprocess_cfg,
             model_cfg=model_cfg,
             train_cfg=train_cfg,
         )
+    run = Run.load(run_dir)
     history = pd.read_csv(run.path / "history.csv")
     data = run.config["data"]
     figures.update(

@@ -12,12 +12,9 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_pneumonia import export
+from cxr_pneumonia import export, runtime
 from cxr_pneumonia.cli import EXIT_OK, EXIT_USAGE, main
 from cxr_pneumonia.export import (
-    EXPORT_DIR,
-    EXPORT_INFO_FILE,
-    ONNX_FILE,
     ExportConfig,
     ExportError,
     choose_cuts,
@@ -26,7 +23,8 @@ from cxr_pneumonia.export import (
     single_tensor_cuts,
 )
 from cxr_pneumonia.io import list_image_files, load_image
-from cxr_pneumonia.predict import Run, RunError
+from cxr_pneumonia.predict import Run
+from cxr_pneumonia.rundir import EXPORT_DIR, EXPORT_INFO_FILE, ONNX_FILE, RunError
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +133,7 @@ def test_runtime_auto_uses_the_export_within_tolerance_on_unseen_images(exported
     p_ref = np.array([p.probability for p in reference.predict_paths(test_images)])
     assert np.abs(p_fast - p_ref).max() <= 0.01
     assert fast.info()["runtime"]["backend"] == "openvino"
-    assert fast._model is None, "the Keras model is loaded only when needed"
+    assert not fast._runtime.keras_loaded, "the Keras model is loaded only when needed"
     assert fast.model.name == reference.model.name  # ...and then on demand (Grad-CAM)
 
 
@@ -238,9 +236,7 @@ def test_neighbouring_segments_of_one_precision_compile_as_one_part():
 
 
 def test_auto_prefers_keras_where_a_gpu_is_present(exported_run, monkeypatch):
-    from cxr_pneumonia import predict
-
-    monkeypatch.setattr(predict, "_nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "nvidia_gpu_present", lambda: True)
     assert Run.load(exported_run).runtime["reason"] == "a GPU is present"
     assert Run.load(exported_run, runtime="openvino").runtime["backend"] == "openvino"
 

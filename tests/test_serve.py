@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient
 
 from cxr_pneumonia import serve
 from cxr_pneumonia.io import load_image
-from cxr_pneumonia.predict import DISCLAIMER, Run
+from cxr_pneumonia.predict import Run
+from cxr_pneumonia.rundir import DISCLAIMER
 
 IO_DATA = Path(__file__).resolve().parent / "data" / "io"
 

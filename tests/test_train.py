@@ -123,7 +123,7 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
     assert state["stage"] == "head" and state["stage_epoch"] == 2
     assert (out / "checkpoints" / "last.weights.h5").is_file()
 
-    run = train(None, out, resume=True)
+    run = Run.load(train(None, out, resume=True))
     assert (out / "model.keras").is_file() and not (out / STATE_FILE).exists()
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6]  # 4 head epochs, then 2 fine-tuning epochs
@@ -134,13 +134,13 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
 
 
 def test_fine_tuning_stage_trains_top_blocks_from_cached_activations(sample_dir, tmp_path):
-    run = train(
+    run_dir = train(
         sample_dir / "train", tmp_path / "run", preprocess_cfg=PreprocessConfig(size=64),
         model_cfg=dataclasses.replace(TINY_MODEL, fine_tune_blocks=1),
         train_cfg=TrainConfig(epochs=2, fine_tune_epochs=2, augment_views=1,
                               cache_dir=str(tmp_path / "cache"), workers=1),
     )  # fmt: skip
-    history = pd.read_csv(run.path / "history.csv")
+    history = pd.read_csv(run_dir / "history.csv")
     assert list(history["stage"]) == ["head", "head", "fine_tune", "fine_tune"]
     features = list((tmp_path / "cache" / "features").rglob("*.npy"))
     assert {f.name for f in features} == {
@@ -233,11 +233,13 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_dir, tmp_path):
         from cxr_pneumonia.model import ModelConfig
         from cxr_pneumonia.preprocess import PreprocessConfig
         from cxr_pneumonia.train import TrainConfig, train
-        run = train({str(sample_dir / "train")!r}, {str(tmp_path / "run")!r},
+        from cxr_pneumonia.predict import Run
+        run_dir = train({str(sample_dir / "train")!r}, {str(tmp_path / "run")!r},
                     preprocess_cfg=PreprocessConfig(size=64),
                     model_cfg=ModelConfig(backbone="resnet50v2", weights="none", image_size=64),
                     train_cfg=TrainConfig(epochs=2, strategy="mirrored", cache_dir={str(tmp_path / "c")!r},
                                           workers=1))
+        run = Run.load(run_dir)
         print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync, "threshold", run.threshold)
         """
     )

@@ -301,7 +301,8 @@ RuntimeOpt = Annotated[
 
 
 def _load_run(run: Path, runtime: str):
-    from cxr_pneumonia.predict import Run, RunError
+    from cxr_pneumonia.predict import Run
+    from cxr_pneumonia.rundir import RunError
 
     try:
         loaded = Run.load(run, runtime=runtime)
@@ -334,7 +335,8 @@ def export_command(
 ) -> None:
     """ONNX model (float32, any runtime) plus the fastest OpenVINO precision plan that keeps
     probabilities within --tolerance of float32 on validation images. Never pass test images."""
-    from cxr_pneumonia.export import ExportConfig, ExportError, export_dir, export_run
+    from cxr_pneumonia.export import ExportConfig, ExportError, export_run
+    from cxr_pneumonia.rundir import export_dir
 
     try:
         cfg = ExportConfig(
@@ -379,7 +381,7 @@ def evaluate(
     """Metrics with 95 % intervals at the run's saved threshold, and an HTML report."""
     from cxr_pneumonia.api import evaluate as api_evaluate
     from cxr_pneumonia.data import DatasetError
-    from cxr_pneumonia.predict import RunError
+    from cxr_pneumonia.rundir import RunError
 
     loaded = _load_run(run, runtime)
     try:
@@ -414,7 +416,7 @@ def robustness(
     """ROC-AUC, recall and specificity under contrast, gamma, blur, JPEG, crop, zoom and rotation."""
     from cxr_pneumonia.api import robustness as api_robustness
     from cxr_pneumonia.data import DatasetError
-    from cxr_pneumonia.predict import RunError
+    from cxr_pneumonia.rundir import RunError
 
     loaded = _load_run(run, runtime)
     try:
@@ -453,7 +455,8 @@ def predict(
     from tqdm.auto import tqdm
 
     from cxr_pneumonia.config import atomic_write_text
-    from cxr_pneumonia.predict import DISCLAIMER, expand_inputs
+    from cxr_pneumonia.predict import expand_inputs
+    from cxr_pneumonia.rundir import DISCLAIMER
 
     fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
     if fmt not in ("csv", "json"):
@@ -514,7 +517,8 @@ def explain(
 ) -> None:
     """Grad-CAM overlays (preprocessed image, heatmap, probability and label). Research use only."""
     from cxr_pneumonia.explain import ExplainError
-    from cxr_pneumonia.predict import DISCLAIMER, expand_inputs
+    from cxr_pneumonia.predict import expand_inputs
+    from cxr_pneumonia.rundir import DISCLAIMER
 
     loaded = _load_run(run, runtime)
     files = expand_inputs(images)
@@ -541,7 +545,7 @@ def serve(
     runtime: RuntimeOpt = "auto",
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
-    from cxr_pneumonia.predict import RunError
+    from cxr_pneumonia.rundir import RunError
     from cxr_pneumonia.serve import serve as run_server
 
     try:

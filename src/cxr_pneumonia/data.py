@@ -50,6 +50,8 @@ _KERMANY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^normal(\d+)-im-(\d+)-\d+", re.IGNORECASE), "NORMAL{0}-IM-{1}"),
     (re.compile(r"^im-(\d+)-\d+", re.IGNORECASE), "IM-{0}"),
 )
+# The ids those templates make (anything else is a path, meaningful only inside one dataset).
+_KERMANY_ID = re.compile(r"^(?:person\d+|NORMAL\d+-IM-\d+|IM-\d+)$")
 
 
 class DatasetError(ValueError):
@@ -89,6 +91,12 @@ def parse_patient_id(filename: str) -> str:
     returned unchanged (only its folders are dropped).
     """
     return _match_patient_id(filename) or Path(filename).name
+
+
+def is_kermany_patient_id(patient_id: str) -> bool:
+    """Whether ``patient_id`` names a Kermany patient (as :func:`parse_patient_id` makes them),
+    so that it means the same patient in any copy of the dataset."""
+    return _KERMANY_ID.match(patient_id) is not None
 
 
 def _patient_id_for(path: Path, base: Path) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from cxr_pneumonia.config import atomic_write_bytes
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.preprocess import PreprocessError
+from cxr_pneumonia.rundir import DISCLAIMER, ascii_text
 
 if TYPE_CHECKING:
     import keras
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "head_"  # model.build_model names every head layer head_*
 OUTPUT_SUFFIX = "_gradcam.png"
-CAPTION_NOTICE = "Research use only - not a medical device; not for diagnosis."
+CAPTION_NOTICE = ascii_text(DISCLAIMER)  # cv2.putText draws ASCII only
 _MIN_PANEL_SIDE = 256  # small models (64 px) would give an unreadable PNG at native size
 
 

@@ -1,4 +1,4 @@
-"""Export a run to ONNX, and run that export fast with OpenVINO in the precision each part tolerates.
+"""Export a run to ONNX with a plan of the precision each part tolerates under OpenVINO.
 
 ``export_run(RUN)`` writes ``RUN/export/``:
 
@@ -14,7 +14,8 @@ activation to 8 mantissa bits; over a whole backbone that moved probabilities by
 of the graph (residual adds), and the export keeps a segment in bfloat16 only if the run's
 validation images still score within ``tolerance`` of float32 (and ROC-AUC within
 ``auc_tolerance``). Segments are tried greedily, most time saved per unit of error first.
-Where the CPU lacks bfloat16 every segment runs in float32.
+Where the CPU lacks bfloat16 every segment runs in float32. :mod:`cxr_pneumonia.runtime` loads
+the export with the OpenVINO helpers defined here (the plan search runs them too).
 """
 
 from __future__ import annotations
@@ -36,16 +37,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_pneumonia import __version__
-from cxr_pneumonia.config import file_sha256, from_dict, read_json, to_dict, write_json
+from cxr_pneumonia import __version__, rundir
+from cxr_pneumonia.config import from_dict, to_dict, write_json
+from cxr_pneumonia.evaluate import apply_threshold
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
+from cxr_pneumonia.rundir import EXPORT_INFO_FILE, ONNX_FILE, export_dir
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"
-ONNX_FILE = "model.onnx"
-EXPORT_INFO_FILE = "export.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -299,7 +299,9 @@ def compare_scores(reference: np.ndarray, scores: np.ndarray, labels: np.ndarray
         "roc_auc_fp32": auc_ref,
         "roc_auc": auc,
         "roc_auc_diff": abs(auc - auc_ref) if both else None,
-        "label_agreement": float(np.mean((scores >= threshold) == (reference >= threshold))),
+        "label_agreement": float(
+            np.mean(apply_threshold(scores, threshold) == apply_threshold(reference, threshold))
+        ),
     }
 
 
@@ -381,9 +383,11 @@ def calibration_images(run_dir: Path, folder: Path | None, n: int, seed: int) ->
         table = discover(folder)[["path", "label"]]
         source = str(folder)
     else:
-        csv = run_dir / "val_predictions.csv"
+        csv = run_dir / rundir.VAL_PREDICTIONS_FILE
         if not csv.is_file():
-            raise ExportError(f"{run_dir}: no val_predictions.csv; pass calibration images (class folders)")
+            raise ExportError(
+                f"{run_dir}: no {rundir.VAL_PREDICTIONS_FILE}; pass calibration images (class folders)"
+            )
         table = pd.read_csv(csv)[["path", "label"]]
         source = "the run's validation split"
     missing = [p for p in table["path"] if not Path(p).is_file()]
@@ -426,10 +430,6 @@ def _keras_scores(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     return _batched(lambda b: np.asarray(forward(b), np.float32).reshape(-1), x, batch_size)
 
 
-def export_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EXPORT_DIR
-
-
 def export_run(
     run_dir: str | Path,
     cfg: ExportConfig | None = None,
@@ -447,13 +447,13 @@ def export_run(
     cfg = cfg or ExportConfig()
     run_dir = Path(run_dir)
     say = progress or (lambda message: log.info(message))
-    model_file = run_dir / "model.keras"
-    if not model_file.is_file() or not (run_dir / "config.json").is_file():
-        raise ExportError(f"{run_dir}: not a complete run directory (needs model.keras and config.json)")
+    needed = (rundir.MODEL_FILE, rundir.CONFIG_FILE)
+    if rundir.missing_files(run_dir, needed):
+        raise ExportError(f"{run_dir}: not a complete run directory (needs {' and '.join(needed)})")
     if not openvino_available() and cfg.precision != "fp32":
         raise ExportError("the precision check needs OpenVINO (pip install openvino); or --precision fp32")
-    config = read_json(run_dir / "config.json")
-    threshold = read_json(run_dir / "threshold.json")
+    config = rundir.read_config(run_dir)
+    threshold = rundir.read_threshold(run_dir)
     pcfg = from_dict(PreprocessConfig, config["preprocess"])
     images = calibration_images(
         run_dir, Path(calibration) if calibration else None, cfg.calibration_images, cfg.seed
@@ -463,7 +463,7 @@ def export_run(
 
     say("exporting to ONNX")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    model = keras.models.load_model(model_file, compile=False)
+    model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
     reference = _keras_scores(model, x, cfg.batch_size)
     from cxr_pneumonia.model import get_backbone
 
@@ -486,7 +486,7 @@ def export_run(
             output=OUTPUT_NAME,
             input_shape=[None, pcfg.size, pcfg.size, 1],
             input_values="preprocessed grayscale pixels, float32 in [0, 255]",
-            model_sha256=file_sha256(model_file),
+            model_sha256=rundir.model_sha256(run_dir),
             package_version=__version__,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             config=to_dict(cfg),
@@ -586,48 +586,3 @@ def _plan_and_checks(
         },
         "search": search,
     }
-
-
-# ---- loading ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadedExport:
-    model: SegmentedModel
-    info: dict[str, Any]
-    precisions: list[str]
-    note: str
-
-
-def read_export_info(run_dir: str | Path) -> dict[str, Any] | None:
-    path = export_dir(run_dir) / EXPORT_INFO_FILE
-    return read_json(path) if path.is_file() and (path.parent / ONNX_FILE).is_file() else None
-
-
-def export_is_stale(run_dir: str | Path, info: dict[str, Any]) -> bool:
-    model_file = Path(run_dir) / "model.keras"
-    return model_file.is_file() and file_sha256(model_file) != info.get("model_sha256")
-
-
-def load_export(run_dir: str | Path, *, threads: int | None = None) -> LoadedExport:
-    """Compile a run's export with OpenVINO in its precision plan (float32 where the CPU
-    lacks bfloat16)."""
-    import onnx
-
-    info = read_export_info(run_dir)
-    if info is None:
-        raise ExportError(f"{run_dir}: no export; run `cxr-pneumonia export {run_dir}` first")
-    if not openvino_available():
-        raise ExportError("OpenVINO is not installed (pip install openvino)")
-    if export_is_stale(run_dir, info):
-        raise ExportError(f"{run_dir}: the export is older than model.keras; export again")
-    precisions = [s["precision"] for s in info["segments"]]
-    note = ""
-    if "bf16" in precisions and not cpu_supports_bf16():
-        precisions = ["fp32"] * len(precisions)
-        note = "this CPU lacks bfloat16; running every segment in float32"
-        log.info(note)
-    proto = onnx.load(str(export_dir(run_dir) / ONNX_FILE))
-    bounds = [(s["input"], s["output"]) for s in info["segments"]]
-    model = compile_parts(proto, merge_runs(bounds, precisions), threads)
-    return LoadedExport(model, info, precisions, note)

@@ -34,6 +34,8 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
+# The one signature table: what serve accepts and what load_image_bytes decodes.
+_SIGNATURES = ((_PNG_MAGIC, "png"), (_JPEG_MAGIC, "jpeg"))
 # JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) are not SOFs.
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM and RST0-7 (SOI/EOI are handled explicitly).
@@ -84,6 +86,14 @@ def is_dicom(head: bytes) -> bool:
     return len(head) >= end and bytes(head[_DICOM_MAGIC_OFFSET:end]) == _DICOM_MAGIC
 
 
+def sniff_format(data: bytes) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from the leading bytes; None when it is none of them."""
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            return kind
+    return "dicom" if is_dicom(data) else None
+
+
 def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a PNG, JPEG or DICOM file as a uint8, C-contiguous H×W grayscale array.
 
@@ -118,11 +128,12 @@ def load_image_bytes(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
         raise EmptyFileError(name, "empty file (0 bytes)")
-    if data.startswith(_PNG_MAGIC):
+    kind = sniff_format(data)
+    if kind == "png":
         image = _decode_png(data, name, max_pixels)
-    elif data.startswith(_JPEG_MAGIC):
+    elif kind == "jpeg":
         image = _decode_jpeg(data, name, max_pixels)
-    elif is_dicom(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
+    elif kind == "dicom" or Path(name).suffix.lower() in DICOM_SUFFIXES:
         image = _decode_dicom(data, name, max_pixels)
     else:
         raise NotAnImageError(name, _not_an_image_reason(data))

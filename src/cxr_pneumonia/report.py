@@ -30,12 +30,13 @@ from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from cxr_pneumonia import config, evaluate
+from cxr_pneumonia.data import CLASS_NAMES
+from cxr_pneumonia.rundir import DISCLAIMER
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 TRAINING_METRICS = ("loss", "accuracy", "recall", "precision", "auc")
-NOTICE = "Research use only — not a medical device. Not for diagnosis or clinical decisions."
+NOTICE = DISCLAIMER  # the one research-use notice (rundir)
 THUMBNAIL_SIZE = 128
 _METRIC_LABELS = {
     "accuracy": "Accuracy",

@@ -42,11 +42,12 @@ from cxr_pneumonia.io import (
     ImageReadError,
     ImageTooLargeError,
     NotAnImageError,
-    is_dicom,
     load_image_bytes,
+    sniff_format,
 )
-from cxr_pneumonia.predict import DISCLAIMER, Run, label_for
+from cxr_pneumonia.predict import Run, label_for
 from cxr_pneumonia.preprocess import PreprocessError
+from cxr_pneumonia.rundir import DISCLAIMER
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ PREDICT_PATH = "/v1/predict"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Room for the multipart boundary and part headers around the file itself.
 _MULTIPART_SLACK = 64 * 1024
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
 SUPPORTED_TYPES = "PNG, JPEG or DICOM"
 # The page loads only its own script and style; results come back as data: URIs.
 PAGE_HEADERS = {
@@ -113,11 +113,9 @@ def upload_kind(data: bytes, filename: str) -> str | None:
     A ``.dcm``/``.dicom`` name makes a file without the DICOM preamble worth trying
     (``"dicom?"``): decoding then decides whether it is one.
     """
-    for magic, kind in _MAGIC:
-        if data.startswith(magic):
-            return kind
-    if is_dicom(data):
-        return "dicom"
+    kind = sniff_format(data)
+    if kind is not None:
+        return kind
     if Path(filename).suffix.lower() in DICOM_SUFFIXES:
         return "dicom?"
     return None

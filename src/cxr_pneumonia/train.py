@@ -49,15 +49,23 @@ from cxr_pneumonia.model import (
     set_trainable_blocks,
     split_model,
 )
-from cxr_pneumonia.predict import METRICS_VAL_FILE, MODEL_FILE, Run
 from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
+from cxr_pneumonia.rundir import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_WEIGHTS_FILE,
+    FAILURES_FILE,
+    HISTORY_FILE,
+    METRICS_VAL_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAINING_CURVES_FILE,
+    TRAINING_IMAGES_FILE,
+    VAL_PREDICTIONS_FILE,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.json"
-CHECKPOINT_DIR = "checkpoints"
-HISTORY_FILE = "history.csv"
-TRAINING_IMAGES_FILE = "training_images.csv"  # content hashes + patient ids, for leakage checks
 STRATEGIES = ("default", "mirrored")
 
 
@@ -131,7 +139,7 @@ def prepare_data(
         [Path(p) for p in both["path"]], preprocess_cfg, cache_dir / "preprocessed", workers=train_cfg.workers
     )
     both["cached"] = [str(p) if p is not None else None for p in cached]
-    write_failures_csv(run_dir / "failures.csv", report.failures)
+    write_failures_csv(run_dir / FAILURES_FILE, report.failures)
     for source, reason in report.failures:
         log.warning("skipping %s: %s", source, reason)
     both = both[both["cached"].notna()].reset_index(drop=True)
@@ -193,7 +201,7 @@ def _checkpoint_callback(model: Any, run_dir: Path, stage: str, history_rows: li
             ckpt.mkdir(parents=True, exist_ok=True)
             tmp = ckpt / ".last.tmp.weights.h5"
             model.save_weights(tmp)
-            os.replace(tmp, ckpt / "last.weights.h5")
+            os.replace(tmp, ckpt / CHECKPOINT_WEIGHTS_FILE)
             state = read_json(run_dir / STATE_FILE)
             state.update(stage=stage, stage_epoch=epoch + 1, history=history_rows)
             write_json(run_dir / STATE_FILE, state)
@@ -352,8 +360,8 @@ def train(
     train_cfg: TrainConfig | None = None,
     callbacks: Sequence[Any] = (),
     resume: bool = False,
-) -> Run:
-    """Train on ``data`` into the run directory ``out``; return the loaded :class:`Run`.
+) -> Path:
+    """Train on ``data`` into the run directory ``out`` and return it (``predict.Run.load`` loads it).
 
     With ``resume=True`` the configs and data come from ``out/train_state.json`` and training
     continues from the last completed epoch.
@@ -404,8 +412,8 @@ def train(
     strategy = _distribution(train_cfg.strategy)
     with strategy.scope():
         model = build_model(model_cfg)
-        if resume and (run_dir / CHECKPOINT_DIR / "last.weights.h5").exists():
-            model.load_weights(run_dir / CHECKPOINT_DIR / "last.weights.h5")
+        if resume and (run_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS_FILE).exists():
+            model.load_weights(run_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS_FILE)
             log.info(
                 "resumed from %s (stage %s, epoch %s)",
                 run_dir / CHECKPOINT_DIR,
@@ -498,7 +506,7 @@ def train(
         data=data,
         seconds=time.perf_counter() - started,
     )
-    return Run.load(run_dir)
+    return run_dir
 
 
 def _weights_identity(model_cfg: ModelConfig) -> str:
@@ -534,7 +542,7 @@ def _finish_run(
     history = pd.DataFrame(history_rows)
     history.to_csv(run_dir / HISTORY_FILE, index=False)
     if not history.empty:
-        plot_training_curves(history, run_dir / "plots" / "training_curves.png")
+        plot_training_curves(history, run_dir / TRAINING_CURVES_FILE)
     seen = pd.concat([train_df.assign(role="train"), val_df.assign(role="val")], ignore_index=True)
     seen = seen.assign(sha256=[Path(c).stem for c in seen["cached"]])
     seen[["sha256", "patient_id", "label", "role"]].to_csv(run_dir / TRAINING_IMAGES_FILE, index=False)
@@ -545,10 +553,10 @@ def _finish_run(
             "patient_id": val_df["patient_id"],
             "probability": val_scores.astype(np.float64),  # exact float32 values survive the CSV
         }
-    ).to_csv(run_dir / "val_predictions.csv", index=False)
+    ).to_csv(run_dir / VAL_PREDICTIONS_FILE, index=False)
     write_json(run_dir / METRICS_VAL_FILE, metrics_val)
     threshold = {**choice.to_dict(), "chosen_on": "validation (patient-grouped split of the training data)"}
-    Run.write_metadata(
+    write_metadata(
         run_dir,
         preprocess_cfg=preprocess_cfg,
         model_cfg=model_cfg,

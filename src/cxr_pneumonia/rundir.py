@@ -1,0 +1,143 @@
+"""The run directory: the files every stage reads and writes, and the checks on them.
+
+A run directory holds everything needed to apply a model exactly as it was validated::
+
+    model.keras            the trained model; written last, by rename: a run is complete when it exists
+    config.json            preprocessing, model and training configs, package version, data fingerprint
+    threshold.json         the operating point chosen on validation
+    metrics_val.json       validation metrics at that threshold
+    val_predictions.csv    validation images with their scores (robustness, export calibration)
+    training_images.csv    content hashes and patient ids of every image trained or validated on
+    history.csv            per-epoch training history (plots/training_curves.png draws it)
+    failures.csv           images training could not read
+    train_state.json       only while training is unfinished (resume)
+    checkpoints/           only while training is unfinished (resume)
+    export/                after ``cxr-pneumonia export``: model.onnx and export.json
+
+Only this module names those files; train writes them, export, runtime, predict and evaluation
+read them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cxr_pneumonia import __version__
+from cxr_pneumonia.batch import FAILURES_NAME
+from cxr_pneumonia.config import file_sha256, read_json, to_dict, write_json
+from cxr_pneumonia.data import CLASS_NAMES
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+THRESHOLD_FILE = "threshold.json"
+METRICS_VAL_FILE = "metrics_val.json"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+TRAINING_IMAGES_FILE = "training_images.csv"  # content hashes + patient ids, for leakage checks
+HISTORY_FILE = "history.csv"
+TRAINING_CURVES_FILE = "plots/training_curves.png"
+FAILURES_FILE = FAILURES_NAME  # the same name as a preprocess output folder's
+STATE_FILE = "train_state.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_WEIGHTS_FILE = "last.weights.h5"
+EXPORT_DIR = "export"
+ONNX_FILE = "model.onnx"
+EXPORT_INFO_FILE = "export.json"
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, THRESHOLD_FILE)
+
+# The one research-use notice (API answers, CLI, model card, report, Grad-CAM captions).
+DISCLAIMER = "Research use only — not a medical device; not for diagnosis."
+
+
+class RunError(RuntimeError):
+    """A run directory is missing, incomplete or inconsistent."""
+
+
+def ascii_text(text: str) -> str:
+    """``text`` with typographic dashes as ASCII hyphens (OpenCV's Hershey fonts draw ASCII only)."""
+    return text.replace("—", "-").replace("–", "-")
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def write_metadata(
+    path: Path,
+    *,
+    preprocess_cfg: Any,
+    model_cfg: Any,
+    threshold: dict[str, Any],
+    train_cfg: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write config.json and threshold.json for a model saved at ``path / model.keras``."""
+    config = {
+        "package_version": __version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "preprocess": to_dict(preprocess_cfg),
+        "model": to_dict(model_cfg),
+        "train": to_dict(train_cfg) if train_cfg is not None else None,
+        "class_names": list(CLASS_NAMES),
+        **(extra or {}),
+    }
+    write_json(Path(path) / CONFIG_FILE, config)
+    write_json(Path(path) / THRESHOLD_FILE, threshold)
+
+
+# ---- reading and checks ------------------------------------------------------------------------
+
+
+def missing_files(path: Path, names: Iterable[str] = REQUIRED_FILES) -> list[str]:
+    """The ``names`` that are not files in ``path``."""
+    return [name for name in names if not (Path(path) / name).is_file()]
+
+
+def check_complete(path: Path) -> None:
+    """Raise :class:`RunError` unless ``path`` holds model.keras, config.json and threshold.json
+    (a half-written run has no model.keras)."""
+    missing = missing_files(path)
+    if missing:
+        raise RunError(f"{path}: not a complete run directory (missing {', '.join(missing)})")
+
+
+def is_complete(path: Path) -> bool:
+    """Whether training finished (model.keras exists)."""
+    return (Path(path) / MODEL_FILE).exists()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return read_json(Path(path) / CONFIG_FILE)
+
+
+def read_threshold(path: Path) -> dict[str, Any]:
+    return read_json(Path(path) / THRESHOLD_FILE)
+
+
+def read_metrics_val(path: Path) -> dict[str, Any] | None:
+    file = Path(path) / METRICS_VAL_FILE
+    return read_json(file) if file.is_file() else None
+
+
+# ---- the export folder -------------------------------------------------------------------------
+
+
+def export_dir(path: str | Path) -> Path:
+    return Path(path) / EXPORT_DIR
+
+
+def read_export_info(path: str | Path) -> dict[str, Any] | None:
+    """export.json of a run's export, or None when there is no complete export."""
+    info = export_dir(path) / EXPORT_INFO_FILE
+    return read_json(info) if info.is_file() and (info.parent / ONNX_FILE).is_file() else None
+
+
+def model_sha256(path: str | Path) -> str:
+    """SHA-256 of the run's model.keras (what an export records, to detect retraining)."""
+    return file_sha256(Path(path) / MODEL_FILE)
+
+
+def export_is_stale(path: str | Path, info: dict[str, Any]) -> bool:
+    """Whether model.keras changed since the export described by ``info`` was made."""
+    return (Path(path) / MODEL_FILE).is_file() and model_sha256(path) != info.get("model_sha256")

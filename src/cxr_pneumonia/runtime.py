@@ -1,0 +1,166 @@
+"""A run's forward pass behind one call: Keras float32, or its OpenVINO export.
+
+``load_runtime(run_dir, "auto" | "keras" | "openvino")`` returns a :class:`Runtime`:
+``runtime(batch)`` maps float32 N×H×W×1 preprocessed pixels to N probabilities, and
+``runtime.info`` says which backend and precision answer (shown in the model card and reports).
+``auto`` takes the run's export when it is there, current and OpenVINO is installed, except on a
+machine with an NVIDIA GPU, where TensorFlow is faster and exact. The OpenVINO pieces that the
+export's plan search also runs (:class:`~cxr_pneumonia.export.SegmentedModel`,
+:func:`~cxr_pneumonia.export.compile_parts`) live in :mod:`cxr_pneumonia.export`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cxr_pneumonia import rundir
+from cxr_pneumonia.rundir import RunError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "keras", "openvino")
+RuntimeKind = Literal["auto", "keras", "openvino"]
+KERAS_INFO = {"backend": "keras", "precision": "fp32"}
+
+
+class Runtime:
+    """A run's model as one callable; the Keras model is loaded only when something needs it."""
+
+    def __init__(
+        self, path: Path, info: dict[str, Any], *, export_model: Any = None, keras_model: Any = None
+    ) -> None:
+        self.path = Path(path)
+        self.info = info
+        self._export_model = export_model
+        self._keras_model = keras_model
+        self._forward: Any = export_model
+
+    @property
+    def keras_model(self) -> Any:
+        """The Keras model (Grad-CAM needs it even when the export answers)."""
+        if self._keras_model is None:
+            import keras
+
+            self._keras_model = keras.models.load_model(self.path / rundir.MODEL_FILE, compile=False)
+        return self._keras_model
+
+    @property
+    def keras_loaded(self) -> bool:
+        return self._keras_model is not None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (float32, shape N) for a float32 N×H×W×1 batch."""
+        if self._forward is None:
+            from cxr_pneumonia.model import inference_function
+
+            self._forward = inference_function(self.keras_model)
+        return np.asarray(self._forward(batch), dtype=np.float32).reshape(-1)
+
+
+def load_runtime(path: str | Path, kind: RuntimeKind = "auto") -> Runtime:
+    """The runtime ``kind`` for the run at ``path`` (see the module docstring).
+
+    Raises:
+        RunError: unknown ``kind``, or ``openvino`` asked for and the export is missing, stale or
+            cannot be compiled.
+    """
+    path = Path(path)
+    check_kind(kind)
+    export_model, info = _choose(path, kind)
+    runtime = Runtime(path, info, export_model=export_model)
+    if export_model is None:
+        runtime.keras_model  # noqa: B018 - load now, so that a broken model.keras fails at load time
+    return runtime
+
+
+def check_kind(kind: str) -> None:
+    if kind not in RUNTIMES:
+        raise RunError(f"unknown runtime {kind!r}; valid: {list(RUNTIMES)}")
+
+
+def _choose(path: Path, kind: str) -> tuple[Any, dict[str, Any]]:
+    """(compiled export or None for Keras, description of the runtime in use)."""
+    from cxr_pneumonia.export import ExportError
+
+    if kind == "keras":
+        return None, {**KERAS_INFO, "reason": "asked for"}
+    if kind == "auto" and rundir.read_export_info(path) is None:
+        return None, {**KERAS_INFO, "reason": "no export"}
+    if kind == "auto" and nvidia_gpu_present():
+        # The export runs on the CPU; TensorFlow on a GPU is faster and exact.
+        return None, {**KERAS_INFO, "reason": "a GPU is present"}
+    try:
+        loaded = load_export(path)
+    except (ExportError, ImportError, RuntimeError) as e:
+        if kind == "openvino":
+            raise RunError(str(e)) from e
+        log.warning("%s; using Keras float32", e)
+        return None, {**KERAS_INFO, "reason": str(e)}
+    return loaded.model, _export_info(loaded)
+
+
+def _export_info(loaded: LoadedExport) -> dict[str, Any]:
+    checks = loaded.info.get("checks", {})
+    n_bf16 = loaded.precisions.count("bf16")
+    info = {
+        "backend": "openvino",
+        "precision": "fp32" if not n_bf16 else f"bf16 in {n_bf16} of {len(loaded.precisions)} segments",
+        "segments": loaded.precisions,
+        "checked_max_abs_diff": checks.get("max_abs_diff") if n_bf16 else 0.0,
+        "checked_on": loaded.info.get("calibration"),
+    }
+    if loaded.note:
+        info["reason"] = loaded.note
+    return info
+
+
+def nvidia_gpu_present() -> bool:
+    """Cheap check (no TensorFlow import): the NVIDIA driver lists a GPU."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+# ---- the OpenVINO export ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedExport:
+    model: Any  # export.SegmentedModel
+    info: dict[str, Any]
+    precisions: list[str]
+    note: str
+
+
+def load_export(run_dir: str | Path, *, threads: int | None = None) -> LoadedExport:
+    """Compile a run's export with OpenVINO in its precision plan (float32 where the CPU
+    lacks bfloat16).
+
+    Raises:
+        ExportError: no export, OpenVINO missing, or the export is older than model.keras.
+    """
+    import onnx
+
+    from cxr_pneumonia import export
+
+    info = rundir.read_export_info(run_dir)
+    if info is None:
+        raise export.ExportError(f"{run_dir}: no export; run `cxr-pneumonia export {run_dir}` first")
+    if not export.openvino_available():
+        raise export.ExportError("OpenVINO is not installed (pip install openvino)")
+    if rundir.export_is_stale(run_dir, info):
+        raise export.ExportError(f"{run_dir}: the export is older than {rundir.MODEL_FILE}; export again")
+    precisions = [s["precision"] for s in info["segments"]]
+    note = ""
+    if "bf16" in precisions and not export.cpu_supports_bf16():
+        precisions = ["fp32"] * len(precisions)
+        note = "this CPU lacks bfloat16; running every segment in float32"
+        log.info(note)
+    proto = onnx.load(str(rundir.export_dir(run_dir) / rundir.ONNX_FILE))
+    bounds = [(s["input"], s["output"]) for s in info["segments"]]
+    model = export.compile_parts(proto, export.merge_runs(bounds, precisions), threads)
+    return LoadedExport(model, info, precisions, note)
