@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from cxr_pneumonia import api
 from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, main
+from cxr_pneumonia.config import override
 from cxr_pneumonia.evaluate import choose_threshold
 from cxr_pneumonia.io import load_image
 from cxr_pneumonia.model import ModelConfig
@@ -119,7 +119,7 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
 def test_fine_tuning_stage_trains_top_blocks_from_cached_activations(sample_dir, tmp_path):
     run = train(
         sample_dir / "train", tmp_path / "run", preprocess_cfg=PreprocessConfig(size=64),
-        model_cfg=dataclasses.replace(TINY_MODEL, fine_tune_blocks=1),
+        model_cfg=override(TINY_MODEL, fine_tune_blocks=1),
         train_cfg=TrainConfig(epochs=2, fine_tune_epochs=2, augment_views=1,
                               cache_dir=str(tmp_path / "cache"), workers=1),
     )  # fmt: skip

@@ -13,7 +13,6 @@ run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predic
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cxr_pneumonia.config import file_sha256, write_json
+from cxr_pneumonia.config import file_sha256, override, write_json
 from cxr_pneumonia.data import discover
 from cxr_pneumonia.export import ExportConfig, export_run
 from cxr_pneumonia.io import ImageReadError, load_image
@@ -52,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def _split_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(cls.model_fields)
     return {k: overrides.pop(k) for k in list(overrides) if k in names and overrides[k] is not None}
 
 
@@ -68,9 +67,9 @@ def train(
 ) -> Run:
     """Train a run; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=`` ...) go to
     whichever config has that field."""
-    model_cfg = dataclasses.replace(model_cfg or ModelConfig(), **_split_overrides(ModelConfig, overrides))
-    train_cfg = dataclasses.replace(train_cfg or TrainConfig(), **_split_overrides(TrainConfig, overrides))
-    preprocess_cfg = dataclasses.replace(
+    model_cfg = override(model_cfg or ModelConfig(), **_split_overrides(ModelConfig, overrides))
+    train_cfg = override(train_cfg or TrainConfig(), **_split_overrides(TrainConfig, overrides))
+    preprocess_cfg = override(
         preprocess_cfg or PreprocessConfig(), **_split_overrides(PreprocessConfig, overrides)
     )
     if overrides:
