@@ -107,7 +107,7 @@ def _config_option(cls: Any, name: str) -> pyinspect.Parameter:
     if field.default is not None and not field.is_required():
         default = f"{field.default:g}" if isinstance(field.default, float) else field.default
         text += f" (default: {default})"
-    option = typer.Option(help=text, metavar=("|".join(choices) if choices else None))
+    option = typer.Option(help=text)
     return pyinspect.Parameter(
         name, pyinspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
     )
@@ -125,7 +125,8 @@ def _deferred_command(name: str, configs: Callable[[], tuple[Any, ...]], skip: t
 
             @functools.wraps(command)
             def run(**values: Any) -> None:
-                command(**values, overrides={p.name: values.pop(p.name) for p in options})
+                overrides = {p.name: values.pop(p.name) for p in options}
+                command(**values, overrides=overrides)
 
             run.__signature__ = pyinspect.Signature(  # type: ignore[attr-defined]
                 [*(p for p in own if p.name != "overrides"), *options]

@@ -76,6 +76,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_WEIGHTS = "last.weights.h5"  # the whole model after the last completed epoch
 OPTIMIZER_FILE = "optimizer.npz"  # the variables of the optimiser of the stage being fitted
 BEST_WEIGHTS = "best.weights.h5"  # that stage's weights at its best epoch (early stopping)
+RANDOM_STATE_FILE = "random_state.npz"  # the layers' seed states (Dropout), not part of the weights
 HISTORY_FILE = "history.csv"
 TRAINING_IMAGES_FILE = "training_images.csv"  # content hashes + patient ids, for leakage checks
 
@@ -309,35 +310,46 @@ def _checkpoint_callback(fit: _Fit, stage: Stage, stop: Any) -> Any:
             ckpt = fit.run_dir / CHECKPOINT_DIR
             ckpt.mkdir(parents=True, exist_ok=True)
             _save_weights(fit.model, ckpt / LAST_WEIGHTS)
+            _save_arrays([np.asarray(v.numpy()) for v in _random_states(fit.model)], ckpt / RANDOM_STATE_FILE)
             _save_arrays(
                 [np.asarray(v.numpy()) for v in stage.part.optimizer.variables], ckpt / OPTIMIZER_FILE
             )
             if stop.best_epoch == epoch and stop.best_weights is not None:
                 _save_weights(stage.part, ckpt / BEST_WEIGHTS)
+            version, internal, gauss = random.getstate()  # Keras shuffles each epoch's batches with it
             state = read_json(fit.run_dir / STATE_FILE)
-            state.update(
-                stage=stage.name, stage_epoch=epoch + 1, history=fit.history, early_stopping=stop.state()
-            )
+            state.update(stage=stage.name, stage_epoch=epoch + 1, history=fit.history)
+            state.update(early_stopping=stop.state(), python_random=[version, list(internal), gauss])
             write_json(fit.run_dir / STATE_FILE, state)
 
     return Checkpoint()
 
 
-def _restore_optimizer(part: Any, path: Path) -> bool:
-    """Adam's step count and moments as they were after the last completed epoch."""
+def _random_states(model: Any) -> list[Any]:
+    """The model's variables that are not weights: its layers' seed states (Dropout's masks)."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _restore_variables(variables: list[Any], path: Path, what: str) -> bool:
+    """Assign the arrays saved in ``path`` to ``variables`` (False, with a warning, when it cannot)."""
     if not path.is_file():
-        log.warning("%s missing: the optimiser restarts with fresh moments", path)
+        log.warning("%s missing: %s start afresh", path, what)
         return False
     with np.load(path) as saved:
         values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    part.optimizer.build(part.trainable_variables)
-    variables = part.optimizer.variables
     if [tuple(v.shape) for v in variables] != [v.shape for v in values]:
-        log.warning("%s does not match the model: the optimiser restarts with fresh moments", path)
+        log.warning("%s does not match the model: %s start afresh", path, what)
         return False
     for variable, value in zip(variables, values, strict=True):
         variable.assign(value)
     return True
+
+
+def _restore_optimizer(part: Any, path: Path) -> bool:
+    """Adam's step count and moments as they were after the last completed epoch."""
+    part.optimizer.build(part.trainable_variables)
+    return _restore_variables(part.optimizer.variables, path, "the optimiser's moments")
 
 
 def _saved_best_weights(part: Any, path: Path) -> list[np.ndarray] | None:
@@ -391,11 +403,9 @@ def _stage_data(fit: _Fit, stage: Stage, initial_epoch: int) -> tuple[Any, Any]:
 
 def _fit_stage(fit: _Fit, stage: Stage, resumed: dict[str, Any] | None) -> None:
     """Compile and fit one stage; ``resumed`` is the saved state of this stage when interrupted."""
-    compile_model(stage.part, stage.learning_rate, fit.model_cfg)
     stop = _early_stopping(fit.train_cfg.patience)
-    initial = 0
+    ckpt, initial = fit.run_dir / CHECKPOINT_DIR, 0
     if resumed is not None:
-        ckpt = fit.run_dir / CHECKPOINT_DIR
         initial = int(resumed["stage_epoch"])
         if resumed.get("early_stopping"):
             stop.restore(resumed["early_stopping"], _saved_best_weights(stage.part, ckpt / BEST_WEIGHTS))
@@ -403,7 +413,12 @@ def _fit_stage(fit: _Fit, stage: Stage, resumed: dict[str, Any] | None) -> None:
             if stop.best_weights is not None:
                 stage.part.set_weights(stop.best_weights)
             return
+    compile_model(stage.part, stage.learning_rate, fit.model_cfg)
+    if resumed is not None:
         _restore_optimizer(stage.part, ckpt / OPTIMIZER_FILE)
+        if resumed.get("python_random"):
+            version, internal, gauss = resumed["python_random"]
+            random.setstate((version, tuple(internal), gauss))
     train_data, val_data = _stage_data(fit, stage, initial)
     stage.part.fit(
         train_data,
@@ -645,6 +660,7 @@ def _build_or_restore(model_cfg: ModelConfig, run_dir: Path, state: dict[str, An
     last = run_dir / CHECKPOINT_DIR / LAST_WEIGHTS
     if state is not None and last.exists():
         model.load_weights(last)
+        _restore_variables(_random_states(model), last.parent / RANDOM_STATE_FILE, "dropout's seeds")
         log.info("resumed from %s (stage %s, epoch %s)", last.parent, state["stage"], state["stage_epoch"])
     return model
 
