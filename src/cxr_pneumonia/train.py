@@ -5,8 +5,12 @@ The backbone is frozen up to a split point, so its activations are computed once
 trainable top (head, plus the top ``fine_tune_blocks`` blocks when fine-tuning). An epoch costs
 seconds instead of a forward pass over every image, and memory stays flat.
 
-The run directory is complete only when ``model.keras`` exists; it is written last, by rename.
-``checkpoints/`` holds the last epoch's weights and state so ``resume`` can continue.
+Training is a list of :class:`Stage` s (the head on a frozen backbone, then the top blocks),
+each one compile/fit block. The run directory is complete only when ``model.keras`` exists; it is
+written last, by rename. Until then ``checkpoints/`` holds, after every epoch, the model's weights,
+the optimiser's variables, the early-stopping state with its best weights and the random states
+(dropout seeds; Python's, with which Keras orders batches), so that ``resume`` continues exactly
+where an interrupted run stopped.
 """
 
 from __future__ import annotations
