@@ -17,7 +17,6 @@ batch size and number of epochs, each in its own fresh process (so each has its 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,7 @@ def plain_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     import keras
 
     from cxr_pneumonia.batch import cache_images
+    from cxr_pneumonia.config import override
     from cxr_pneumonia.data import SplitConfig, discover, make_splits
     from cxr_pneumonia.model import build_model
 
@@ -124,7 +124,7 @@ def plain_side(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     (train_paths, y_train), (val_paths, y_val) = parts
     n, n_pos = len(y_train), int(y_train.sum())
     class_weight = {0: n / (2.0 * (n - n_pos)), 1: n / (2.0 * n_pos)}  # as the project's training
-    model = build_model(dataclasses.replace(model_cfg, initial_bias=0.0))  # as with class weights
+    model = build_model(override(model_cfg, initial_bias=0.0))  # as with class weights
     train_ds = tf_dataset(train_paths, y_train, batch_size=args.batch_size, shuffle=True, seed=args.seed)
     val_ds = tf_dataset(val_paths, y_val, batch_size=max(64, args.batch_size), shuffle=False, seed=args.seed)
     with Timer() as fit:

@@ -137,3 +137,105 @@ def test_inspect_reports_counts_and_unreadable(bad_inputs_dir, tmp_path, capsys)
     text = capsys.readouterr().out
     assert all(name in text for name in expected)
     assert "NORMAL" in text and "PNEUMONIA" in text
+
+
+# --- train's options come from the config models ------------------------------------------------
+
+TRAIN_FLAGS = [
+    "--backbone",
+    "--weights",
+    "--mask-shape",
+    "--head",
+    "--image-size",
+    "--epochs",
+    "--fine-tune-blocks",
+    "--fine-tune-epochs",
+    "--learning-rate",
+    "--label-smoothing",
+    "--augment-views",
+    "--batch-size",
+    "--target-recall",
+    "--threshold-rule",
+    "--val-fraction",
+    "--seed",
+    "--strategy",
+    "--cache-dir",
+    "--workers",
+    "--config",
+    "--resume",
+    "--out",
+    "--precision",
+]
+
+
+def _command(name: str):
+    import typer
+
+    from cxr_pneumonia.cli import app
+
+    group = typer.main.get_command(app)
+    return group.get_command(None, name)
+
+
+def test_train_options_are_the_config_fields_with_their_descriptions():
+    from cxr_pneumonia.model import ModelConfig
+    from cxr_pneumonia.train import TrainConfig
+
+    options = {opt: param for param in _command("train").params for opt in param.opts}
+    assert set(TRAIN_FLAGS) <= set(options)
+    for cls in (ModelConfig, TrainConfig):
+        for name in cls.cli_fields:
+            param = options[f"--{name.replace('_', '-')}"]
+            assert param.default is None  # unset: the config's value is kept
+            assert param.help.startswith(cls.model_fields[name].description)
+    assert "One of: max_specificity, midpoint." in options["--threshold-rule"].help
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--threshold-rule", "max_spec"],
+            "error: threshold_rule: must be one of 'max_specificity', 'midpoint' (got 'max_spec')",
+        ),
+        (["--backbone", "resnet"], "error: backbone: must be one of 'resnet50v2', "),
+        (
+            ["--precision", "float16"],
+            "error: precision: must be one of 'auto', 'fp32', 'bf16' (got 'float16')",
+        ),
+        (["--mask-shape", "blob"], "error: mask_shape: must be one of 'hull', 'contour' (got 'blob')"),
+        (["--epochs", "0"], "error: epochs: input should be greater than or equal to 1 (got 0)"),
+    ],
+)
+def test_a_typo_in_a_train_option_fails_before_any_image_is_read(args, message, tmp_path, capsys):
+    # DATA does not exist: reading it would fail with another message
+    assert main(["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), *args]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and len([e for e in err if e.startswith("error")]) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_config_file_or_a_resume_state_names_the_field(tmp_path, capsys):
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"train": {"threshold_rule": "max_spec"}}))
+    assert (
+        main(["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"), "--config", str(config)]) == 1
+    )
+    expected = "threshold_rule: must be one of 'max_specificity', 'midpoint' (got 'max_spec')"
+    assert capsys.readouterr().err.strip() == f"error: {config}: {expected}"
+
+    run = tmp_path / "interrupted"
+    run.mkdir()
+    state = {
+        "data": str(tmp_path / "no-data"),
+        "preprocess": {},
+        "model": {},
+        "train": {"threshold_rule": "max_spec"},
+    }
+    (run / "train_state.json").write_text(json.dumps(state))
+    assert main(["train", "--resume", str(run)]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"error: {run / 'train_state.json'}: {expected}"
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == EXIT_USAGE
+    assert "takes no --epochs" in capsys.readouterr().err

@@ -207,7 +207,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--precision", "int3"]) == EXIT_USAGE
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "not a complete run directory" in lines[0]
-    assert "unknown precision 'int3'" in lines[1]
+    assert "precision: must be one of 'auto', 'fp32', 'bf16' (got 'int3')" in lines[1]
 
 
 def test_evaluate_and_serve_run_on_the_export_and_say_so(exported_run, sample_dir, tmp_path):

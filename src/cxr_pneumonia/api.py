@@ -13,12 +13,12 @@ run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predic
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from cxr_pneumonia import evaluation
+from cxr_pneumonia.config import override
 from cxr_pneumonia.export import ExportConfig, export_run
 from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, expand_inputs
@@ -43,7 +43,7 @@ __all__ = [
 
 
 def _split_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(cls.model_fields)
     return {k: overrides.pop(k) for k in list(overrides) if k in names and overrides[k] is not None}
 
 
@@ -57,11 +57,11 @@ def train(
     resume: bool = False,
     **overrides: Any,
 ) -> Run:
-    """Train a run and load it; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=``
-    ...) go to whichever config has that field."""
-    model_cfg = dataclasses.replace(model_cfg or ModelConfig(), **_split_overrides(ModelConfig, overrides))
-    train_cfg = dataclasses.replace(train_cfg or TrainConfig(), **_split_overrides(TrainConfig, overrides))
-    preprocess_cfg = dataclasses.replace(
+    """Train a run and load it; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=`` ...) go to
+    whichever config has that field."""
+    model_cfg = override(model_cfg or ModelConfig(), **_split_overrides(ModelConfig, overrides))
+    train_cfg = override(train_cfg or TrainConfig(), **_split_overrides(TrainConfig, overrides))
+    preprocess_cfg = override(
         preprocess_cfg or PreprocessConfig(), **_split_overrides(PreprocessConfig, overrides)
     )
     if overrides:

@@ -7,31 +7,34 @@ Pure functions on uint8 grayscale images; randomness only through an explicit
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from pydantic import Field
+
+from cxr_pneumonia.config import StageConfig
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(StageConfig):
     """Ranges of the random perturbations (0 switches one off)."""
 
-    contrast: float = 0.4  # multiply by U[1-c, 1+c] around the mean
-    brightness: float = 0.1  # add U[-b, b] * 255
-    gamma: float = 0.3  # gamma = exp(U[-g, g])
+    contrast: float = Field(0.4, ge=0, lt=1, description="Multiply by U[1-c, 1+c] around the mean.")
+    brightness: float = Field(0.1, ge=0, le=1, description="Add U[-b, b] × 255.")
+    gamma: float = Field(0.3, ge=0, description="Gamma = exp(U[-g, g]).")
     # zoom U[1-s, 1+s]: framing differs between sites, and a tighter field of view must not
     # read as disease (the robustness check's crop_0.85 showed exactly that at 0.1)
-    scale: float = 0.15
-    rotate_degrees: float = 7.0
-    translate: float = 0.08  # share of the side
-    blur_probability: float = 0.3
-    blur_sigma: float = 1.6
-    jpeg_probability: float = 0.3
-    jpeg_quality_min: int = 40
+    scale: float = Field(0.15, ge=0, lt=1, description="Zoom by U[1-s, 1+s].")
+    rotate_degrees: float = Field(7.0, ge=0, le=180, description="Rotate by U[-d, d] degrees.")
+    translate: float = Field(0.08, ge=0, lt=1, description="Shift by U[-t, t] of the side.")
+    blur_probability: float = Field(0.3, ge=0, le=1, description="Share of views blurred.")
+    blur_sigma: float = Field(1.6, ge=0, description="Largest Gaussian blur sigma, in pixels.")
+    jpeg_probability: float = Field(0.3, ge=0, le=1, description="Share of views JPEG-compressed.")
+    jpeg_quality_min: int = Field(40, ge=1, le=95, description="Lowest JPEG quality.")
     # Before preprocessing (where a different scanner or export differs): keep a random window
     # of U[1-c, 1] of each side. Intensity changes are applied there too.
-    raw_crop: float = 0.2
+    raw_crop: float = Field(
+        0.2, ge=0, lt=1, description="Keep a random U[1-c, 1] window of each side of the raw image."
+    )
 
 
 def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:

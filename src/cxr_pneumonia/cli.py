@@ -5,14 +5,38 @@ Exit codes: 0 success, 1 usage or fatal error, 2 some inputs failed (the rest we
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import logging
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from cxr_pneumonia import __version__
+
+# Commands whose options come from config models, built when first used: the models' modules
+# import Keras, which `preprocess`, `inspect` or `--version` should not pay for.
+_DEFERRED: dict[str, Callable[[], Any]] = {}
+_ORDER = ("preprocess", "inspect", "train", "export", "evaluate", "robustness", "predict", "explain", "serve")
+
+
+class _Commands(TyperGroup):
+    """The command group, building deferred commands on first use."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = {*super().list_commands(ctx), *_DEFERRED}
+        return sorted(names, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in _DEFERRED and cmd_name not in self.commands:
+            self.add_command(_DEFERRED[cmd_name](), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
     name="cxr-pneumonia",
@@ -21,6 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 
 EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2
@@ -55,6 +80,68 @@ def _root(
 
 
 # --------------------------------------------------------------------------------------------
+# Options generated from the config models
+# --------------------------------------------------------------------------------------------
+
+
+def _cli_type(annotation: Any) -> tuple[type, tuple[str, ...]]:
+    """(option type, choices) of a config field's annotation; a choice is given as a string."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, tuple(map(str, typing.get_args(annotation)))
+    if args and type(None) in typing.get_args(annotation):  # X | None
+        return _cli_type(args[0])
+    if annotation in (int, float, str, bool):
+        return annotation, ()
+    raise TypeError(f"no command-line type for {annotation!r}")
+
+
+def _config_option(cls: Any, name: str) -> pyinspect.Parameter:
+    """``--name`` for one config field: its type, its description (and choices) as help; default
+    None, meaning "keep the config's value"."""
+    field = cls.model_fields[name]
+    kind, choices = _cli_type(field.annotation)
+    text = field.description or ""
+    if choices:
+        text += f" One of: {', '.join(choices)}."
+    if field.default is not None and not field.is_required():
+        default = f"{field.default:g}" if isinstance(field.default, float) else field.default
+        text += f" (default: {default})"
+    option = typer.Option(help=text)
+    return pyinspect.Parameter(
+        name, pyinspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def _deferred_command(name: str, configs: Callable[[], tuple[Any, ...]], skip: tuple[str, ...] = ()):
+    """Register ``command`` as ``name``, built on first use with one option per ``cli_fields`` entry
+    of each config model ``configs()`` returns (less ``skip``); the command receives their values
+    as ``overrides`` (None: not given)."""
+
+    def register(command: Callable[..., None]) -> Callable[..., None]:
+        def build() -> Any:
+            options = [_config_option(c, f) for c in configs() for f in c.cli_fields if f not in skip]
+            own = pyinspect.signature(command, eval_str=True).parameters.values()
+
+            @functools.wraps(command)
+            def run(**values: Any) -> None:
+                overrides = {p.name: values.pop(p.name) for p in options}
+                command(**values, overrides=overrides)
+
+            run.__signature__ = pyinspect.Signature(  # type: ignore[attr-defined]
+                [*(p for p in own if p.name != "overrides"), *options]
+            )
+            single = typer.Typer(add_completion=False)
+            single.command(name)(run)
+            return typer.main.get_command(single)
+
+        _DEFERRED[name] = build
+        return command
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------
 # preprocess
 # --------------------------------------------------------------------------------------------
 
@@ -67,13 +154,7 @@ StepsOff = Annotated[
 ]
 
 
-def _preprocess_config(
-    config_file: Path | None,
-    size: int | None,
-    resize_mode: str | None,
-    steps_off: list[str] | None,
-    mask_shape: str | None = None,
-):
+def _preprocess_config(config_file: Path | None, overrides: dict[str, Any], steps_off: list[str] | None):
     from cxr_pneumonia.config import from_dict, override, read_json
     from cxr_pneumonia.preprocess import PreprocessConfig, disable_steps
 
@@ -81,13 +162,19 @@ def _preprocess_config(
         cfg = PreprocessConfig()
         if config_file is not None:
             cfg = from_dict(PreprocessConfig, read_json(config_file))
-        cfg = override(cfg, size=size, resize_mode=resize_mode, mask_shape=mask_shape)
+        cfg = override(cfg, **overrides)
         return disable_steps(cfg, *(steps_off or []))
     except (OSError, ValueError, TypeError) as e:
         raise CommandError(f"preprocessing config: {e}") from e
 
 
-@app.command()
+def _preprocess_configs() -> tuple[Any, ...]:
+    from cxr_pneumonia.preprocess import PreprocessConfig
+
+    return (PreprocessConfig,)
+
+
+@_deferred_command("preprocess", _preprocess_configs)
 def preprocess(
     src: Annotated[
         Path,
@@ -95,19 +182,18 @@ def preprocess(
     ],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="Output folder; mirrors SRC's tree as PNG.")],
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: CPU cores).", min=1)] = None,
-    size: Annotated[int | None, typer.Option(help="Output size in pixels (default 224).")] = None,
-    resize_mode: Annotated[str | None, typer.Option(help="stretch (seed) or pad.")] = None,
-    mask_shape: Annotated[str | None, typer.Option(help="hull (default) or contour (the seed's).")] = None,
     no_step: StepsOff = None,
     config: Annotated[Path | None, typer.Option(help="PreprocessConfig JSON (e.g. a run's).")] = None,
     preview: Annotated[Path | None, typer.Option(help="Write a before/after panel PNG here.")] = None,
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Preprocess every image under SRC into DST (skips files already done with the same config)."""
     from cxr_pneumonia.batch import preprocess_tree
     from cxr_pneumonia.io import list_image_files
     from cxr_pneumonia.preview import write_preview
 
-    cfg = _preprocess_config(config, size, resize_mode, no_step, mask_shape)
+    cfg = _preprocess_config(config, overrides, no_step)
     try:
         # A fresh CLI process has no running thread pools, so forking workers is safe and fast.
         report = preprocess_tree(src, dst, cfg, workers=workers, start_method="fork")
@@ -169,7 +255,16 @@ def inspect(
 # --------------------------------------------------------------------------------------------
 
 
-@app.command()
+def _train_configs() -> tuple[Any, ...]:
+    from cxr_pneumonia.model import ModelConfig
+    from cxr_pneumonia.preprocess import PreprocessConfig
+    from cxr_pneumonia.train import TrainConfig
+
+    return PreprocessConfig, ModelConfig, TrainConfig
+
+
+# The preprocessing size follows --image-size.
+@_deferred_command("train", _train_configs, skip=("size",))
 def train(
     data: Annotated[
         Path | None,
@@ -177,78 +272,25 @@ def train(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help="resnet50v2 (seed), xception, densenet121, efficientnetv2b0.")
-    ] = None,
-    weights: Annotated[str | None, typer.Option(help="imagenet, none, or a .weights.h5 path.")] = None,
-    head: Annotated[str | None, typer.Option(help="flatten (seed) or gap.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default 224).")] = None,
-    mask_shape: Annotated[
-        str | None, typer.Option(help="Preprocessing mask: hull (default) or contour (seed).")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Head epochs on cached features.")] = None,
-    fine_tune_blocks: Annotated[int | None, typer.Option(help="Top backbone blocks to fine-tune.")] = None,
-    fine_tune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs.")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Head learning rate.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
-    augment_views: Annotated[int | None, typer.Option(help="Augmented views per training image.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    target_recall: Annotated[
-        float | None, typer.Option(help="Validation recall the threshold must keep.")
-    ] = None,
-    threshold_rule: Annotated[str | None, typer.Option(help="max_specificity or midpoint.")] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help="Share of patients held out for validation.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="default or mirrored (several GPUs).")] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache for preprocessed images and features.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Preprocessing worker processes.", min=1)] = None,
     config: Annotated[Path | None, typer.Option(help="JSON with preprocess/model/train sections.")] = None,
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Train a classifier: patient-grouped validation split, cached features, recall-first threshold."""
     from cxr_pneumonia.api import train as api_train
     from cxr_pneumonia.model import WeightsUnavailableError
     from cxr_pneumonia.train import TrainingError
 
+    given = sorted(f"--{name.replace('_', '-')}" for name, value in overrides.items() if value is not None)
     if resume is not None:
-        if data is not None or out is not None:
-            raise CommandError("--resume RUN takes no DATA or --out: the run directory holds them")
+        if data is not None or out is not None or config is not None or given:
+            extra = ", ".join(given) or "DATA, --out or --config"
+            raise CommandError(f"--resume RUN takes no {extra}: the run directory holds the settings")
         target, kwargs = resume, {"resume": True}
     else:
         if data is None or out is None:
             raise CommandError("give DATA and --out RUN (or --resume RUN)")
-        preprocess_cfg, model_cfg, train_cfg = _configs_from_file(config)
-        flags = dict(
-            backbone=backbone,
-            weights=weights,
-            mask_shape=mask_shape,
-            head=head,
-            image_size=image_size,
-            epochs=epochs,
-            fine_tune_blocks=fine_tune_blocks,
-            fine_tune_epochs=fine_tune_epochs,
-            learning_rate=learning_rate,
-            label_smoothing=label_smoothing,
-            augment_views=augment_views,
-            batch_size=batch_size,
-            target_recall=target_recall,
-            threshold_rule=threshold_rule,
-            val_fraction=val_fraction,
-            seed=seed,
-            strategy=strategy,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            workers=workers,
-        )
-        target = out
-        kwargs = {
-            "preprocess_cfg": preprocess_cfg,
-            "model_cfg": model_cfg,
-            "train_cfg": train_cfg,
-            **{k: v for k, v in flags.items() if v is not None},
-        }
+        target, kwargs = out, _train_settings(config, overrides)
     try:
         run = api_train(data, target, **kwargs)
     except (TrainingError, WeightsUnavailableError, ValueError, OSError) as e:
@@ -267,21 +309,34 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _train_settings(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The three configs: the file's sections (or the defaults), then the options given, validated
+    here so that a wrong value fails before any image is read."""
+    from cxr_pneumonia.config import ConfigError, override
+
+    configs = dict(zip(("preprocess_cfg", "model_cfg", "train_cfg"), _train_configs(), strict=True))
+    from_file = dict(zip(configs, _configs_from_file(path), strict=True))
+    settings = {}
+    try:
+        for key, cls in configs.items():
+            mine = {k: v for k, v in overrides.items() if k in cls.model_fields}
+            settings[key] = override(from_file[key] or cls(), **mine)
+    except ConfigError as e:
+        raise CommandError(str(e)) from e
+    return settings
+
+
 def _configs_from_file(path: Path | None):
     """(PreprocessConfig, ModelConfig, TrainConfig) from a JSON file such as a run's config.json."""
     if path is None:
         return None, None, None
     from cxr_pneumonia.config import from_dict, read_json
-    from cxr_pneumonia.model import ModelConfig
-    from cxr_pneumonia.preprocess import PreprocessConfig
-    from cxr_pneumonia.train import train_config_from_dict
 
     try:
         values = read_json(path)
-        return (
-            from_dict(PreprocessConfig, values["preprocess"]) if values.get("preprocess") else None,
-            from_dict(ModelConfig, values["model"]) if values.get("model") else None,
-            train_config_from_dict(values["train"]) if values.get("train") else None,
+        return tuple(
+            from_dict(cls, values[key]) if values.get(key) else None
+            for key, cls in zip(("preprocess", "model", "train"), _train_configs(), strict=True)
         )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CommandError(f"{path}: {e}") from e

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from tqdm import tqdm
 
 from cxr_pneumonia import io
-from cxr_pneumonia.config import file_sha256
+from cxr_pneumonia.config import StageConfig, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,15 @@ class DatasetError(ValueError):
     """The source is not a recognised dataset, holds no images, or its labels are invalid."""
 
 
-@dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(StageConfig):
     """How validation is made from the training images."""
 
-    val_fraction: float = 1 / 6
-    seed: int = 42
+    val_fraction: float = Field(1 / 6, gt=0, le=0.5, description="Share of patients held out for validation.")
+    seed: int = Field(42, description="Seed of the patient-grouped split.")
     # The official Kermany val folder has 16 images: too few to choose a threshold on.
-    use_official_val: bool = False
-
-    def __post_init__(self) -> None:
-        _check_val_fraction(self.val_fraction)
+    use_official_val: bool = Field(
+        False, description="Validate on the dataset's own val split instead of held-out patients."
+    )
 
 
 # --------------------------------------------------------------------------- patient ids

@@ -32,13 +32,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from cxr_pneumonia import __version__, rundir
-from cxr_pneumonia.config import from_dict, to_dict, write_json
+from cxr_pneumonia.config import Precision, StageConfig, from_dict, to_dict, write_json
 from cxr_pneumonia.evaluate import apply_threshold
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
@@ -48,8 +49,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-PRECISIONS = ("auto", "fp32", "bf16")
-FORMATS = ("onnx",)
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
 
@@ -58,28 +57,25 @@ class ExportError(RuntimeError):
     """The run cannot be exported or its export cannot be used."""
 
 
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(StageConfig):
     """How a run is exported; saved in ``export.json``."""
 
-    format: str = "onnx"
-    precision: str = "auto"  # auto: bf16 per segment where the check allows; fp32; bf16: all
-    tolerance: float = 0.01  # largest |p_plan - p_fp32| allowed on the calibration images
-    auc_tolerance: float = 0.002
-    segments: int = 6  # parts of the backbone that can each be bf16 (the head is always fp32)
-    calibration_images: int = 512  # validation images the plan is checked on (0: all)
-    batch_size: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown export format {self.format!r}; valid: {list(FORMATS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; valid: {list(PRECISIONS)}")
-        if not 0 < self.tolerance < 1 or not 0 <= self.auc_tolerance < 1:
-            raise ValueError("tolerance must be in (0, 1) and auc_tolerance in [0, 1)")
-        if self.segments < 1 or self.batch_size < 1 or self.calibration_images < 0:
-            raise ValueError("segments and batch_size must be >= 1, calibration_images >= 0")
+    format: Literal["onnx"] = Field("onnx", description="Export format.")
+    precision: Precision = Field(
+        "auto", description="auto (bf16 per segment where the check allows), fp32, or bf16 (everything)."
+    )
+    tolerance: float = Field(
+        0.01, gt=0, lt=1, description="Largest |p_plan - p_fp32| allowed on the calibration images."
+    )
+    auc_tolerance: float = Field(0.002, ge=0, lt=1, description="Largest ROC-AUC change allowed.")
+    segments: int = Field(
+        6, ge=1, description="Backbone parts that may each run in bf16 (the head is always fp32)."
+    )
+    calibration_images: int = Field(
+        512, ge=0, description="Validation images the plan is checked on (0: all)."
+    )
+    batch_size: int = Field(32, ge=1, description="Images per forward pass.")
+    seed: int = Field(0, description="Seed of the calibration sample.")
 
 
 # ---- graph cutting ---------------------------------------------------------------------------

@@ -277,16 +277,15 @@ def bf16_supported() -> bool:
 
 def reduced_precision_copy(model_cfg: Any, model: Any) -> Any:
     """The same model built under Keras' mixed_bfloat16 policy, with ``model``'s weights."""
-    import dataclasses
-
     import keras
 
+    from cxr_pneumonia.config import override
     from cxr_pneumonia.model import build_model
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        fast = build_model(dataclasses.replace(model_cfg, weights="none"))
+        fast = build_model(override(model_cfg, weights="none"))
     finally:
         keras.mixed_precision.set_global_policy(previous)
     fast.set_weights(model.get_weights())

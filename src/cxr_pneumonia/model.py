@@ -15,17 +15,18 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import keras
+from pydantic import Field, model_validator
 
 from cxr_pneumonia import backbones
+from cxr_pneumonia.config import StageConfig
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "CXR_PNEUMONIA_WEIGHTS_DIR"
 WEIGHTS_SUFFIX = ".weights.h5"
-HEADS = ("flatten", "gap")
 SPLIT_POINTS = ("backbone_output", "fine_tune")
 
 INPUT_NAME = "image"
@@ -121,8 +122,10 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  # the registry's keys
+
+
+class ModelConfig(StageConfig):
     """Architecture and optimiser settings; saved with every run.
 
     ``weights`` is ``"imagenet"``, ``"none"`` or a path to a ``.weights.h5`` file of the
@@ -130,39 +133,39 @@ class ModelConfig:
     prior. ``fine_tune_blocks`` is how many top backbone blocks are trainable (0: frozen).
     """
 
-    backbone: str = "resnet50v2"
-    weights: str = "imagenet"
-    head: str = "flatten"
-    dense_units: int = 128
-    dropout: float = 0.5
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-5
-    image_size: int = 224
-    label_smoothing: float = 0.1
-    initial_bias: float | None = None
-    fine_tune_blocks: int = 2
+    cli_fields: ClassVar[tuple[str, ...]] = (
+        "backbone", "weights", "head", "image_size", "fine_tune_blocks", "learning_rate", "label_smoothing",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
+    backbone: BackboneName = Field("resnet50v2", description="Backbone (resnet50v2 is the seed's).")
+    weights: str = Field("imagenet", min_length=1, description="imagenet, none, or a .weights.h5 path.")
+    head: Literal["flatten", "gap"] = Field(
+        "flatten", description="Head: flatten (seed) or global average pooling."
+    )
+    dense_units: int = Field(128, ge=1, description="Units of the head's hidden layer.")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout before the output.")
+    learning_rate: float = Field(1e-3, gt=0, description="Head learning rate.")
+    fine_tune_learning_rate: float = Field(1e-5, gt=0, description="Fine-tuning learning rate.")
+    image_size: int = Field(224, ge=8, description="Input size in pixels.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing.")
+    initial_bias: float | None = Field(
+        None, description="Output bias at start (None: from the class counts when training)."
+    )
+    fine_tune_blocks: int = Field(2, ge=0, description="Top backbone blocks to fine-tune.")
+
+    @model_validator(mode="after")
+    def _fits_backbone(self) -> ModelConfig:
         spec = get_backbone(self.backbone)
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; valid heads: {list(HEADS)}")
         if self.image_size < spec.min_size:
             raise ValueError(
                 f"image_size {self.image_size} is below {self.backbone}'s minimum {spec.min_size}"
             )
-        if not 0 <= self.fine_tune_blocks <= len(spec.block_prefixes):
+        if self.fine_tune_blocks > len(spec.block_prefixes):
             raise ValueError(
                 f"fine_tune_blocks must be in [0, {len(spec.block_prefixes)}] for "
                 f"{self.backbone}, got {self.fine_tune_blocks}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.dense_units < 1:
-            raise ValueError(f"dense_units must be positive, got {self.dense_units}")
-        if self.learning_rate <= 0 or self.fine_tune_learning_rate <= 0:
-            raise ValueError("learning rates must be positive")
+        return self
 
 
 def get_backbone(name: str) -> BackboneSpec:

@@ -11,19 +11,19 @@ live in :mod:`cxr_pneumonia.batch`, the before/after panel in :mod:`cxr_pneumoni
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
+
+from cxr_pneumonia.config import StageConfig, override
 
 # The seed's order. "crop", "mask", "morph" and "apply_mask" all use the contour found
 # by "crop"/"mask", so the region is located once per image.
 DEFAULT_STEPS: tuple[str, ...] = ("clahe", "crop", "mask", "morph", "apply_mask", "resize")
-RESIZE_MODES = ("stretch", "pad")
-MASK_SHAPES = ("hull", "contour")
-THRESHOLD_METHODS = ("otsu", "mean")
 
 Box = tuple[int, int, int, int]  # x, y, width, height
 
@@ -32,40 +32,36 @@ class PreprocessError(RuntimeError):
     """A preprocessing step failed on an image; the message names the step and the file."""
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(StageConfig):
     """Parameters of every preprocessing step and the ordered names of the enabled steps."""
 
-    steps: tuple[str, ...] = DEFAULT_STEPS
-    clahe_clip_limit: float = 2.0
-    clahe_tile_grid: int = 8
-    threshold_method: str = "otsu"
+    cli_fields: ClassVar[tuple[str, ...]] = ("size", "resize_mode", "mask_shape")
+
+    steps: tuple[Literal[DEFAULT_STEPS], ...] = Field(  # type: ignore[valid-type]
+        DEFAULT_STEPS, description="Enabled steps, in order."
+    )
+    clahe_clip_limit: float = Field(2.0, gt=0, description="CLAHE contrast limit.")
+    clahe_tile_grid: int = Field(8, ge=1, description="CLAHE tiles per side.")
+    threshold_method: Literal["otsu", "mean"] = Field(
+        "otsu", description="How the body is told from the background before the crop."
+    )
     # A region smaller than this share of the image is noise, not a thorax: fall back.
-    min_region_fraction: float = 0.15
+    min_region_fraction: float = Field(
+        0.15, ge=0, le=1, description="Smallest share of the image a thorax region may cover."
+    )
     # "contour" is the seed's exact mask. On tightly framed images the dark lung fields join the
     # dark background, so that mask cuts the lungs out (the robustness check's crop_0.85 case);
     # "hull" fills the region's convex hull, which keeps them and still drops the corners.
-    mask_shape: str = "hull"
-    morph_kernel: int = 5
-    erode_iterations: int = 2
-    dilate_iterations: int = 2
-    size: int = 224
-    resize_mode: str = "stretch"
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.steps if s not in STEP_NAMES]
-        if unknown:
-            raise ValueError(f"unknown preprocessing steps {unknown}; valid steps: {list(STEP_NAMES)}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.mask_shape not in MASK_SHAPES:
-            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {self.mask_shape!r}")
-        if self.threshold_method not in THRESHOLD_METHODS:
-            raise ValueError(
-                f"threshold_method must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}"
-            )
-        if self.size < 8:
-            raise ValueError(f"size must be >= 8, got {self.size}")
+    mask_shape: Literal["hull", "contour"] = Field(
+        "hull", description="Preprocessing mask: the region's convex hull, or its exact contour (seed)."
+    )
+    morph_kernel: int = Field(5, ge=1, description="Kernel size of the mask's erosion and dilation.")
+    erode_iterations: int = Field(2, ge=0, description="Erosions of the mask.")
+    dilate_iterations: int = Field(2, ge=0, description="Dilations of the mask.")
+    size: int = Field(224, ge=8, description="Output size in pixels.")
+    resize_mode: Literal["stretch", "pad"] = Field(
+        "stretch", description="Resize by stretching (seed) or by padding to a square first."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,4 +333,4 @@ def build_pipeline(cfg: PreprocessConfig | None = None) -> Pipeline:
 def disable_steps(cfg: PreprocessConfig, *names: str) -> PreprocessConfig:
     """A copy of ``cfg`` without the named steps (validated)."""
     resolve_steps(names)
-    return dataclasses.replace(cfg, steps=tuple(s for s in cfg.steps if s not in names))
+    return override(cfg, steps=tuple(s for s in cfg.steps if s not in names))

@@ -5,14 +5,18 @@ The backbone is frozen up to a split point, so its activations are computed once
 trainable top (head, plus the top ``fine_tune_blocks`` blocks when fine-tuning). An epoch costs
 seconds instead of a forward pass over every image, and memory stays flat.
 
-The run directory is complete only when ``model.keras`` exists; it is written last, by rename.
-``checkpoints/`` holds the last epoch's weights and state so ``resume`` can continue.
+Training is a list of :class:`Stage` s (the head on a frozen backbone, then the top blocks),
+each one compile/fit block. The run directory is complete only when ``model.keras`` exists; it is
+written last, by rename. Until then ``checkpoints/`` holds, after every epoch, the model's weights,
+the optimiser's variables, the early-stopping state with its best weights and the random states
+(dropout seeds; Python's, with which Keras orders batches), so that ``resume`` continues exactly
+where an interrupted run stopped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
@@ -22,14 +26,26 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from cxr_pneumonia.augment import AugmentConfig
 from cxr_pneumonia.batch import cache_images, default_workers, write_failures_csv
-from cxr_pneumonia.config import config_hash, from_dict, read_json, to_dict, write_json
+from cxr_pneumonia.config import (
+    ConfigError,
+    Precision,
+    StageConfig,
+    atomic_write_bytes,
+    config_hash,
+    from_dict,
+    override,
+    read_json,
+    to_dict,
+    write_json,
+)
 from cxr_pneumonia.data import SplitConfig, discover, make_splits
 from cxr_pneumonia.evaluate import choose_threshold, compute_metrics
 from cxr_pneumonia.features import (
@@ -51,12 +67,15 @@ from cxr_pneumonia.model import (
 )
 from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
 from cxr_pneumonia.rundir import (
+    BEST_WEIGHTS_FILE,
     CHECKPOINT_DIR,
     CHECKPOINT_WEIGHTS_FILE,
     FAILURES_FILE,
     HISTORY_FILE,
     METRICS_VAL_FILE,
     MODEL_FILE,
+    OPTIMIZER_FILE,
+    RANDOM_STATE_FILE,
     STATE_FILE,
     TRAINING_CURVES_FILE,
     TRAINING_IMAGES_FILE,
@@ -66,42 +85,49 @@ from cxr_pneumonia.rundir import (
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("default", "mirrored")
-
 
 class TrainingError(RuntimeError):
     """Training cannot start or continue (bad data, bad run directory)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(StageConfig):
     """Training settings; saved in the run's config.json."""
 
-    epochs: int = 15  # head epochs (frozen backbone, cached features)
-    fine_tune_epochs: int = 2  # epochs with the model's top `fine_tune_blocks` blocks trainable
-    batch_size: int = 32
-    seed: int = 42
-    val_fraction: float = 1 / 6
-    use_official_val: bool = False
-    target_recall: float = 0.98
-    threshold_rule: str = "max_specificity"
-    patience: int = 4
-    class_weight: bool = True
-    augment_views: int = 2  # augmented copies of each training image in the feature cache
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
-    cache_dir: str | None = None
-    workers: int | None = None
-    strategy: str = "default"
-    # The frozen-feature pass in bfloat16 where the hardware has it ("auto"), or "float32".
-    precision: str = "auto"
+    cli_fields: ClassVar[tuple[str, ...]] = (
+        "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
+        "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+    epochs: int = Field(15, ge=1, description="Head epochs on cached features (frozen backbone).")
+    fine_tune_epochs: int = Field(
+        2, ge=0, description="Fine-tuning epochs (the model's top fine_tune_blocks blocks trainable)."
+    )
+    batch_size: int = Field(32, ge=1, description="Batch size.")
+    seed: int = Field(42, description="Random seed (split, shuffles, augmentation, initialisation).")
+    val_fraction: float = Field(1 / 6, gt=0, le=0.5, description="Share of patients held out for validation.")
+    use_official_val: bool = Field(
+        False, description="Validate on the dataset's own val split instead of held-out patients."
+    )
+    target_recall: float = Field(0.98, gt=0, le=1, description="Validation recall the threshold must keep.")
+    threshold_rule: Literal["max_specificity", "midpoint"] = Field(
+        "max_specificity", description="How the threshold is placed among those keeping the target recall."
+    )
+    patience: int = Field(4, ge=1, description="Epochs without a better validation AUC before stopping.")
+    class_weight: bool = Field(True, description="Weight the classes by their inverse frequency.")
+    augment_views: int = Field(
+        2, ge=0, description="Augmented views per training image in the feature cache."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation ranges.")
+    cache_dir: str | None = Field(None, description="Cache for preprocessed images and features.")
+    workers: int | None = Field(
+        None, ge=1, description="Preprocessing worker processes (default: CPU cores)."
+    )
+    strategy: Literal["default", "mirrored"] = Field(
+        "default", description="tf.distribute strategy: default or mirrored (several GPUs)."
+    )
+    precision: Precision = Field(
+        "auto", description="Frozen-feature pass: bf16 where the hardware has it (auto), fp32 or bf16."
+    )
 
 
 def default_cache_dir() -> Path:
@@ -179,34 +205,167 @@ def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints and resume
+# Stages as data
 # --------------------------------------------------------------------------------------------
 
 
-def _checkpoint_callback(model: Any, run_dir: Path, stage: str, history_rows: list[dict[str, Any]]):
+@dataclass(frozen=True)
+class Stage:
+    """One compile/fit block of training (keras-io's transfer-learning recipe, as data).
+
+    ``part`` is the Keras model fitted in this stage (its layers are the full model's);
+    ``features`` names the cached activations it reads: ``"backbone"`` (the backbone's output,
+    the head's input) or ``"split"`` (the fine-tuning split point, the top blocks' input).
+    """
+
+    name: str
+    epochs: int
+    learning_rate: float
+    trainable_blocks: int
+    part: Any
+    features: Literal["backbone", "split"]
+
+
+def plan_stages(model_cfg: ModelConfig, train_cfg: TrainConfig, *, head: Any, top: Any) -> list[Stage]:
+    """The head on a frozen backbone, then (when asked for) the top blocks together with the head."""
+    stages = [Stage("head", train_cfg.epochs, model_cfg.learning_rate, 0, head, "backbone")]
+    if train_cfg.fine_tune_epochs and model_cfg.fine_tune_blocks:
+        stages.append(
+            Stage(
+                "fine_tune",
+                train_cfg.fine_tune_epochs,
+                model_cfg.fine_tune_learning_rate,
+                model_cfg.fine_tune_blocks,
+                top,
+                "split",
+            )
+        )
+    return stages
+
+
+@dataclass
+class _Fit:
+    """What every stage of one training shares."""
+
+    run_dir: Path
+    model: Any
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    stores: dict[str, FeatureStore]
+    history: list[dict[str, Any]]
+    callbacks: Sequence[Any] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume: weights, optimiser variables, early-stopping state
+# --------------------------------------------------------------------------------------------
+
+
+def _save_weights(model: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def _save_arrays(arrays: list[np.ndarray], path: Path) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _early_stopping(patience: int) -> Any:
+    import keras
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        """Keras' EarlyStopping whose counters and best weights survive an interruption."""
+
+        restored: tuple[dict[str, Any], list[np.ndarray] | None] | None = None
+
+        def state(self) -> dict[str, Any]:
+            best = None if self.best is None else float(self.best)
+            return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch),
+                    "stopped_epoch": int(self.stopped_epoch)}  # fmt: skip
+
+        def restore(self, state: dict[str, Any], best_weights: list[np.ndarray] | None) -> None:
+            self.restored = (state, best_weights)
+            self.wait, self.best = state["wait"], state["best"]
+            self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+            self.best_weights = best_weights
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            super().on_train_begin(logs)  # resets the counters
+            if self.restored is not None:
+                self.restore(*self.restored)
+
+    return ResumableEarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+
+
+def _checkpoint_callback(fit: _Fit, stage: Stage, stop: Any) -> Any:
     import keras
 
     class Checkpoint(keras.callbacks.Callback):
-        """After every epoch: the full model's weights and the history so far, atomically."""
+        """After every epoch: the model's weights, the optimiser's variables, the early-stopping
+        state (and its best weights) and the history; the state file last, so it never runs ahead."""
 
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            history_rows.append(
-                {
-                    "stage": stage,
-                    "epoch": len(history_rows) + 1,
-                    **{k: float(v) for k, v in (logs or {}).items()},
-                }
-            )
-            ckpt = run_dir / CHECKPOINT_DIR
+            row = {"stage": stage.name, "epoch": len(fit.history) + 1}
+            fit.history.append({**row, **{k: float(v) for k, v in (logs or {}).items()}})
+            ckpt = fit.run_dir / CHECKPOINT_DIR
             ckpt.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt / ".last.tmp.weights.h5"
-            model.save_weights(tmp)
-            os.replace(tmp, ckpt / CHECKPOINT_WEIGHTS_FILE)
-            state = read_json(run_dir / STATE_FILE)
-            state.update(stage=stage, stage_epoch=epoch + 1, history=history_rows)
-            write_json(run_dir / STATE_FILE, state)
+            _save_weights(fit.model, ckpt / CHECKPOINT_WEIGHTS_FILE)
+            _save_arrays([np.asarray(v.numpy()) for v in _random_states(fit.model)], ckpt / RANDOM_STATE_FILE)
+            _save_arrays(
+                [np.asarray(v.numpy()) for v in stage.part.optimizer.variables], ckpt / OPTIMIZER_FILE
+            )
+            if stop.best_epoch == epoch and stop.best_weights is not None:
+                _save_weights(stage.part, ckpt / BEST_WEIGHTS_FILE)
+            version, internal, gauss = random.getstate()  # Keras shuffles each epoch's batches with it
+            state = read_json(fit.run_dir / STATE_FILE)
+            state.update(stage=stage.name, stage_epoch=epoch + 1, history=fit.history)
+            state.update(early_stopping=stop.state(), python_random=[version, list(internal), gauss])
+            write_json(fit.run_dir / STATE_FILE, state)
 
     return Checkpoint()
+
+
+def _random_states(model: Any) -> list[Any]:
+    """The model's variables that are not weights: its layers' seed states (Dropout's masks)."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _restore_variables(variables: list[Any], path: Path, what: str) -> bool:
+    """Assign the arrays saved in ``path`` to ``variables`` (False, with a warning, when it cannot)."""
+    if not path.is_file():
+        log.warning("%s missing: %s start afresh", path, what)
+        return False
+    with np.load(path) as saved:
+        values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    if [tuple(v.shape) for v in variables] != [v.shape for v in values]:
+        log.warning("%s does not match the model: %s start afresh", path, what)
+        return False
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+    return True
+
+
+def _restore_optimizer(part: Any, path: Path) -> bool:
+    """Adam's step count and moments as they were after the last completed epoch."""
+    part.optimizer.build(part.trainable_variables)
+    return _restore_variables(part.optimizer.variables, path, "the optimiser's moments")
+
+
+def _saved_best_weights(part: Any, path: Path) -> list[np.ndarray] | None:
+    """The stage's best weights as saved by the checkpoint (the part's own weights are kept)."""
+    if not path.is_file():
+        return None
+    current = part.get_weights()
+    part.load_weights(path)
+    best = part.get_weights()
+    part.set_weights(current)
+    return best
 
 
 def _class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -219,66 +378,81 @@ def _class_weights(labels: np.ndarray) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fit_stage(
-    model,
-    trainable_part,
-    train_feats,
-    val_feats,
-    train_df,
-    val_df,
-    *,
-    stage: str,
-    epochs: int,
-    initial_epoch: int,
-    learning_rate: float,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    run_dir: Path,
-    history_rows: list[dict[str, Any]],
-    callbacks: Sequence[Any],
-) -> None:
-    import keras
-
-    compile_model(trainable_part, learning_rate, model_cfg)
-    labels = train_df["label"].to_numpy()
+def _stage_data(fit: _Fit, stage: Stage, initial_epoch: int) -> tuple[Any, Any]:
+    """(training batches, validation batches) of the stage's cached features."""
+    cfg = fit.train_cfg
+    labels = fit.train_df["label"].to_numpy()
     weights = None
-    if train_cfg.class_weight:
+    if cfg.class_weight:
         cw = _class_weights(labels)
         weights = np.where(labels == 1, cw[1], cw[0]).astype(np.float32)
     train_data = feature_batches(
-        train_feats,
+        fit.stores[f"train_{stage.features}"],
         labels,
-        batch_size=train_cfg.batch_size,
+        batch_size=cfg.batch_size,
         shuffle=True,
-        seed=train_cfg.seed,
+        seed=cfg.seed,
         sample_weights=weights,
     )
     train_data.epoch = initial_epoch  # a resumed run continues the same shuffles
     train_data.on_epoch_end()
     val_data = feature_batches(
-        val_feats,
-        val_df["label"].to_numpy(),
-        batch_size=max(64, train_cfg.batch_size),
+        fit.stores[f"val_{stage.features}"],
+        fit.val_df["label"].to_numpy(),
+        batch_size=max(64, cfg.batch_size),
         shuffle=False,
-        seed=train_cfg.seed,
+        seed=cfg.seed,
     )
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_auc", mode="max", patience=train_cfg.patience, restore_best_weights=True
-    )
-    trainable_part.fit(
+    return train_data, val_data
+
+
+def _fit_stage(fit: _Fit, stage: Stage, resumed: dict[str, Any] | None) -> None:
+    """Compile and fit one stage; ``resumed`` is the saved state of this stage when interrupted."""
+    stop = _early_stopping(fit.train_cfg.patience)
+    ckpt, initial = fit.run_dir / CHECKPOINT_DIR, 0
+    if resumed is not None:
+        initial = int(resumed["stage_epoch"])
+        if resumed.get("early_stopping"):
+            stop.restore(resumed["early_stopping"], _saved_best_weights(stage.part, ckpt / BEST_WEIGHTS_FILE))
+        if stop.stopped_epoch or initial >= stage.epochs:  # it had ended: only the best weights are due
+            if stop.best_weights is not None:
+                stage.part.set_weights(stop.best_weights)
+            return
+    compile_model(stage.part, stage.learning_rate, fit.model_cfg)
+    if resumed is not None:
+        _restore_optimizer(stage.part, ckpt / OPTIMIZER_FILE)
+        if resumed.get("python_random"):
+            version, internal, gauss = resumed["python_random"]
+            random.setstate((version, tuple(internal), gauss))
+    train_data, val_data = _stage_data(fit, stage, initial)
+    stage.part.fit(
         train_data,
         validation_data=val_data,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        callbacks=[_checkpoint_callback(model, run_dir, stage, history_rows), stop, *callbacks],
+        epochs=stage.epochs,
+        initial_epoch=initial,
+        callbacks=[stop, _checkpoint_callback(fit, stage, stop), *fit.callbacks],
         verbose=2,
     )
 
 
-def _feature_precision(train_cfg: TrainConfig) -> str:
-    if train_cfg.precision == "auto":
-        return "bfloat16" if bf16_supported() else "float32"
-    return train_cfg.precision
+def _run_stages(fit: _Fit, stages: list[Stage], state: dict[str, Any], strategy: Any) -> None:
+    """Every stage in order; a resumed run skips the finished ones and continues the interrupted one."""
+    names = [stage.name for stage in stages]
+    resume_at = names.index(state["stage"]) if state.get("stage") in names else 0
+    for position, stage in enumerate(stages):
+        if position < resume_at:
+            continue
+        resumed = state if position == resume_at and state.get("stage") == stage.name else None
+        with strategy.scope():  # compile and fit where the variables live
+            set_trainable_blocks(fit.model, fit.model_cfg, stage.trainable_blocks)
+            _fit_stage(fit, stage, resumed)
+    set_trainable_blocks(fit.model, fit.model_cfg, 0)
+
+
+def _feature_dtype(train_cfg: TrainConfig) -> str:
+    """The dtype of the frozen-feature pass: "bfloat16" or "float32"."""
+    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and bf16_supported())
+    return "bfloat16" if bf16 else "float32"
 
 
 def _feature_stores(
@@ -298,7 +472,7 @@ def _feature_stores(
     import keras
 
     source = model
-    if _feature_precision(train_cfg) == "bfloat16":
+    if _feature_dtype(train_cfg) == "bfloat16":
         source = reduced_precision_copy(model_cfg, model)
     extractor, _ = split_model(source, model_cfg, at="fine_tune")
     views = 1 + train_cfg.augment_views
@@ -361,68 +535,150 @@ def train(
     callbacks: Sequence[Any] = (),
     resume: bool = False,
 ) -> Path:
-    """Train on ``data`` into the run directory ``out`` and return it (``predict.Run.load`` loads it).
+    """Train on ``data`` into the run directory ``out``; return it (``predict.Run.load`` applies it).
 
     With ``resume=True`` the configs and data come from ``out/train_state.json`` and training
-    continues from the last completed epoch.
+    continues after the last completed epoch, with the optimiser and early-stopping state it had.
     """
     run_dir = Path(out)
     if resume:
         state = _load_state(run_dir)
-        data = state["data"]
-        preprocess_cfg = from_dict(PreprocessConfig, state["preprocess"])
-        model_cfg = from_dict(ModelConfig, state["model"])
-        train_cfg = train_config_from_dict(state["train"])
+        data, preprocess_cfg, model_cfg, train_cfg = _configs_from_state(run_dir, state)
     else:
-        if (run_dir / MODEL_FILE).exists():
-            raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
-        preprocess_cfg = preprocess_cfg or PreprocessConfig()
-        train_cfg = train_cfg or TrainConfig()
-        model_cfg = model_cfg or ModelConfig()
-        if model_cfg.image_size != preprocess_cfg.size:
-            preprocess_cfg = dataclasses.replace(preprocess_cfg, size=model_cfg.image_size)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(
-            run_dir / STATE_FILE,
-            {
-                "data": str(Path(data).resolve()),
-                "preprocess": to_dict(preprocess_cfg),
-                "model": to_dict(model_cfg),
-                "train": to_dict(train_cfg),
-                "stage": None,
-                "stage_epoch": 0,
-                "history": [],
-            },
-        )
-        state = read_json(run_dir / STATE_FILE)
+        preprocess_cfg, model_cfg, train_cfg = _fresh_configs(preprocess_cfg, model_cfg, train_cfg)
+        state = _start_run(run_dir, data, preprocess_cfg, model_cfg, train_cfg)
 
     seed_everything(train_cfg.seed)
     started = time.perf_counter()
     cache_dir = Path(train_cfg.cache_dir) if train_cfg.cache_dir else default_cache_dir()
     if train_cfg.workers is None:
-        train_cfg = dataclasses.replace(train_cfg, workers=default_workers())
+        train_cfg = override(train_cfg, workers=default_workers())
     train_df, val_df = prepare_data(Path(data), preprocess_cfg, train_cfg, cache_dir, run_dir)
-
-    n_pos, n_neg = int(train_df["label"].sum()), int((train_df["label"] == 0).sum())
-    if model_cfg.initial_bias is None:
-        model_cfg = dataclasses.replace(
-            model_cfg, initial_bias=0.0 if train_cfg.class_weight else math.log(n_pos / n_neg)
-        )
+    model_cfg = _with_initial_bias(model_cfg, train_cfg, train_df)
     strategy = _distribution(train_cfg.strategy)
     with strategy.scope():
-        model = build_model(model_cfg)
-        if resume and (run_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS_FILE).exists():
-            model.load_weights(run_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS_FILE)
-            log.info(
-                "resumed from %s (stage %s, epoch %s)",
-                run_dir / CHECKPOINT_DIR,
-                state["stage"],
-                state["stage_epoch"],
-            )
+        model = _build_or_restore(model_cfg, run_dir, state if resume else None)
         _, top = split_model(model, model_cfg, at="fine_tune")
+    key = _feature_key(preprocess_cfg, model_cfg, train_cfg, train_df, val_df)
+    stores = _feature_stores(
+        model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / key
+    )
+    with strategy.scope():
+        _, head = split_model(model, model_cfg, at="backbone_output")
+    fit = _Fit(run_dir, model, model_cfg, train_cfg, train_df, val_df, stores, list(state.get("history", [])))
+    fit.callbacks = callbacks
+    _run_stages(fit, plan_stages(model_cfg, train_cfg, head=head, top=top), state, strategy)
 
-    feature_key = config_hash(
+    choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg)
+    _finish_run(
+        run_dir,
+        model,
+        preprocess_cfg,
+        model_cfg,
+        train_cfg,
+        choice,
+        metrics_val,
+        fit.history,
+        train_df,
+        val_df,
+        val_scores,
+        fingerprint=data_fingerprint(train_df, val_df),
+        data=data,
+        seconds=time.perf_counter() - started,
+    )
+    return run_dir
+
+
+def _fresh_configs(
+    preprocess_cfg: PreprocessConfig | None, model_cfg: ModelConfig | None, train_cfg: TrainConfig | None
+) -> tuple[PreprocessConfig, ModelConfig, TrainConfig]:
+    """The defaults where a config is not given; the preprocessing size follows the model's."""
+    preprocess_cfg = preprocess_cfg or PreprocessConfig()
+    model_cfg = model_cfg or ModelConfig()
+    if model_cfg.image_size != preprocess_cfg.size:
+        preprocess_cfg = override(preprocess_cfg, size=model_cfg.image_size)
+    return preprocess_cfg, model_cfg, train_cfg or TrainConfig()
+
+
+def _start_run(
+    run_dir: Path, data: Any, preprocess_cfg: PreprocessConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
+) -> dict[str, Any]:
+    """Create the run directory with its resume state (configs, data, no epoch yet)."""
+    if (run_dir / MODEL_FILE).exists():
+        raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "data": str(Path(data).resolve()),
+        "preprocess": to_dict(preprocess_cfg),
+        "model": to_dict(model_cfg),
+        "train": to_dict(train_cfg),
+        "stage": None,
+        "stage_epoch": 0,
+        "history": [],
+    }
+    write_json(run_dir / STATE_FILE, state)
+    return read_json(run_dir / STATE_FILE)
+
+
+def _load_state(run_dir: Path) -> dict[str, Any]:
+    if (run_dir / MODEL_FILE).exists():
+        raise TrainingError(f"{run_dir}: training already complete; nothing to resume")
+    if not (run_dir / STATE_FILE).is_file():
+        raise TrainingError(f"{run_dir}: no {STATE_FILE}; not a run that can be resumed")
+    return read_json(run_dir / STATE_FILE)
+
+
+def _configs_from_state(
+    run_dir: Path, state: dict[str, Any]
+) -> tuple[str, PreprocessConfig, ModelConfig, TrainConfig]:
+    """(data, configs) of an interrupted run, validated before any image is read."""
+    try:
+        return (
+            state["data"],
+            from_dict(PreprocessConfig, state["preprocess"]),
+            from_dict(ModelConfig, state["model"]),
+            from_dict(TrainConfig, state["train"]),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir / STATE_FILE}: {e}") from None
+    except KeyError as e:
+        raise TrainingError(f"{run_dir / STATE_FILE}: no {e} entry; not a run that can be resumed") from None
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its saved dict (the nested AugmentConfig included)."""
+    return from_dict(TrainConfig, values)
+
+
+def _with_initial_bias(model_cfg: ModelConfig, train_cfg: TrainConfig, train_df: pd.DataFrame) -> ModelConfig:
+    """Start the output at the class prior (0 with class weights, which balance the classes)."""
+    if model_cfg.initial_bias is not None:
+        return model_cfg
+    n_pos, n_neg = int(train_df["label"].sum()), int((train_df["label"] == 0).sum())
+    return override(model_cfg, initial_bias=0.0 if train_cfg.class_weight else math.log(n_pos / n_neg))
+
+
+def _build_or_restore(model_cfg: ModelConfig, run_dir: Path, state: dict[str, Any] | None) -> Any:
+    """The model, with the last checkpoint's weights when resuming (call in the strategy's scope)."""
+    model = build_model(model_cfg)
+    last = run_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS_FILE
+    if state is not None and last.exists():
+        model.load_weights(last)
+        _restore_variables(_random_states(model), last.parent / RANDOM_STATE_FILE, "dropout's seeds")
+        log.info("resumed from %s (stage %s, epoch %s)", last.parent, state["stage"], state["stage_epoch"])
+    return model
+
+
+def _feature_key(
+    preprocess_cfg: PreprocessConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+) -> str:
+    """The feature cache's key: everything the cached activations depend on."""
+    return config_hash(
         {
             "preprocess": to_dict(preprocess_cfg),
             "backbone": model_cfg.backbone,
@@ -432,81 +688,23 @@ def train(
             "views": train_cfg.augment_views,
             "augment": to_dict(train_cfg.augment),
             "seed": train_cfg.seed,
-            "precision": _feature_precision(train_cfg),
+            "precision": _feature_dtype(train_cfg),
             "data": data_fingerprint(train_df, val_df),
         }
     )
-    stores = _feature_stores(
-        model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / feature_key
-    )
-    with strategy.scope():
-        _, head = split_model(model, model_cfg, at="backbone_output")
 
-    history_rows: list[dict[str, Any]] = list(state.get("history", []))
-    stages = [("head", train_cfg.epochs, model_cfg.learning_rate, 0, head, "backbone")]
-    if train_cfg.fine_tune_epochs and model_cfg.fine_tune_blocks:
-        stages.append(
-            (
-                "fine_tune",
-                train_cfg.fine_tune_epochs,
-                model_cfg.fine_tune_learning_rate,
-                model_cfg.fine_tune_blocks,
-                top,
-                "split",
-            )
-        )
-    names = [stage[0] for stage in stages]
-    resume_at = names.index(state["stage"]) if state.get("stage") in names else 0
-    for position, (stage, epochs, lr, blocks, part, level) in enumerate(stages):
-        initial = int(state["stage_epoch"]) if position == resume_at and state.get("stage") == stage else 0
-        if position < resume_at or initial >= epochs:
-            continue
-        with strategy.scope():  # compile and fit where the variables live
-            set_trainable_blocks(model, model_cfg, blocks)
-            _fit_stage(
-                model,
-                part,
-                stores[f"train_{level}"],
-                stores[f"val_{level}"],
-                train_df,
-                val_df,
-                stage=stage,
-                epochs=epochs,
-                initial_epoch=initial,
-                learning_rate=lr,
-                model_cfg=model_cfg,
-                train_cfg=train_cfg,
-                run_dir=run_dir,
-                history_rows=history_rows,
-                callbacks=callbacks,
-            )
-    set_trainable_blocks(model, model_cfg, 0)
 
-    # The operating point is chosen on exactly what the saved model will output: a full float32
-    # forward pass over the validation images (cached features may be bfloat16/float16).
+def _operating_point(
+    model: Any, val_df: pd.DataFrame, train_cfg: TrainConfig
+) -> tuple[Any, dict, np.ndarray]:
+    """The threshold and validation metrics, on exactly what the saved model will output: a full
+    float32 forward pass over the validation images (cached features may be bfloat16/float16)."""
     val_scores = score_images(model, list(val_df["cached"]), batch_size=train_cfg.batch_size)
     y_val = val_df["label"].to_numpy()
     choice = choose_threshold(
         y_val, val_scores, target_recall=train_cfg.target_recall, rule=train_cfg.threshold_rule
     )
-    metrics_val = compute_metrics(y_val, val_scores, choice.threshold, seed=train_cfg.seed)
-    _finish_run(
-        run_dir,
-        model,
-        preprocess_cfg,
-        model_cfg,
-        train_cfg,
-        choice,
-        metrics_val,
-        history_rows,
-        train_df,
-        val_df,
-        val_scores,
-        fingerprint=data_fingerprint(train_df, val_df),
-        data=data,
-        seconds=time.perf_counter() - started,
-    )
-    return run_dir
+    return choice, compute_metrics(y_val, val_scores, choice.threshold, seed=train_cfg.seed), val_scores
 
 
 def _weights_identity(model_cfg: ModelConfig) -> str:
@@ -576,18 +774,3 @@ def _finish_run(
         metrics_val["recall"],
         metrics_val["specificity"],
     )
-
-
-def _load_state(run_dir: Path) -> dict[str, Any]:
-    if (run_dir / MODEL_FILE).exists():
-        raise TrainingError(f"{run_dir}: training already complete; nothing to resume")
-    if not (run_dir / STATE_FILE).is_file():
-        raise TrainingError(f"{run_dir}: no {STATE_FILE}; not a run that can be resumed")
-    return read_json(run_dir / STATE_FILE)
-
-
-def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from its saved dict (the nested AugmentConfig included)."""
-    values = dict(values)
-    values["augment"] = from_dict(AugmentConfig, values.get("augment", {}))
-    return from_dict(TrainConfig, values)
