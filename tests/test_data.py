@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import time
 from pathlib import Path
 
 import cv2
@@ -381,10 +380,11 @@ def test_real_kermany224_listing(kermany224_frame: pd.DataFrame) -> None:
 
 def test_real_kermany224_split_is_leak_free(kermany224_frame: pd.DataFrame) -> None:
     df = kermany224_frame
-    start = time.perf_counter()
     train, val = make_splits(df, SplitConfig())
-    assert time.perf_counter() - start < 15
     assert_clean_split(df, train, val, 1 / 6)
+    # Same seed, same split: a rerun (or a resumed run) validates on the same patients.
+    _, again_val = make_splits(df, SplitConfig())
+    assert sorted(again_val["path"]) == sorted(val["path"])
 
 
 def test_real_fullres_official_val() -> None:
