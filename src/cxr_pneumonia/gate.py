@@ -1,0 +1,701 @@
+"""Input gate: is this a frontal chest X-ray like the ones the model was trained on?
+
+The gate reads the backbone's own activations at a few depths, pooled over space, from the
+same forward pass that gives the probability (:func:`gated_model`). A :class:`DomainModel`
+fitted on the run's training images measures how far an image's pooled activations lie from
+the training images' (a Mahalanobis distance with Ledoit-Wolf shrinkage per depth, on a PCA
+of the activations), standardises each depth's distance on held-out training images and takes
+the largest: the *domain score*. Its acceptance limit is the ``accept_quantile`` of the
+validation images' scores (by default also under mild acquisition changes), so that a
+known share of genuine chest X-rays passes; a lower level (the validation 95th percentile)
+marks an accepted image as unlike the training population. :func:`batch_shift` tells
+whether a batch as a whole differs from validation.
+
+The method follows FRODO (Çallı et al., MIDL 2019): Mahalanobis distances on intermediate
+CNN features separate wrong anatomy and orientation from chest X-rays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cxr_pneumonia.augment import PERTURBATIONS, AugmentConfig, random_augment, random_raw_augment
+from cxr_pneumonia.config import atomic_write_bytes, read_json, write_json
+from cxr_pneumonia.model import INPUT_NAME, ModelConfig, backbone_layers, get_backbone
+from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
+
+log = logging.getLogger(__name__)
+
+GATE_DIR = "gate"
+GATE_JSON = "gate.json"
+GATE_NPZ = "gate.npz"
+FORMAT_VERSION = 1
+THUMBNAIL_NAME = "gate_thumbnail"
+POOL_PREFIX = "gate_pool_"
+SHIFT_MESSAGE = "these images differ from the training data; the operating point may not hold here"
+
+Status = Literal["ok", "rejected"]
+
+
+class GateError(RuntimeError):
+    """A gate cannot be fitted, saved, loaded or applied to this model."""
+
+
+class GateConfig(BaseModel):
+    """How the domain model is built, where its limit sits and when a batch counts as shifted.
+
+    ``block_fractions`` pick backbone blocks by relative depth (0 = input, 1 = the last block):
+    a fraction ``f`` of a backbone with ``n`` blocks is block ``max(1, round(f * n))`` from the
+    bottom, and the gate reads that block's output. ``thumbnail`` adds the input image
+    average-pooled to a ``thumbnail``×``thumbnail`` grid as one more "depth" (0: off): pooled
+    activations forget where things are, the thumbnail keeps the layout.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    block_fractions: tuple[float, ...] = (0.15, 0.3, 0.55, 0.85)
+    # "mean_std": per-channel mean and standard deviation over space; "mean": the mean only.
+    pooling: Literal["mean", "mean_std"] = "mean_std"
+    thumbnail: int = Field(default=0, ge=0)
+    # Principal components kept per depth before the covariance (None: all); never more than
+    # a quarter of the training images, so the shrinkage covariance stays well conditioned.
+    pca_components: int | None = Field(default=64, ge=1)
+    combine: Literal["max", "mean"] = "max"
+    # At most this many training images are read to fit (a random subset): the covariance of
+    # a few dozen components needs no more, and fitting stays a minute on a CPU.
+    max_fit_images: int | None = Field(default=1000, ge=8)
+    # Training-style augmented views (augment.random_raw_augment + random_augment) of each
+    # training image added to the fit: the classifier was trained to take blur, JPEG, framing
+    # and contrast changes, so the gate's notion of "like the training images" includes them.
+    fit_augmented_views: int = Field(default=1, ge=0)
+    # Held-out folds of the training images that standardise each depth's distance.
+    folds: int = Field(default=2, ge=2)
+    accept_quantile: float = Field(default=0.99, gt=0.5, lt=1.0)
+    unusual_quantile: float = Field(default=0.95, gt=0.5, lt=1.0)
+    # Validation images are also scored under these augment.PERTURBATIONS (one per image, in
+    # turn) when setting the limit, so another scanner's contrast or framing is not refused.
+    limit_perturbations: tuple[str, ...] = tuple(PERTURBATIONS)
+    # Batch warning: a batch of at least shift_min_batch images is "shifted" when more than
+    # shift_min_share of it lies above the unusual level and a one-sided test says so at
+    # shift_alpha (Bonferroni over the two tests).
+    shift_min_batch: int = Field(default=10, ge=2)
+    shift_min_share: float = Field(default=0.15, gt=0.0, lt=1.0)
+    shift_alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
+    seed: int = 0
+
+    @field_validator("block_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("block_fractions needs at least one depth")
+        if any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError(f"block_fractions must lie in (0, 1], got {list(value)}")
+        return value
+
+    @field_validator("limit_perturbations")
+    @classmethod
+    def _perturbations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in value if p not in PERTURBATIONS]
+        if unknown:
+            raise ValueError(f"unknown perturbations {unknown}; valid: {sorted(PERTURBATIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _levels(self) -> GateConfig:
+        if self.unusual_quantile >= self.accept_quantile:
+            raise ValueError(
+                f"unusual_quantile ({self.unusual_quantile}) must be below accept_quantile "
+                f"({self.accept_quantile})"
+            )
+        return self
+
+
+# --- the gated forward pass ------------------------------------------------------------------
+
+
+def block_output_layer(model: Any, model_cfg: ModelConfig, block: int) -> str:
+    """The name of the layer whose output leaves backbone block ``block`` (1 = the lowest).
+
+    That is the tensor entering the next block (for Xception the residual ``add`` after the
+    block, for ResNet50V2 ``convN_blockM_out``); the top block's output is the backbone's.
+    """
+    spec = get_backbone(model_cfg.backbone)
+    bottom_up = spec.block_prefixes[::-1]
+    if not 1 <= block <= len(bottom_up):
+        raise ValueError(f"block must be in [1, {len(bottom_up)}] for {model_cfg.backbone}, got {block}")
+    if block == len(bottom_up):
+        return spec.last_conv_layer
+    layers = backbone_layers(model, model_cfg)
+    following = next((layer for layer in layers if layer.name.startswith(bottom_up[block])), None)
+    if following is None:
+        raise GateError(f"no {model_cfg.backbone} layer starts with {bottom_up[block]!r}")
+    inputs = following.input if isinstance(following.input, list | tuple) else [following.input]
+    if len(inputs) == 1:
+        # _keras_history is how Keras 3 itself finds the layer that made a tensor.
+        return inputs[0]._keras_history.operation.name
+    own = [layer.name for layer in layers if layer.name.startswith(bottom_up[block - 1])]
+    return own[-1]
+
+
+def gate_blocks(model_cfg: ModelConfig, cfg: GateConfig) -> list[int]:
+    """The backbone blocks (1 = the lowest) that ``cfg.block_fractions`` select, deduplicated."""
+    n = len(get_backbone(model_cfg.backbone).block_prefixes)
+    return sorted({max(1, min(n, round(f * n))) for f in cfg.block_fractions})
+
+
+def gate_layers(model: Any, model_cfg: ModelConfig, cfg: GateConfig | None = None) -> list[str]:
+    """Names of the layers whose pooled outputs are the gate's features, lowest first."""
+    cfg = cfg or GateConfig()
+    return [block_output_layer(model, model_cfg, b) for b in gate_blocks(model_cfg, cfg)]
+
+
+def gated_model(model: Any, layers: Sequence[str], cfg: GateConfig | None = None) -> Any:
+    """``model`` with more outputs: ``[probability, features_1, ..., features_k]``.
+
+    ``features_i`` are the per-channel spatial mean of layer ``layers[i]`` (and, with
+    ``pooling="mean_std"``, the mean of its square), concatenated; with ``cfg.thumbnail`` one
+    last output is the input average-pooled to a grid, flattened. Built from serialisable
+    built-in layers on the model's own tensors, so it shares every weight and runs one pass.
+    """
+    import keras
+
+    cfg = cfg or GateConfig()
+    outputs = [model.output]
+    for name in layers:
+        tensor = model.get_layer(name).output
+        pooled = keras.layers.GlobalAveragePooling2D(name=f"{POOL_PREFIX}{name}_mean")(tensor)
+        if cfg.pooling == "mean_std":
+            square = keras.layers.Multiply(name=f"{POOL_PREFIX}{name}_square")([tensor, tensor])
+            second = keras.layers.GlobalAveragePooling2D(name=f"{POOL_PREFIX}{name}_m2")(square)
+            pooled = keras.layers.Concatenate(name=f"{POOL_PREFIX}{name}")([pooled, second])
+        outputs.append(pooled)
+    if cfg.thumbnail:
+        image = model.get_layer(INPUT_NAME).output if _has_layer(model, INPUT_NAME) else model.input
+        side = int(model.input.shape[1]) // cfg.thumbnail
+        if side < 1:
+            raise GateError(
+                f"thumbnail grid {cfg.thumbnail} is finer than the input ({model.input.shape[1]})"
+            )
+        pooled = keras.layers.AveragePooling2D(side, strides=side, name=f"{THUMBNAIL_NAME}_pool")(image)
+        outputs.append(keras.layers.Flatten(name=THUMBNAIL_NAME)(pooled))
+    return keras.Model(model.input, outputs, name=f"{model.name}_gated")
+
+
+def _has_layer(model: Any, name: str) -> bool:
+    return any(layer.name == name for layer in model.layers)
+
+
+def pooled_features(raw: Sequence[np.ndarray], cfg: GateConfig, n_layers: int) -> list[np.ndarray]:
+    """The gated model's raw feature outputs -> one float64 (n, d) matrix per depth.
+
+    The second moment becomes a log standard deviation; the thumbnail (in [0, 255]) is scaled to [0, 1].
+    """
+    features = []
+    for i, values in enumerate(raw):
+        x = np.asarray(values, dtype=np.float64)
+        if i < n_layers and cfg.pooling == "mean_std":
+            mean, second = np.split(x, 2, axis=1)
+            std = np.sqrt(np.maximum(second - mean**2, 0.0))
+            x = np.concatenate([mean, np.log(std + 1e-3)], axis=1)
+        elif i >= n_layers:
+            x = x / 255.0
+        features.append(x)
+    return features
+
+
+def run_gated(
+    gated: Any, batch: np.ndarray, cfg: GateConfig, n_layers: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Probabilities (n,) and per-depth features of one float32 (n, size, size, 1) batch."""
+    from cxr_pneumonia.model import inference_function
+
+    outputs = inference_function(gated)(np.asarray(batch, dtype=np.float32))
+    outputs = [np.asarray(o) for o in outputs]
+    return outputs[0].reshape(-1).astype(np.float32), pooled_features(outputs[1:], cfg, n_layers)
+
+
+def extract(
+    gated: Any, images: Sequence[np.ndarray], cfg: GateConfig, n_layers: int, *, batch_size: int = 32
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`run_gated` over preprocessed uint8 (size, size) images, in batches."""
+    if len(images) == 0:
+        raise GateError("no images to extract features from")
+    probs, parts = [], []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([np.asarray(img) for img in images[start : start + batch_size]])
+        batch = batch[..., None].astype(np.float32)
+        p, f = run_gated(gated, batch, cfg, n_layers)
+        probs.append(p)
+        parts.append(f)
+    features = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+    return np.concatenate(probs), features
+
+
+# --- the domain model ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict on one image."""
+
+    status: Status
+    domain_score: float
+    limit: float
+    reason: str
+    unusual: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "domain_score": round(self.domain_score, 3),
+            "limit": round(self.limit, 3),
+            "reason": self.reason,
+            "unusual": self.unusual,
+        }
+
+
+class _Depth:
+    """PCA + Ledoit-Wolf Mahalanobis distance for one depth's features."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, location: np.ndarray, precision: np.ndarray):
+        self.mean, self.components, self.location, self.precision = mean, components, location, precision
+
+    @classmethod
+    def fit(cls, x: np.ndarray, n_components: int | None) -> _Depth:
+        from sklearn.covariance import LedoitWolf
+
+        mean = x.mean(axis=0)
+        centred = x - mean
+        k = min(x.shape[1], max(1, x.shape[0] // 4))
+        if n_components is not None:
+            k = min(k, n_components)
+        # The leading right singular vectors: the directions the training images vary most in.
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        components = vt[:k]
+        z = centred @ components.T
+        lw = LedoitWolf().fit(z)
+        return cls(mean, components, lw.location_, lw.precision_)
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        """Mahalanobis distances of the rows of ``x`` (not squared)."""
+        d = (x - self.mean) @ self.components.T - self.location
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}mean": self.mean,
+            f"{prefix}components": self.components,
+            f"{prefix}location": self.location,
+            f"{prefix}precision": self.precision,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str) -> _Depth:
+        return cls(
+            *(np.asarray(arrays[f"{prefix}{k}"]) for k in ("mean", "components", "location", "precision"))
+        )
+
+
+class DomainModel:
+    """Scores how unlike the training images an image's gate features are; decides accept/reject.
+
+    Higher scores are further from the training data. ``limit``: images scoring above it are
+    rejected. ``unusual_level``: accepted images above it are unlike the training population.
+    """
+
+    def __init__(
+        self,
+        cfg: GateConfig,
+        layers: Sequence[str],
+        depths: Sequence[_Depth],
+        centres: np.ndarray,
+        scales: np.ndarray,
+        *,
+        n_fit: int = 0,
+        backbone: str = "",
+        image_size: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.layers = list(layers)
+        self.depths = list(depths)
+        self.centres = np.asarray(centres, dtype=np.float64)
+        self.scales = np.asarray(scales, dtype=np.float64)
+        self.n_fit = n_fit
+        self.backbone = backbone
+        self.image_size = image_size
+        self.limit = math.inf
+        self.unusual_level = math.inf
+        self.val_scores = np.empty(0)
+        self.limit_info: dict[str, Any] = {}
+
+    # fitting -----------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        features: Sequence[np.ndarray],
+        cfg: GateConfig,
+        layers: Sequence[str],
+        *,
+        backbone: str = "",
+        image_size: int = 0,
+        groups: np.ndarray | None = None,
+    ) -> DomainModel:
+        """Fit on the training images' per-depth features (a list of (n, d_k) arrays).
+
+        Each depth's distance is standardised (median, MAD) on images held out of its fit
+        (``cfg.folds`` folds), so depths of different dimension weigh alike. ``groups`` keeps
+        rows of one group (an image and its augmented views) in the same fold.
+        """
+        n = len(features[0])
+        if any(len(f) != n for f in features):
+            raise GateError("every depth needs one row per training image")
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        if len(groups) != n:
+            raise GateError(f"groups has {len(groups)} entries for {n} rows")
+        unique, inverse = np.unique(groups, return_inverse=True)
+        if len(unique) < 2 * cfg.folds + 2:
+            raise GateError(
+                f"need at least {2 * cfg.folds + 2} training images to fit a gate, got {len(unique)}"
+            )
+        fold = (np.random.default_rng(cfg.seed).permutation(len(unique)) % cfg.folds)[inverse]
+        centres, scales, depths = [], [], []
+        for x in features:
+            held_out = np.empty(n)
+            for k in range(cfg.folds):
+                part = _Depth.fit(x[fold != k], cfg.pca_components)
+                held_out[fold == k] = part.distance(x[fold == k])
+            centre = float(np.median(held_out))
+            scale = float(np.median(np.abs(held_out - centre))) * 1.4826 or 1.0
+            centres.append(centre)
+            scales.append(scale)
+            depths.append(_Depth.fit(x, cfg.pca_components))
+        return cls(
+            cfg, layers, depths, np.array(centres), np.array(scales), n_fit=len(unique), backbone=backbone,
+            image_size=image_size,
+        )  # fmt: skip
+
+    def depth_scores(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, k) standardised distances, one column per depth."""
+        if len(features) != len(self.depths):
+            raise GateError(f"expected features of {len(self.depths)} depths, got {len(features)}")
+        columns = [
+            d.distance(np.asarray(f, dtype=np.float64)) for d, f in zip(self.depths, features, strict=True)
+        ]
+        return (np.stack(columns, axis=1) - self.centres) / self.scales
+
+    def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """The domain score of each image: its depths' standardised distances, combined."""
+        z = self.depth_scores(features)
+        return z.max(axis=1) if self.cfg.combine == "max" else z.mean(axis=1)
+
+    def set_limit(
+        self, val_scores: np.ndarray, perturbed_scores: dict[str, np.ndarray] | None = None
+    ) -> DomainModel:
+        """Accept ``accept_quantile`` of the validation images, clean and perturbed together.
+
+        The unusual level is the clean validation images' ``unusual_quantile``.
+        """
+        val_scores = np.asarray(val_scores, dtype=np.float64)
+        if val_scores.size == 0:
+            raise GateError("no validation scores to set the limit on")
+        pool = np.concatenate([val_scores, *(perturbed_scores or {}).values()])
+        clean_limit = float(np.quantile(val_scores, self.cfg.accept_quantile))
+        self.limit = float(np.quantile(pool, self.cfg.accept_quantile))
+        self.unusual_level = float(np.quantile(val_scores, self.cfg.unusual_quantile))
+        self.val_scores = np.sort(val_scores)
+        self.limit_info = {
+            "n_val": int(val_scores.size),
+            "n_perturbed": int(pool.size - val_scores.size),
+            "perturbations": sorted(perturbed_scores or {}),
+            "clean_val_limit": round(clean_limit, 4),
+            "val_quantiles": {
+                str(q): round(float(np.quantile(val_scores, q)), 4) for q in (0.5, 0.9, 0.95, 0.99, 1.0)
+            },
+        }
+        return self
+
+    # applying ----------------------------------------------------------------------------
+
+    def decide(self, scores: np.ndarray | Sequence[float]) -> list[GateDecision]:
+        """Accept (``"ok"``) or reject each score, with a reason a person understands."""
+        if not math.isfinite(self.limit):
+            raise GateError("the gate has no limit yet; call set_limit on validation scores")
+        decisions = []
+        for s in np.asarray(scores, dtype=np.float64).reshape(-1):
+            score = float(s)
+            if not math.isfinite(score) or score > self.limit:
+                decisions.append(
+                    GateDecision(
+                        "rejected",
+                        score,
+                        self.limit,
+                        "not like the frontal chest X-rays this model was trained on: "
+                        f"score {score:.1f}, limit {self.limit:.1f}",
+                        True,
+                    )
+                )
+            elif score > self.unusual_level:
+                decisions.append(
+                    GateDecision(
+                        "ok",
+                        score,
+                        self.limit,
+                        "accepted, but unlike most of the training population: "
+                        f"score {score:.1f}, usual up to {self.unusual_level:.1f}",
+                        True,
+                    )
+                )
+            else:
+                decisions.append(
+                    GateDecision(
+                        "ok", score, self.limit, f"like the training images: score {score:.1f}", False
+                    )
+                )
+        return decisions
+
+    def batch_shift(self, scores: np.ndarray | Sequence[float]) -> dict[str, Any]:
+        """:func:`batch_shift` against this gate's validation scores and settings."""
+        return batch_shift(scores, self.val_scores, cfg=self.cfg)
+
+    # saving ------------------------------------------------------------------------------
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``gate/gate.json`` and ``gate/gate.npz`` under ``run_dir``; returns the folder."""
+        import io
+
+        folder = Path(run_dir) / GATE_DIR
+        arrays: dict[str, np.ndarray] = {
+            "centres": self.centres,
+            "scales": self.scales,
+            "val_scores": self.val_scores,
+        }
+        for i, depth in enumerate(self.depths):
+            arrays.update(depth.arrays(f"depth{i}_"))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(folder / GATE_NPZ, buffer.getvalue())
+        write_json(
+            folder / GATE_JSON,
+            {
+                "format_version": FORMAT_VERSION,
+                "config": self.cfg.model_dump(mode="json"),
+                "layers": self.layers,
+                "backbone": self.backbone,
+                "image_size": self.image_size,
+                "n_fit": self.n_fit,
+                "limit": self.limit,
+                "unusual_level": self.unusual_level,
+                **self.limit_info,
+            },
+        )
+        return folder
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> DomainModel:
+        """The gate saved under ``run_dir`` (or a ``gate/`` folder itself)."""
+        folder = Path(run_dir)
+        if not (folder / GATE_JSON).is_file():
+            folder = folder / GATE_DIR
+        try:
+            meta = read_json(folder / GATE_JSON)
+            with np.load(folder / GATE_NPZ) as arrays:
+                depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(len(arrays["centres"]))]
+                centres, scales, val_scores = arrays["centres"], arrays["scales"], arrays["val_scores"]
+        except (OSError, KeyError, ValueError) as e:
+            raise GateError(f"{folder}: no readable gate ({e}); fit one for this run") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
+        gate = cls(
+            GateConfig.model_validate(meta["config"]),
+            meta["layers"],
+            depths,
+            centres,
+            scales,
+            n_fit=int(meta["n_fit"]),
+            backbone=meta.get("backbone", ""),
+            image_size=int(meta.get("image_size", 0)),
+        )
+        gate.limit = float(meta["limit"])
+        gate.unusual_level = float(meta["unusual_level"])
+        gate.val_scores = np.asarray(val_scores, dtype=np.float64)
+        gate.limit_info = {
+            k: meta[k] for k in ("n_val", "n_perturbed", "perturbations", "clean_val_limit", "val_quantiles")
+        }
+        return gate
+
+    def gated_model(self, model: Any) -> Any:
+        """:func:`gated_model` of ``model`` at this gate's layers (checked to exist)."""
+        missing = [name for name in self.layers if not _has_layer(model, name)]
+        if missing:
+            raise GateError(f"the model has no layers {missing}; this gate was fitted for another model")
+        return gated_model(model, self.layers, self.cfg)
+
+
+# --- batch shift -----------------------------------------------------------------------------
+
+
+def batch_shift(
+    scores: np.ndarray | Sequence[float],
+    reference_val_scores: np.ndarray | Sequence[float],
+    *,
+    cfg: GateConfig | None = None,
+) -> dict[str, Any]:
+    """Does a batch's score distribution differ from validation's (upwards)?
+
+    Two one-sided tests: the share of the batch above the validation ``unusual_quantile``
+    (binomial, against that quantile's tail share) and Mann-Whitney U (batch scores larger).
+    ``shifted`` needs at least ``shift_min_batch`` images, a share above ``shift_min_share``
+    and either test below ``shift_alpha / 2``.
+    """
+    from scipy.stats import binomtest, mannwhitneyu
+
+    cfg = cfg or GateConfig()
+    batch = np.asarray(scores, dtype=np.float64).reshape(-1)
+    batch = np.where(np.isfinite(batch), batch, np.finfo(np.float64).max)
+    reference = np.asarray(reference_val_scores, dtype=np.float64).reshape(-1)
+    if reference.size == 0:
+        raise GateError("no validation scores to compare the batch with")
+    level = float(np.quantile(reference, cfg.unusual_quantile))
+    expected = 1.0 - cfg.unusual_quantile
+    n = int(batch.size)
+    above = int((batch > level).sum())
+    share = above / n if n else 0.0
+    p_share = float(binomtest(above, n, expected, alternative="greater").pvalue) if n else 1.0
+    p_rank = float(mannwhitneyu(batch, reference, alternative="greater").pvalue) if n else 1.0
+    shifted = (
+        n >= cfg.shift_min_batch
+        and share > cfg.shift_min_share
+        and min(p_share, p_rank) < cfg.shift_alpha / 2
+    )
+    return {
+        "n": n,
+        "share_above_unusual": round(share, 4),
+        "expected_share": round(expected, 4),
+        "unusual_level": round(level, 4),
+        "p_share": p_share,
+        "p_mannwhitney": p_rank,
+        "shifted": bool(shifted),
+        "message": SHIFT_MESSAGE if shifted else "",
+    }
+
+
+# --- fitting from images ---------------------------------------------------------------------
+
+
+def _preprocessed(
+    images: Sequence[np.ndarray], pipeline: Callable[..., np.ndarray] | None
+) -> list[np.ndarray]:
+    if pipeline is None:
+        return [np.asarray(img) for img in images]
+    out = []
+    for i, img in enumerate(images):
+        try:
+            out.append(pipeline(img, source=f"<image {i}>"))
+        except PreprocessError as e:
+            log.warning("gate fit skips an image: %s", e)
+    return out
+
+
+def augmented_view(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    augment_cfg: AugmentConfig,
+    pipeline: Callable[..., np.ndarray] | None,
+) -> np.ndarray:
+    """A training-style view: framing and intensity on the raw image, the pipeline, then small
+    geometry, blur and JPEG (as ``features.image_batches`` makes them); with no pipeline,
+    ``img`` is preprocessed already and only the second part applies."""
+    if pipeline is not None:
+        img = pipeline(random_raw_augment(img, rng, augment_cfg))
+    return random_augment(img, rng, augment_cfg)
+
+
+def fit_gate(
+    model: Any,
+    model_cfg: ModelConfig,
+    train_images: Sequence[np.ndarray],
+    val_images: Sequence[np.ndarray],
+    *,
+    cfg: GateConfig | None = None,
+    preprocess_cfg: PreprocessConfig | None = None,
+    augment_cfg: AugmentConfig | None = None,
+    preprocessed: bool = False,
+    batch_size: int = 32,
+) -> DomainModel:
+    """Fit a gate for ``model`` on training images and set its limit on validation images.
+
+    Images are raw uint8 grayscale arrays run through the project's preprocessing
+    (``preprocess_cfg``, default ``PreprocessConfig(size=model_cfg.image_size)``), or already
+    preprocessed ``size``×``size`` arrays with ``preprocessed=True``. The fit adds
+    ``cfg.fit_augmented_views`` views of each training image under ``augment_cfg`` (default:
+    training's); the limit's perturbations act on raw images, so preprocessed validation
+    images are used clean only.
+    """
+    cfg = cfg or GateConfig()
+    augment_cfg = augment_cfg or AugmentConfig()
+    pipeline = (
+        None
+        if preprocessed
+        else build_pipeline(preprocess_cfg or PreprocessConfig(size=model_cfg.image_size))
+    )
+    layers = gate_layers(model, model_cfg, cfg)
+    gated = gated_model(model, layers, cfg)
+
+    def features(images: Sequence[np.ndarray], *, ready: bool = False) -> list[np.ndarray]:
+        images = images if ready else _preprocessed(images, pipeline)
+        return extract(gated, images, cfg, len(layers), batch_size=batch_size)[1]
+
+    if cfg.max_fit_images is not None and len(train_images) > cfg.max_fit_images:
+        keep = np.random.default_rng(cfg.seed).choice(len(train_images), cfg.max_fit_images, replace=False)
+        train_images = [train_images[i] for i in np.sort(keep)]
+    fit_images, groups = [], []
+    for view in range(cfg.fit_augmented_views + 1):
+        for i, img in enumerate(train_images):
+            try:
+                if view == 0:
+                    fit_images.append(img if pipeline is None else pipeline(img, source=f"<image {i}>"))
+                else:
+                    rng = np.random.default_rng([cfg.seed, view, i])
+                    fit_images.append(augmented_view(img, rng, augment_cfg, pipeline))
+                groups.append(i)
+            except PreprocessError as e:
+                log.warning("gate fit skips an image: %s", e)
+    gate = DomainModel.fit(
+        features(fit_images, ready=True),
+        cfg,
+        layers,
+        backbone=model_cfg.backbone,
+        image_size=model_cfg.image_size,
+        groups=np.array(groups),
+    )
+    val_scores = gate.score(features(val_images))
+    perturbed = {}
+    if pipeline is not None and cfg.limit_perturbations:
+        # One perturbed view per validation image, the perturbations taken in turn: the limit
+        # sees every kind of change for the price of one more pass over validation.
+        names = cfg.limit_perturbations
+        for k, name in enumerate(names):
+            chosen = [PERTURBATIONS[name](img) for img in val_images[k :: len(names)]]
+            if chosen:
+                perturbed[name] = gate.score(features(chosen))
+    elif cfg.limit_perturbations:
+        log.info("preprocessed validation images: the limit is set without perturbations")
+    gate.set_limit(val_scores, perturbed)
+    log.info(
+        "gate fitted on %d images (+%d augmented views) at %s; limit %.2f (%d validation images)",
+        gate.n_fit,
+        len(fit_images) - gate.n_fit,
+        layers,
+        gate.limit,
+        len(val_scores),
+    )
+    return gate

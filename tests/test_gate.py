@@ -1,0 +1,311 @@
+"""Input gate: known answers on synthetic features, the gated forward pass, saving, batch shift."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from cxr_pneumonia import gate as g
+from cxr_pneumonia.model import ModelConfig, backbone_layers, build_model
+from cxr_pneumonia.preprocess import PreprocessConfig, build_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_XCEPTION = REPO.parent / "shared" / "weights" / "xception_imagenet_notop.weights.h5"
+
+pytestmark = pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+
+DIMS = (12, 40, 6)  # three "depths" of different width
+
+
+def gaussian_features(n: int, seed: int, shift: float = 0.0) -> list[np.ndarray]:
+    """Correlated Gaussian features per depth (fixed covariance), optionally shifted."""
+    rng = np.random.default_rng(seed)
+    features = []
+    for k, d in enumerate(DIMS):
+        mixing = np.random.default_rng(100 + k).normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+        features.append(rng.normal(size=(n, d)) @ mixing + shift)
+    return features
+
+
+@functools.cache
+def fitted(combine: str = "max") -> g.DomainModel:
+    cfg = g.GateConfig(limit_perturbations=(), combine=combine)
+    gate = g.DomainModel.fit(gaussian_features(600, seed=1), cfg, ["a", "b", "c"])
+    return gate.set_limit(gate.score(gaussian_features(3000, seed=2)))
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"limit_perturbations": ("sepia",)}, "limit_perturbations"),
+        ({"block_fractions": ()}, "block_fractions"),
+        ({"block_fractions": (0.0, 0.5)}, "block_fractions"),
+        ({"accept_quantile": 1.0}, "accept_quantile"),
+        ({"unusual_quantile": 0.995}, "unusual_quantile"),
+        ({"pooling": "max"}, "pooling"),
+        ({"colour": True}, "colour"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(changes, field):
+    with pytest.raises(ValidationError, match=field):
+        g.GateConfig(**changes)
+
+
+def test_config_is_frozen_and_round_trips_through_json():
+    cfg = g.GateConfig(thumbnail=8)
+    with pytest.raises(ValidationError):
+        cfg.thumbnail = 4
+    assert g.GateConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+# --- the domain model on synthetic features ----------------------------------------------------
+
+
+@pytest.mark.parametrize("combine", ["max", "mean"])
+def test_limit_accepts_the_configured_share_of_new_in_distribution_points(combine):
+    gate = fitted(combine)
+    accepted = np.mean(gate.score(gaussian_features(4000, seed=3)) <= gate.limit)
+    assert accepted == pytest.approx(0.99, abs=0.01)
+    unusual = np.mean(gate.score(gaussian_features(4000, seed=4)) > gate.unusual_level)
+    assert unusual == pytest.approx(0.05, abs=0.015)
+
+
+def test_far_points_are_rejected_with_a_reason_a_person_understands():
+    gate = fitted()
+    decisions = gate.decide(gate.score(gaussian_features(50, seed=5, shift=4.0)))
+    assert all(d.status == "rejected" and d.unusual for d in decisions)
+    d = decisions[0]
+    assert d.reason == (
+        "not like the frontal chest X-rays this model was trained on: "
+        f"score {d.domain_score:.1f}, limit {gate.limit:.1f}"
+    )
+    assert d.limit == gate.limit and d.domain_score > gate.limit
+
+
+def test_decide_levels_and_non_finite_scores():
+    gate = fitted()
+    low, mid, high = gate.unusual_level - 1, (gate.unusual_level + gate.limit) / 2, gate.limit + 1
+    ok, unusual, rejected, nan = gate.decide([low, mid, high, np.nan])
+    assert (ok.status, ok.unusual) == ("ok", False)
+    assert (unusual.status, unusual.unusual) == ("ok", True)
+    assert "unlike most of the training population" in unusual.reason
+    assert rejected.status == nan.status == "rejected"
+    assert ok.to_dict()["status"] == "ok"
+
+
+def test_a_gate_without_limit_refuses_to_decide():
+    gate = g.DomainModel.fit(gaussian_features(100, seed=1), g.GateConfig(), ["a", "b", "c"])
+    with pytest.raises(g.GateError, match="set_limit"):
+        gate.decide([0.0])
+
+
+def test_fit_checks_its_input():
+    with pytest.raises(g.GateError, match="at least"):
+        g.DomainModel.fit(gaussian_features(3, seed=1), g.GateConfig(), ["a", "b", "c"])
+    features = gaussian_features(50, seed=1)
+    features[1] = features[1][:-1]
+    with pytest.raises(g.GateError, match="one row per training image"):
+        g.DomainModel.fit(features, g.GateConfig(), ["a", "b", "c"])
+
+
+def test_save_load_round_trip_gives_identical_scores(tmp_path):
+    gate = fitted()
+    folder = gate.save(tmp_path / "run")
+    assert folder == tmp_path / "run" / g.GATE_DIR
+    assert {p.name for p in folder.iterdir()} == {"gate.json", "gate.npz"}
+    for where in (tmp_path / "run", folder):
+        loaded = g.DomainModel.load(where)
+        x = gaussian_features(200, seed=9, shift=0.5)
+        np.testing.assert_array_equal(loaded.score(x), gate.score(x))
+        assert (loaded.limit, loaded.unusual_level, loaded.cfg) == (gate.limit, gate.unusual_level, gate.cfg)
+        assert loaded.limit_info == gate.limit_info and loaded.n_fit == 600
+        assert loaded.decide([gate.limit + 1]) == gate.decide([gate.limit + 1])
+
+
+def test_load_of_a_missing_gate_says_so(tmp_path):
+    with pytest.raises(g.GateError, match="no readable gate"):
+        g.DomainModel.load(tmp_path)
+
+
+def test_limit_with_perturbed_views_is_at_least_the_clean_one():
+    gate = g.DomainModel.fit(gaussian_features(300, seed=1), g.GateConfig(), ["a", "b", "c"])
+    clean = gate.score(gaussian_features(500, seed=2))
+    shifted = gate.score(gaussian_features(500, seed=3, shift=0.3))
+    gate.set_limit(clean, {"contrast_0.6": shifted})
+    assert gate.limit >= gate.limit_info["clean_val_limit"]
+    assert gate.limit_info["n_perturbed"] == 500
+    assert gate.unusual_level == pytest.approx(np.quantile(clean, 0.95))
+
+
+# --- batch shift -------------------------------------------------------------------------------
+
+
+def test_batch_shift_flags_a_shifted_batch_and_not_an_iid_one():
+    gate = fitted()
+    iid = gate.batch_shift(gate.score(gaussian_features(200, seed=11)))
+    assert not iid["shifted"] and iid["message"] == ""
+    assert iid["share_above_unusual"] == pytest.approx(0.05, abs=0.04)
+    shifted = gate.batch_shift(gate.score(gaussian_features(200, seed=12, shift=0.6)))
+    assert shifted["shifted"] and shifted["message"] == g.SHIFT_MESSAGE
+    assert shifted["share_above_unusual"] > 0.15
+
+
+def test_batch_shift_never_flags_a_batch_below_the_minimum_size():
+    reference = np.random.default_rng(0).normal(size=500)
+    result = g.batch_shift([10.0] * 9, reference)
+    assert not result["shifted"] and result["n"] == 9
+    assert g.batch_shift([10.0] * 10, reference)["shifted"]
+
+
+# --- the gated forward pass --------------------------------------------------------------------
+
+TINY = ModelConfig(backbone="xception", weights="none", image_size=71, head="gap")
+
+
+@functools.cache
+def tiny_model():
+    return build_model(TINY)
+
+
+def test_gate_layers_are_block_outputs_in_depth_order():
+    model = tiny_model()
+    layers = g.gate_layers(model, TINY)
+    assert g.gate_blocks(TINY, g.GateConfig()) == [2, 4, 8, 12]
+    order = [layer.name for layer in backbone_layers(model, TINY)]
+    positions = [order.index(name) for name in layers]
+    assert positions == sorted(positions) and len(set(layers)) == 4
+    # Xception's block outputs are the residual additions feeding the next block.
+    for name, block in zip(layers, (3, 5, 9, 13), strict=True):
+        consumer = model.get_layer(f"block{block}_sepconv1_act")
+        assert consumer.input._keras_history.operation.name == name
+    assert g.block_output_layer(model, TINY, 14) == "block14_sepconv2_act"
+    with pytest.raises(ValueError, match="block must be in"):
+        g.block_output_layer(model, TINY, 15)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_std"])
+def test_gated_model_gives_the_same_probability_and_the_pooled_activations(pooling):
+    import keras
+
+    model = tiny_model()
+    cfg = g.GateConfig(pooling=pooling, thumbnail=4)
+    layers = g.gate_layers(model, TINY, cfg)
+    gated = g.gated_model(model, layers, cfg)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 71, 71, 1)).astype(np.float32)
+    probability, features = g.run_gated(gated, x, cfg, len(layers))
+    np.testing.assert_allclose(probability, np.asarray(model(x, training=False)).reshape(-1), rtol=1e-5)
+    assert len(features) == len(layers) + 1
+    for name, f in zip(layers, features, strict=False):
+        act = np.asarray(
+            keras.Model(model.input, model.get_layer(name).output)(x, training=False), np.float64
+        )
+        mean = act.mean(axis=(1, 2))
+        np.testing.assert_allclose(f[:, : mean.shape[1]], mean, rtol=1e-4, atol=1e-5)
+        if pooling == "mean_std":
+            np.testing.assert_allclose(
+                f[:, mean.shape[1] :], np.log(act.std(axis=(1, 2)) + 1e-3), rtol=1e-3, atol=1e-3
+            )
+        else:
+            assert f.shape[1] == mean.shape[1]
+    side = 71 // 4
+    thumb = x[:, : 4 * side, : 4 * side, 0].reshape(3, 4, side, 4, side).mean(axis=(2, 4)) / 255
+    np.testing.assert_allclose(features[-1], thumb.reshape(3, -1), rtol=1e-5)
+
+
+def synthetic_xray(seed: int, size: int = 120) -> np.ndarray:
+    """Dark background, bright body, two darker lung fields, noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size), 20, np.uint8)
+    c = size // 2
+    cv2.ellipse(img, (c, c), (int(size * 0.42), int(size * 0.45)), 0, 0, 360, 180, -1)
+    for side in (-1, 1):
+        cv2.ellipse(img, (c + side * size // 5, c), (size // 7, size // 3), 0, 0, 360, 70, -1)
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_fit_gate_on_raw_images_saves_and_reloads_for_the_same_model(tmp_path):
+    model = tiny_model()
+    cfg = g.GateConfig(pca_components=4, limit_perturbations=("gamma_0.7", "blur_1.5"))
+    train = [synthetic_xray(i) for i in range(24)]
+    val = [synthetic_xray(100 + i) for i in range(10)]
+    gate = g.fit_gate(model, TINY, train, val, cfg=cfg, batch_size=16)
+    assert gate.n_fit == 24 and gate.limit_info["n_val"] == 10
+    assert gate.limit_info["perturbations"] == ["blur_1.5", "gamma_0.7"]
+    assert gate.limit_info["n_perturbed"] == 10
+    loaded = g.DomainModel.load(gate.save(tmp_path))
+    gated = loaded.gated_model(model)
+    images = [build_pipeline(PreprocessConfig(size=71))(img) for img in val[:4]]
+    _, features = g.extract(gated, images, loaded.cfg, len(loaded.layers))
+    np.testing.assert_allclose(loaded.score(features), gate.score(features), rtol=1e-9)
+
+
+def test_a_gate_refuses_a_model_without_its_layers():
+    gate = fitted()  # layers "a", "b", "c"
+    with pytest.raises(g.GateError, match="another model"):
+        gate.gated_model(tiny_model())
+
+
+# --- the development set of non-CXR inputs ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ood_devset():
+    """bench/ood_devset.py as a module (bench is not a package)."""
+    pytest.importorskip("skimage")
+    path = REPO / "bench" / "ood_devset.py"
+    spec = importlib.util.spec_from_file_location("ood_devset", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ood_devset"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_devset_yields_every_category_as_uint8_gray(ood_devset):
+    items = list(ood_devset.devset([synthetic_xray(0, 200), synthetic_xray(1, 200)], per_category=2))
+    categories = {c for c, _, _ in items}
+    assert categories == set(ood_devset.CATEGORIES)
+    for category, name, img in items:
+        assert img.dtype == np.uint8 and img.ndim == 2 and min(img.shape) >= 8, (category, name)
+        assert re.fullmatch(r"[\w.]+", name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_XCEPTION.is_file(), reason="needs the shared ImageNet Xception weights")
+def test_imagenet_xception_gate_rejects_every_devset_category_and_accepts_the_sample(
+    ood_devset, sample_dir, monkeypatch
+):
+    """Fit on the bundled sample's training images: every dev-set category is rejected and the
+    sample's test images (other patients) are accepted at about the configured rate."""
+    from cxr_pneumonia.io import list_image_files, load_image
+
+    monkeypatch.setenv("CXR_PNEUMONIA_WEIGHTS_DIR", str(SHARED_XCEPTION.parent))
+    model_cfg = ModelConfig(backbone="xception", weights="imagenet")
+    model = build_model(model_cfg)
+    train = [load_image(p) for p in list_image_files(sample_dir / "train")]
+    test = [load_image(p) for p in list_image_files(sample_dir / "test")]
+    # Alternate images for fit / limit; the sample's file names interleave patients only slightly.
+    cfg = g.GateConfig(limit_perturbations=("contrast_0.6", "gamma_1.4", "crop_0.85"))
+    gate = g.fit_gate(model, model_cfg, train[::4] + train[1::4] + train[2::4], train[3::4], cfg=cfg)
+    gated = gate.gated_model(model)
+    pipeline = build_pipeline(PreprocessConfig())
+
+    def scores(images):
+        _, features = g.extract(gated, [pipeline(img) for img in images], gate.cfg, len(gate.layers))
+        return gate.score(features)
+
+    assert np.mean(scores(test) <= gate.limit) >= 0.9
+    dev = list(ood_devset.devset(test[:4], per_category=2))
+    rejected = [d.status == "rejected" for d in gate.decide(scores([img for _, _, img in dev]))]
+    missed = [f"{c}/{n}" for (c, n, _), r in zip(dev, rejected, strict=True) if not r]
+    assert not missed
