@@ -163,7 +163,9 @@ def test_defaults_are_unchanged():
         "patience": 4, "class_weight": True, "augment_views": 2, "augment": None, "cache_dir": None,
         "workers": None, "strategy": "default", "precision": "auto",
     }  # fmt: skip
-    assert PreprocessConfig().steps == ("clahe", "crop", "mask", "morph", "apply_mask", "resize")
+    # "downscale" first: a no-op on the 224 px training images, so the demo's metrics stay as they were
+    assert PreprocessConfig().steps == ("downscale", "clahe", "crop", "mask", "morph", "apply_mask", "resize")
+    assert PreprocessConfig().working_size == 224
     assert (ModelConfig().backbone, ModelConfig().weights, ModelConfig().image_size) == (
         "resnet50v2",
         "imagenet",

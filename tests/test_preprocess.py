@@ -23,6 +23,7 @@ from cxr_pneumonia.preprocess import (
     contour_mask,
     crop_sample,
     disable_steps,
+    downscale,
     find_largest_contour,
     refine_mask,
     resize_image,
@@ -151,7 +152,9 @@ def test_pipeline_does_not_mutate_input_and_is_deterministic():
 
 def test_steps_can_be_switched_off():
     img = ellipse_image((100, 100), (50, 50), (30, 30))
-    cfg = disable_steps(PreprocessConfig(size=100), "clahe", "crop", "mask", "morph", "apply_mask")
+    cfg = disable_steps(
+        PreprocessConfig(size=100), "downscale", "clahe", "crop", "mask", "morph", "apply_mask"
+    )
     assert cfg.steps == ("resize",)
     np.testing.assert_array_equal(build_pipeline(cfg)(img), img)
     only_mask = disable_steps(PreprocessConfig(size=100), "clahe", "crop")
@@ -247,9 +250,36 @@ def test_pipeline_on_real_full_resolution_xrays():
         assert result.image.std() > 20  # an X-ray, not a blank
         fallbacks += result.fallback
         if not result.fallback:
-            _, _, w, h = result.box
-            assert w * h >= 0.15 * img.size  # the thorax, not a text marker
+            _, _, w, h = result.box  # found after "downscale", on the 224×224 working image
+            assert w * h >= 0.15 * 224 * 224  # the thorax, not a text marker
     assert fallbacks <= 2
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [((1200, 900), (224, 224)), ((224, 224), (224, 224)), ((150, 300), (224, 224))]
+)
+def test_downscale_brings_large_images_to_the_working_size_only(shape, expected):
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = downscale(img, size=224)
+    assert out.shape == (expected if max(shape) > 224 else shape)
+    if max(shape) <= 224:
+        assert out is img  # small images pass untouched
+
+
+@pytest.mark.skipif(not FULLRES.is_dir(), reason="../shared/data/kermany-fullres not present")
+def test_a_full_resolution_original_is_preprocessed_as_its_224_copy_would_be():
+    """The training images are originals stretched to 224×224: after "downscale" an original and
+    such a copy of it give the same model input, so full-resolution files meet the texture the
+    model was trained on (CLAHE's tiles work at the image's own scale)."""
+    from cxr_pneumonia.io import list_image_files, load_image
+
+    pipeline = build_pipeline()
+    for path in list_image_files(FULLRES)[:6]:
+        original = load_image(path)
+        copy_224 = cv2.resize(original, (224, 224), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(pipeline(original), pipeline(copy_224))
+        without = build_pipeline(disable_steps(PreprocessConfig(), "downscale"))(original)
+        assert np.abs(without.astype(int) - pipeline(original).astype(int)).mean() > 2  # it matters
 
 
 def lung_touching_edge_image() -> np.ndarray:

@@ -149,7 +149,8 @@ StepsOff = Annotated[
     list[str] | None,
     typer.Option(
         "--no-step",
-        help="Switch a preprocessing step off (repeatable): clahe, crop, mask, morph, apply_mask, resize.",
+        help="Switch a preprocessing step off (repeatable): downscale, clahe, crop, mask, morph, "
+        "apply_mask, resize.",
     ),
 ]
 

@@ -21,9 +21,9 @@ from pydantic import Field
 
 from cxr_pneumonia.config import StageConfig, override
 
-# The seed's order. "crop", "mask", "morph" and "apply_mask" all use the contour found
-# by "crop"/"mask", so the region is located once per image.
-DEFAULT_STEPS: tuple[str, ...] = ("clahe", "crop", "mask", "morph", "apply_mask", "resize")
+# The seed's order, after "downscale". "crop", "mask", "morph" and "apply_mask" all use the
+# contour found by "crop"/"mask", so the region is located once per image.
+DEFAULT_STEPS: tuple[str, ...] = ("downscale", "clahe", "crop", "mask", "morph", "apply_mask", "resize")
 
 Box = tuple[int, int, int, int]  # x, y, width, height
 
@@ -39,6 +39,16 @@ class PreprocessConfig(StageConfig):
 
     steps: tuple[Literal[DEFAULT_STEPS], ...] = Field(  # type: ignore[valid-type]
         DEFAULT_STEPS, description="Enabled steps, in order."
+    )
+    # The shared training images are the originals stretched to 224×224 (kermany224). CLAHE's
+    # tiles and the contour see texture at the image's own scale, so a full-resolution original
+    # (1,000-2,600 px) came out of the same steps with a texture the model and the input gate had
+    # never seen; bringing it to the training images' geometry first makes it look like them.
+    working_size: int = Field(
+        224,
+        ge=8,
+        description="Images larger than this on either side are first resized to working_size × "
+        "working_size (stretched, as the training images were).",
     )
     clahe_clip_limit: float = Field(2.0, gt=0, description="CLAHE contrast limit.")
     clahe_tile_grid: int = Field(8, ge=1, description="CLAHE tiles per side.")
@@ -74,6 +84,13 @@ def check_image(img: np.ndarray) -> None:
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 2 or img.size == 0:
         what = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img)
         raise ValueError(f"expected a non-empty uint8 H×W grayscale array, got {what}")
+
+
+def downscale(img: np.ndarray, *, size: int) -> np.ndarray:
+    """``img`` stretched to size×size when it is larger than that on either side, else as it is."""
+    if max(img.shape) <= size:
+        return img
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def apply_clahe(img: np.ndarray, *, clip_limit: float, tile_grid: int) -> np.ndarray:
@@ -210,6 +227,10 @@ def _located(sample: Sample, cfg: PreprocessConfig) -> Sample:
     return locate_region(sample, method=cfg.threshold_method, min_region_fraction=cfg.min_region_fraction)
 
 
+def _step_downscale(sample: Sample, cfg: PreprocessConfig) -> Sample:
+    return replace(sample, image=downscale(sample.image, size=cfg.working_size))
+
+
 def _step_clahe(sample: Sample, cfg: PreprocessConfig) -> Sample:
     image = apply_clahe(sample.image, clip_limit=cfg.clahe_clip_limit, tile_grid=cfg.clahe_tile_grid)
     return replace(sample, image=image)
@@ -251,6 +272,7 @@ def _step_resize(sample: Sample, cfg: PreprocessConfig) -> Sample:
 
 
 STEPS: dict[str, Step] = {
+    "downscale": _step_downscale,
     "clahe": _step_clahe,
     "crop": _step_crop,
     "mask": _step_mask,
