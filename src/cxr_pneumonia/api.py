@@ -35,6 +35,7 @@ __all__ = [
     "RunError",
     "TrainConfig",
     "evaluate",
+    "explain",
     "export",
     "predict",
     "robustness",
@@ -87,10 +88,12 @@ def evaluate(
     heatmaps: bool = True,
     max_misclassified: int = 48,
     batch_size: int = 32,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled dataset at the run's saved threshold (see
-    :func:`cxr_pneumonia.evaluation.evaluate`); ``heatmaps`` adds Grad-CAM of the misclassified
-    images to the report."""
+    :func:`cxr_pneumonia.evaluation.evaluate`): the headline metrics on the images the input
+    check accepts (``gate=False``: on all images), beside the all-images metrics and the
+    rejections; ``heatmaps`` adds Grad-CAM of the misclassified images to the report."""
     return evaluation.evaluate(
         _as_run(run),
         data,
@@ -101,7 +104,19 @@ def evaluate(
         overlay_for=_grad_cam_overlay() if heatmaps else None,
         max_misclassified=max_misclassified,
         batch_size=batch_size,
+        gate=gate,
     )
+
+
+def explain(
+    run: Run | str | Path, inputs: Iterable[str | Path], out: str | Path, *, gate: bool = True
+) -> list[Any]:
+    """Grad-CAM overlays ``out/<stem>_gradcam.png`` for files and folders (see
+    :func:`cxr_pneumonia.explain.explain_paths`); an image the input check rejects gets none
+    (``rejected=True`` in its result) unless ``gate=False``."""
+    from cxr_pneumonia.explain import explain_paths
+
+    return explain_paths(_as_run(run), expand_inputs(inputs), out, gate=gate)
 
 
 def _grad_cam_overlay() -> evaluation.OverlayFn | None:
