@@ -22,7 +22,10 @@ from cxr_pneumonia import __version__
 # Commands whose options come from config models, built when first used: the models' modules
 # import Keras, which `preprocess`, `inspect` or `--version` should not pay for.
 _DEFERRED: dict[str, Callable[[], Any]] = {}
-_ORDER = ("preprocess", "inspect", "train", "export", "evaluate", "robustness", "predict", "explain", "serve")
+_ORDER = (
+    "preprocess", "inspect", "train", "gate", "export", "evaluate", "robustness", "predict", "explain",
+    "serve",
+)  # fmt: skip
 
 
 class _Commands(TyperGroup):
@@ -340,6 +343,50 @@ def _configs_from_file(path: Path | None):
         )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CommandError(f"{path}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# gate
+# --------------------------------------------------------------------------------------------
+
+
+def _gate_configs() -> tuple[Any, ...]:
+    from cxr_pneumonia.gate import GateConfig
+
+    class GateOptions(GateConfig):
+        cli_fields: typing.ClassVar[tuple[str, ...]] = (
+            "accept_quantile", "max_fit_images", "fit_augmented_views", "pca_components", "seed",
+        )  # fmt: skip
+
+    return (GateOptions,)
+
+
+@_deferred_command("gate", _gate_configs)
+def gate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A complete run directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(metavar="[DATA]", help="The training data (default: what the run was trained on)."),
+    ] = None,
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """Fit (or refit) the run's input gate on its own training images; the limit on its validation images."""
+    from cxr_pneumonia.api import fit_gate
+    from cxr_pneumonia.config import ConfigError
+    from cxr_pneumonia.data import DatasetError
+    from cxr_pneumonia.gate import GateError
+    from cxr_pneumonia.train import TrainingError
+
+    try:
+        info = fit_gate(run, data, **{k: v for k, v in overrides.items() if v is not None})
+    except (TrainingError, GateError, DatasetError, ConfigError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    typer.echo(
+        f"gate: {run / 'gate'} ({info['n_fit']} training images, layers {', '.join(info['layers'])})\n"
+        f"limit {info['limit']:.2f} (accepts {info['config']['accept_quantile']:.0%} of "
+        f"{info['n_val']} validation images and {info['n_perturbed']} perturbed views)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
