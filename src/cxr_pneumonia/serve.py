@@ -366,7 +366,7 @@ def create_app(
         PREDICT_PATH,
         response_model=PredictionResponse,
         response_model_exclude_unset=True,
-        responses=_predict_responses(run),
+        responses=_predict_responses(),
     )
     def predict(
         file: UploadFile = File(..., description=f"A chest X-ray: {SUPPORTED_TYPES}."),
@@ -391,22 +391,38 @@ def create_app(
         log.debug("%s: %s p=%s %s", filename, result["status"], result["probability"], result["label"])
         return {**result, "model": model_ref, "disclaimer": DISCLAIMER}
 
+    _with_response_examples(app, run)
     return app
 
 
-def _predict_responses(run: Run) -> dict[int | str, dict[str, Any]]:
+def _predict_responses() -> dict[int | str, dict[str, Any]]:
     """The OpenAPI description of /v1/predict's answers: the 200 (accepted or rejected) and the 4xx."""
     return {
         200: {
             "description": 'The answer: status "ok" with probability and label, or status "rejected" '
             "(not like the frontal chest X-rays the model was trained on) with a reason and no "
             "probability or label. A rejection is an answer, not an error: it keeps the 200.",
-            "content": {"application/json": {"examples": _response_examples(run)}},
         },
         413: {"model": ErrorResponse, "description": "Upload over the size (or pixel) limit."},
         415: {"model": ErrorResponse, "description": f"Not a {SUPPORTED_TYPES} file."},
         422: {"description": "Unreadable image (empty, truncated, corrupt) or missing file field."},
     }
+
+
+def _with_response_examples(app: FastAPI, run: Run) -> None:
+    """Add examples of the 200 answers to /v1/predict in the OpenAPI schema, after it is built:
+    FastAPI drops every null from the schema, and a rejection's nulls are the point."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        answer = schema["paths"][PREDICT_PATH]["post"]["responses"]["200"]
+        answer.setdefault("content", {}).setdefault("application/json", {})["examples"] = _response_examples(
+            run
+        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _response_examples(run: Run) -> dict[str, Any]:
