@@ -175,3 +175,15 @@ def copy_run(run_dir: Path, target: Path, *, drop_gate: bool = False, **gate_fie
 def ungated_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run without its gate, as a run trained before gates existed."""
     return copy_run(tiny_run, tmp_path_factory.mktemp("ungated") / "run", drop_gate=True)
+
+
+@pytest.fixture(scope="session")
+def make_run_copy():
+    """:func:`copy_run`, for tests that need a run with a changed gate."""
+    return copy_run
+
+
+@pytest.fixture(scope="session")
+def make_non_cxr_images():
+    """:func:`write_non_cxr_images`, for tests that need more pictures that are not chest X-rays."""
+    return write_non_cxr_images
