@@ -134,7 +134,7 @@ def _predict_table(
     the others."""
     predictions: list[Prediction] = list(
         tqdm(
-            run.iter_predictions(images["path"], batch_size=batch_size),
+            run.iter_predictions(images["path"], batch_size=batch_size, gate=False),
             total=len(images),
             desc="predicting",
             unit="img",
