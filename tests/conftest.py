@@ -114,3 +114,76 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train_cfg=TrainConfig(epochs=3, cache_dir=str(root / "cache"), workers=1),
     )
     return root / "run"
+
+
+# --- inputs that are not chest X-rays, and runs with a changed gate ------------------------------
+
+
+def non_cxr_images(n: int = 2) -> dict[str, np.ndarray]:
+    """``n`` synthetic pictures no chest-X-ray gate should accept (BGR uint8), by file name:
+    scanned-page-like text and colour noise in turn. The tiny run's gate scores them far above
+    its limit (about 14 against 5)."""
+    images = {}
+    for i in range(n):
+        if i % 2 == 0:
+            page = np.full((400, 300, 3), 255, np.uint8)
+            for k, line in enumerate(["Invoice 2024", f"Total: {1234 + i}.00", "Thank you", "Lorem ipsum"]):
+                cv2.putText(page, line, (10, 40 + 60 * k), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2)
+            images[f"scanned_page_{i}.png"] = page
+        else:
+            images[f"colour_noise_{i}.png"] = np.random.default_rng(i).integers(
+                0, 256, (256, 256, 3), np.uint8
+            )
+    return images
+
+
+def write_non_cxr_images(folder: Path, n: int = 2) -> list[Path]:
+    """:func:`non_cxr_images` written as PNG files into ``folder``; their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in non_cxr_images(n).items():
+        (folder / name).write_bytes(_encode_image(".png", image))
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def non_cxr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two pictures that are not chest X-rays (a text page, colour noise)."""
+    folder = tmp_path_factory.mktemp("non_cxr")
+    write_non_cxr_images(folder, 2)
+    return folder
+
+
+def copy_run(run_dir: Path, target: Path, *, drop_gate: bool = False, **gate_fields: float) -> Path:
+    """A copy of a run directory; ``drop_gate`` removes its gate (a run from before gates),
+    ``gate_fields`` overwrite values in its ``gate/gate.json`` (e.g. ``unusual_level=3.0``)."""
+    import json
+
+    shutil.copytree(run_dir, target)
+    gate_json = target / "gate" / "gate.json"
+    if drop_gate:
+        shutil.rmtree(target / "gate")
+    elif gate_fields:
+        meta = json.loads(gate_json.read_text())
+        meta.update(gate_fields)
+        gate_json.write_text(json.dumps(meta))
+    return target
+
+
+@pytest.fixture(scope="session")
+def ungated_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run without its gate, as a run trained before gates existed."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("ungated") / "run", drop_gate=True)
+
+
+@pytest.fixture(scope="session")
+def make_run_copy():
+    """:func:`copy_run`, for tests that need a run with a changed gate."""
+    return copy_run
+
+
+@pytest.fixture(scope="session")
+def make_non_cxr_images():
+    """:func:`write_non_cxr_images`, for tests that need more pictures that are not chest X-rays."""
+    return write_non_cxr_images

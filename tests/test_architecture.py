@@ -18,8 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # fmt: off
 ORDER = (
     "config", "io", "preprocess", "augment", "batch", "preview", "data", "backbones", "model", "features",
-    "rundir",
-    "evaluate", "report", "train", "export", "runtime", "gate", "predict", "evaluation", "explain",
+    "gate", "rundir",
+    "evaluate", "report", "train", "export", "runtime", "predict", "evaluation", "explain",
     "serve", "api", "cli",
 )
 # fmt: on

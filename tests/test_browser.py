@@ -2,8 +2,8 @@
 
 Skipped when Chromium (Debian's ``chromium`` package) or the ``playwright`` package is missing;
 ``.ci/run`` installs Chromium. Playwright never downloads a browser here: it launches the system
-one. Set ``CXR_PNEUMONIA_SAVE_SCREENSHOT=1`` to also copy the screenshot to
-``docs/screenshot_web.png`` (for the README).
+one. Set ``CXR_PNEUMONIA_SAVE_SCREENSHOT=1`` to also copy the screenshots to
+``docs/screenshot_web.png`` and ``docs/screenshot_rejected.png`` (for the README).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cxr_pneumonia.io import load_image
 from cxr_pneumonia.predict import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,13 +63,36 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_run: Path) -> Iterator[str]:
+def gate_probes(
+    tiny_run: Path,
+    sample_dir: Path,
+    non_cxr_dir: Path,
+    make_run_copy,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """The served run (the tiny run with its gate's unusual level moved so that exactly one known
+    sample X-ray is unusual) and the uploads: an ordinary X-ray, the unusual one, a text page."""
+    xrays = sorted((sample_dir / "test").rglob("*.jpeg"))
+    scores = [p.domain_score for p in Run.load(tiny_run).classify_images([load_image(x) for x in xrays])]
+    order = np.argsort(scores)
+    level = (scores[order[-1]] + scores[order[-2]]) / 2
+    folder = tmp_path_factory.mktemp("gate_probes")
+    return {
+        "run": make_run_copy(tiny_run, folder / "run", unusual_level=level),
+        "usual": xrays[order[0]],
+        "unusual": xrays[order[-1]],
+        "not_an_xray": non_cxr_dir / "scanned_page_0.png",
+    }
+
+
+@pytest.fixture(scope="module")
+def server_url(gate_probes: dict[str, Path]) -> Iterator[str]:
     """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
     import uvicorn
 
     from cxr_pneumonia.serve import create_app
 
-    app = create_app(Run.load(tiny_run), max_upload_bytes=UPLOAD_LIMIT)
+    app = create_app(Run.load(gate_probes["run"]), max_upload_bytes=UPLOAD_LIMIT)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # handing uvicorn the bound socket avoids a port race
     port = sock.getsockname()[1]
@@ -177,6 +202,72 @@ def test_upload_in_the_browser_shows_probability_and_heatmap(
     assert screenshot.stat().st_size > 10_000
     if os.environ.get(SCREENSHOT_ENV) == "1":
         target = REPO / "docs" / "screenshot_web.png"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(screenshot, target)
+
+
+def test_the_page_shows_rejections_unusual_images_and_gate_off(
+    server_url: str, gate_probes: dict[str, Path], tmp_path: Path
+) -> None:
+    screenshot = tmp_path / "screenshot_rejected.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(f"{server_url}/")
+            expect = sync_api.expect
+            result, rejection, note = (
+                page.locator("#result"),
+                page.locator("#rejection"),
+                page.locator("#domain-note"),
+            )
+
+            # Not a chest X-ray: its own message, no probability, no label, no red PNEUMONIA.
+            page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
+            expect(rejection).to_be_visible(timeout=60_000)
+            expect(rejection).to_contain_text("Not analysed: this does not look like a frontal chest X-ray")
+            expect(rejection).to_contain_text("not like the frontal chest X-rays this model was trained on")
+            expect(rejection).to_contain_text("limit")
+            expect(page.locator("#scores")).to_be_hidden()
+            expect(page.locator("#heatmap-figure")).to_be_hidden()
+            expect(page.locator("#preprocessed")).to_be_visible()
+            assert "PNEUMONIA" not in result.inner_text() and page.locator(".label-pneumonia").count() == 0
+            expect(page.locator("#notice")).to_contain_text("Research use only")
+            expect(page.locator("#error")).to_be_hidden()
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            # The same picture with the check off: classified, and the result says it is unreliable.
+            page.check("#gate-off")
+            page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
+            expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
+            expect(rejection).to_be_hidden()
+            expect(note).to_contain_text("Input check off")
+            expect(note).to_contain_text("classified anyway: gate off")
+            expect(note).to_contain_text("unreliable")
+            page.uncheck("#gate-off")
+
+            # An accepted X-ray unlike most of the training population: classified, with a note.
+            page.set_input_files("#file-input", str(gate_probes["unusual"]))
+            expect(note).to_contain_text("Unusual image", timeout=60_000)
+            expect(note).to_contain_text("unlike most of the training")
+            expect(page.locator("#label")).to_have_text(re.compile(r"^(PNEUMONIA|NORMAL) \(threshold"))
+
+            # An ordinary X-ray: no rejection, no note.
+            page.set_input_files("#file-input", str(gate_probes["usual"]))
+            expect(note).to_be_hidden(timeout=60_000)
+            expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"))
+            expect(rejection).to_be_hidden()
+            expect(page.locator("#heatmap")).to_be_visible()
+            expect(page.locator("#notice")).to_be_visible()
+            assert page_errors == []
+        finally:
+            browser.close()
+
+    assert 10_000 < screenshot.stat().st_size < 200_000
+    if os.environ.get(SCREENSHOT_ENV) == "1":
+        target = REPO / "docs" / "screenshot_rejected.png"
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(screenshot, target)
 

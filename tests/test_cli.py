@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import cv2
 import pytest
 
 from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+
+PREDICT_COLUMNS = ["path", "status", "probability", "label", "threshold", "domain_score", "domain_limit"]
+PREDICT_COLUMNS += ["reason", "error"]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FULLRES = SHARED / "data" / "kermany-fullres"
@@ -239,3 +243,98 @@ def test_a_typo_in_a_config_file_or_a_resume_state_names_the_field(tmp_path, cap
     assert capsys.readouterr().err.strip() == f"error: {run / 'train_state.json'}: {expected}"
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == EXIT_USAGE
     assert "takes no --epochs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# the input check (gate) through predict, explain and evaluate
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(sample_dir: Path, non_cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two sample chest X-rays and two pictures that are not chest X-rays, in one folder."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("mixed")
+    for path in [*sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[:2], *non_cxr_dir.iterdir()]:
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
+def test_predict_gate_on_withholds_rejected_answers_and_exits_0(tiny_run, mixed_inputs, tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(tiny_run), str(mixed_inputs), "--out", str(out)]) == EXIT_OK
+    table = pd.read_csv(out)
+    assert list(table.columns) == PREDICT_COLUMNS
+    rejected = table[table["status"] == "rejected"]
+    assert sorted(Path(p).name for p in rejected["path"]) == ["colour_noise_1.png", "scanned_page_0.png"]
+    assert rejected["probability"].isna().all() and rejected["label"].isna().all()
+    assert rejected["reason"].str.startswith("not like the frontal chest X-rays").all()
+    assert (rejected["domain_score"] > rejected["domain_limit"]).all()
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 2 and ok["probability"].between(0, 1).all() and table["error"].isna().all()
+    err = capsys.readouterr().err
+    assert "2 of 4 images rejected" in err and "--no-gate" in err and "Traceback" not in err
+
+
+def test_predict_no_gate_classifies_everything_and_marks_it(tiny_run, mixed_inputs, capsys):
+    assert main(["predict", str(tiny_run), str(mixed_inputs), "--no-gate", "--format", "json"]) == EXIT_OK
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert all(0 <= row["probability"] <= 1 and row["label"] for row in rows)
+    rejected = [row for row in rows if row["status"] == "rejected"]
+    assert len(rejected) == 2 and all(
+        row["reason"].endswith("(classified anyway: gate off)") for row in rejected
+    )
+    assert "2 of 4 images are not like the frontal chest X-rays" in captured.err
+    assert "classified anyway" in captured.err
+
+
+def test_predict_warns_once_when_the_batch_is_unlike_the_training_data(
+    tiny_run, sample_dir, make_non_cxr_images, tmp_path, capsys
+):
+    folder = tmp_path / "batch"
+    make_non_cxr_images(folder, 12)
+    assert main(["predict", str(tiny_run), str(folder), "--no-gate"]) == EXIT_OK
+    err = capsys.readouterr().err
+    shift = [line for line in err.splitlines() if "differ from the training data" in line]
+    assert len(shift) == 1 and shift[0].startswith("warning: these images differ from the training data")
+    assert main(["predict", str(tiny_run), str(sample_dir / "test" / "NORMAL")]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "differ from the training data" not in err and "rejected" not in err
+
+
+def test_explain_skips_rejected_images_unless_no_gate(tiny_run, mixed_inputs, tmp_path, capsys):
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert main(["explain", str(tiny_run), str(mixed_inputs), "--out", str(on)]) == EXIT_PARTIAL
+    err = capsys.readouterr().err
+    assert err.count("skipped: ") == 2 and "--no-gate draws it anyway" in err and "Traceback" not in err
+    assert "2 of 4 overlays written" in err and len(list(on.glob("*.png"))) == 2
+    assert main(["explain", str(tiny_run), str(mixed_inputs), "--out", str(off), "--no-gate"]) == EXIT_OK
+    assert len(list(off.glob("*.png"))) == 4
+
+
+def test_evaluate_gate_on_and_off_from_the_cli(tiny_run, sample_dir, non_cxr_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / label).mkdir(parents=True)
+        for path in sorted((sample_dir / "test" / label).glob("*.jpeg"))[:4]:
+            shutil.copyfile(path, data / label / path.name)
+    for path in non_cxr_dir.iterdir():
+        shutil.copyfile(path, data / "NORMAL" / path.name)
+    common = ["--bootstrap", "20", "--no-heatmaps"]
+    assert main(["evaluate", str(tiny_run), str(data), "--out", str(tmp_path / "on"), *common]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "input check: 2 of 10 images rejected" in out and "metrics above on accepted images (8)" in out
+    assert "all 10 images: recall" in out
+    on = json.loads((tmp_path / "on" / "metrics.json").read_text())
+    assert on["n"] == 8 and on["all_images"]["n"] == 10 and on["domain"]["n_rejected"] == 2
+    args = ["evaluate", str(tiny_run), str(data), "--out", str(tmp_path / "off"), "--no-gate", *common]
+    assert main(args) == EXIT_OK
+    off = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert off["n"] == 10 and off["evaluated_on"] == "all images" and off["accepted_images"]["n"] == 8
+    assert "metrics above on all images (10)" in capsys.readouterr().out

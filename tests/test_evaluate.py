@@ -278,3 +278,75 @@ def test_threshold_sweep_one_class_has_nan_column() -> None:
         sweep = evaluate.threshold_sweep([0, 0, 0], [0.1, 0.2, 0.3])
     assert sweep["sensitivity"].isna().all()
     assert sweep["specificity"].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+# --- evaluation of a run through its input check (gate) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled_with_strangers(sample_dir, make_non_cxr_images, tmp_path_factory):
+    """3 NORMAL and 3 PNEUMONIA sample X-rays, and 12 non-X-ray pictures filed as NORMAL."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("strangers")
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / label).mkdir()
+        for path in sorted((sample_dir / "test" / label).glob("*.jpeg"))[:3]:
+            shutil.copyfile(path, data / label / path.name)
+    make_non_cxr_images(data / "NORMAL", 12)
+    return data
+
+
+def test_evaluation_reports_accepted_and_all_images_and_the_shift(
+    tiny_run, labelled_with_strangers, tmp_path, caplog
+):
+    import pandas as pd
+
+    from cxr_pneumonia import api
+
+    with caplog.at_level("WARNING", logger="cxr_pneumonia.evaluation"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one class among the accepted images is fine here
+        metrics = api.evaluate(tiny_run, labelled_with_strangers, tmp_path, n_bootstrap=0, heatmaps=False)
+    domain = metrics["domain"]
+    assert metrics["n"] == 6 and metrics["evaluated_on"] == "accepted images"
+    assert metrics["all_images"]["n"] == 18 and metrics["accepted_images"]["n"] == 6
+    assert domain["checked"] and domain["n_images"] == 18 and domain["n_rejected"] == 12
+    assert len(domain["rejected"]) == 12 and all(
+        "not like the frontal" in r["reason"] for r in domain["rejected"]
+    )
+    assert domain["shift"]["shifted"] and domain["message"].startswith(
+        "these images differ from the training"
+    )
+    assert [r.message for r in caplog.records].count(domain["message"]) == 1
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert {"status", "domain_score", "reason", "unusual"} <= set(table.columns) and len(table) == 18
+    assert (table["status"] == "rejected").sum() == 12 and table["probability"].notna().all()
+    assert not table["reason"].str.contains("classified anyway").any()  # the headline left them out
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["domain"]["n_rejected"] == 12 and saved["all_images"]["n"] == 18
+    html = (tmp_path / "report.html").read_text()
+    assert "Domain check" in html and "Batch shift:" in html and "the 6 of 18 images it accepted" in html
+    assert "scanned_page_0.png" in html
+
+
+def test_evaluation_refuses_when_everything_is_rejected(tiny_run, make_non_cxr_images, tmp_path):
+    from cxr_pneumonia import api
+
+    for label in ("NORMAL", "PNEUMONIA"):
+        make_non_cxr_images(tmp_path / "data" / label, 2)
+    with pytest.raises(ValueError, match=r"rejected all 4 readable images.*--no-gate"):
+        api.evaluate(tiny_run, tmp_path / "data", tmp_path / "out", n_bootstrap=0, heatmaps=False)
+    metrics = api.evaluate(
+        tiny_run, tmp_path / "data", tmp_path / "out", n_bootstrap=0, heatmaps=False, gate=False
+    )
+    assert metrics["n"] == 4 and metrics["accepted_images"] is None and metrics["domain"]["n_rejected"] == 4
+
+
+def test_evaluation_of_a_run_without_a_gate_says_it_was_not_checked(ungated_run, sample_dir, tmp_path):
+    from cxr_pneumonia import api
+
+    metrics = api.evaluate(ungated_run, sample_dir / "test", tmp_path, n_bootstrap=0, heatmaps=False)
+    assert metrics["n"] == 40 and metrics["evaluated_on"] == "all images"
+    assert metrics["domain"] == {"checked": False, "gate": True, "message": metrics["domain"]["message"]}
+    assert "cxr-pneumonia gate RUN" in metrics["domain"]["message"]
+    assert "no domain model" in (tmp_path / "report.html").read_text()

@@ -286,7 +286,7 @@ def test_explain_paths_writes_pngs_and_records_failures(run: Run, sample_dir: Pa
     for path in written:
         assert cv2.imread(str(path)) is not None
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temp files left
-    assert results[3] == (str(broken), None, results[3].error)
+    assert results[3] == (str(broken), None, results[3].error, False)  # unreadable, not rejected
     assert "not a PNG, JPEG or DICOM" in results[3].error
     assert all(r.error is None for r in results[:3])
     # The PNG of the twin is the same picture as the first one's, apart from the file name in the caption.
@@ -309,3 +309,33 @@ def test_explainer_for_reuses_the_explainer_of_the_same_run(run: Run) -> None:
     assert explain.explainer_for(run) is first
     other = Run(run.path, run.model, run.config, run.threshold_info)
     assert explain.explainer_for(other).run is other
+
+
+# --- the input check (gate) -----------------------------------------------------------------
+
+
+def test_a_rejected_image_gets_no_heatmap_unless_the_gate_is_off(
+    run: Run, sample_dir: Path, non_cxr_dir: Path, tmp_path: Path
+) -> None:
+    xray, page = _sample_images(sample_dir, 1)[0], non_cxr_dir / "scanned_page_0.png"
+    results = explain.explain_paths(run, [xray, page], tmp_path / "on")
+    assert [r.rejected for r in results] == [False, True]
+    assert results[0].output.is_file() and results[1].output is None
+    assert results[1].error.startswith("not like the frontal chest X-rays this model was trained on")
+    assert sorted(p.name for p in (tmp_path / "on").iterdir()) == [f"{xray.stem}_gradcam.png"]
+
+    off = explain.explain_paths(run, [page], tmp_path / "off", gate=False)
+    assert off[0].error is None and not off[0].rejected and off[0].output.is_file()
+
+
+def test_an_explanation_notes_the_input_checks_reason(run: Run, non_cxr_dir: Path) -> None:
+    image = run.preprocess(load_image(non_cxr_dir / "scanned_page_0.png"))
+    [prediction] = run.classify_preprocessed(image[None], gate=False)
+    explanation = explain.explainer_for(run).explain_preprocessed(image, prediction=prediction)
+    assert explanation.note == prediction.reason and "classified anyway" in explanation.note
+    assert explanation.probability == pytest.approx(prediction.probability)
+    plain = explain.explainer_for(run).explain_preprocessed(image)
+    assert plain.note is None and plain.probability == pytest.approx(prediction.probability, abs=1e-5)
+    with_note = cv2.imdecode(np.frombuffer(explanation.png(), np.uint8), cv2.IMREAD_COLOR)
+    without = cv2.imdecode(np.frombuffer(plain.png(), np.uint8), cv2.IMREAD_COLOR)
+    assert with_note.shape[0] == without.shape[0] + 20  # one more caption line

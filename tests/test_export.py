@@ -278,3 +278,59 @@ def test_unreadable_calibration_images_are_skipped_and_named(exported_run, sampl
         info = export_run(run_dir, ExportConfig(precision="fp32"), calibration=folder)
     assert info["calibration"]["n_images"] == len(list_image_files(sample_dir / "test"))
     assert any(str(broken) in record.getMessage() for record in caplog.records)
+
+
+# ---- the input gate on the export -----------------------------------------------------------------
+
+
+def test_forced_cuts_are_added_in_graph_order():
+    from cxr_pneumonia.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(backbone="resnet50v2", weights="none", image_size=64))
+    cuts = choose_cuts(model, "post_relu", 2, forced=["conv2_block1_out", "post_relu"])
+    names = [layer.name for layer in model.layers]
+    assert "conv2_block1_out" in cuts and cuts.count("post_relu") == 1 and cuts[-1] == "post_relu"
+    assert [names.index(c) for c in cuts] == sorted(names.index(c) for c in cuts)
+    assert export.gate_cut_problem(model, cuts, "post_relu") is None
+    assert "not single-tensor points" in export.gate_cut_problem(model, ["conv2_block2_1_conv"], "post_relu")
+
+
+def test_export_is_cut_at_the_gate_layers_and_records_them(exported_run):
+    from cxr_pneumonia.gate import DomainModel
+
+    info = json.loads((exported_run / EXPORT_DIR / EXPORT_INFO_FILE).read_text())
+    layers = DomainModel.load(exported_run).layers
+    assert info["gate_layers"] == layers and info["gate_note"] is None
+    assert len(info["gate_tensors"]) == len(layers)
+    ends = {s["last_layer"]: s["output"] for s in info["segments"]}
+    assert [ends[name] for name in layers] == info["gate_tensors"]
+
+
+def test_openvino_gives_the_gate_the_same_features_as_keras_in_fp32(exported_run, test_images, monkeypatch):
+    monkeypatch.setattr(export, "cpu_supports_bf16", lambda: False)
+    fast, reference = Run.load(exported_run), Run.load(exported_run, runtime="keras")
+    assert fast.runtime["backend"] == "openvino" and fast.gate is not None
+    x = np.stack([fast.preprocess(load_image(p)) for p in test_images[:16]])[..., None].astype(np.float32)
+    p_fast, f_fast = fast._runtime.features(x)
+    p_ref, f_ref = reference._runtime.features(x)
+    np.testing.assert_array_equal(p_fast, fast.predict_preprocessed(x))  # one pass, the same answer
+    np.testing.assert_allclose(p_fast, p_ref, atol=1e-4)
+    for a, b in zip(f_fast, f_ref, strict=True):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    s_fast, s_ref = fast.gate.score(f_fast), reference.gate.score(f_ref)
+    assert np.abs(s_fast - s_ref).max() <= 1e-4 * np.abs(s_ref).max()
+
+
+def test_an_export_that_predates_the_gate_is_not_used(exported_run, tmp_path):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    info_path = run_dir / EXPORT_DIR / EXPORT_INFO_FILE
+    info = json.loads(info_path.read_text())
+    for key in ("gate_layers", "gate_tensors", "gate_note"):
+        info.pop(key, None)
+    info_path.write_text(json.dumps(info))
+    run = Run.load(run_dir)
+    assert run.runtime["backend"] == "keras"
+    assert run.runtime["reason"] == "export predates the gate; re-export"
+    with pytest.raises(RunError, match="re-export"):
+        Run.load(run_dir, runtime="openvino")
+    assert run.classify_preprocessed(np.zeros((1, 64, 64), np.uint8))[0].domain_score is not None

@@ -309,3 +309,53 @@ def test_imagenet_xception_gate_rejects_every_devset_category_and_accepts_the_sa
     rejected = [d.status == "rejected" for d in gate.decide(scores([img for _, _, img in dev]))]
     missed = [f"{c}/{n}" for (c, n, _), r in zip(dev, rejected, strict=True) if not r]
     assert not missed
+
+
+# --- the gate's features outside Keras ------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_std"])
+def test_numpy_pooling_of_the_activations_equals_the_gated_model(pooling):
+    import keras
+
+    model = tiny_model()
+    cfg = g.GateConfig(pooling=pooling, thumbnail=4)
+    layers = g.gate_layers(model, TINY, cfg)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 71, 71, 1)).astype(np.float32)
+    _, expected = g.run_gated(g.gated_model(model, layers, cfg), x, cfg, len(layers))
+    taps = keras.Model(model.input, [model.get_layer(name).output for name in layers])
+    activations = [np.asarray(a) for a in taps(x, training=False)]
+    got = g.pooled_features(g.pool_activations(activations, x, cfg), cfg, len(layers))
+    assert len(got) == len(expected) == len(layers) + 1
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Lazy:
+    """A sequence that reads on indexing and fails on one index (like unreadable files)."""
+
+    def __init__(self, images, bad):
+        self.images, self.bad, self.reads = images, bad, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _Lazy(self.images[index], {i for i in range(len(self.images))[index] if i in self.bad})
+        self.reads += 1
+        if index in self.bad:
+            from cxr_pneumonia.io import NotAnImageError
+
+            raise NotAnImageError(f"<file {index}>", "not an image")
+        return self.images[index]
+
+
+def test_fit_gate_reads_lazy_images_once_each_and_skips_unreadable_ones():
+    model = tiny_model()
+    cfg = g.GateConfig(pca_components=4, fit_augmented_views=1, limit_perturbations=("gamma_0.7",))
+    train = _Lazy([synthetic_xray(i) for i in range(24)], bad={3})
+    val = _Lazy([synthetic_xray(100 + i) for i in range(10)], bad=set())
+    gate = g.fit_gate(model, TINY, train, val, cfg=cfg, batch_size=16)
+    assert gate.n_fit == 23 and train.reads == 24
+    assert gate.limit_info["n_val"] == 10 and gate.limit_info["n_perturbed"] == 10

@@ -285,3 +285,67 @@ def test_confusion_matrix_figure_annotates_counts() -> None:
     fig = report.plot_confusion_matrix([[5, 1], [2, 8]])
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
     assert texts == sorted(["5\n83.3%", "1\n16.7%", "2\n20.0%", "8\n80.0%"])
+
+
+# --- the "Domain check" section ---------------------------------------------------------------
+
+
+def _with_domain(tmp_path: Path, domain: dict | None, **extra) -> str:
+    y, s = KNOWN["y"], KNOWN["scores"]
+    metrics = compute_metrics(y, s, KNOWN["threshold"], n_bootstrap=0)
+    if domain is not None:
+        metrics.update(domain=domain, **extra)
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    thumbnails = {name: np.full((32, 32), 100, dtype=np.uint8) for name in names}
+    path = report.write_report(
+        tmp_path / "out", metrics=metrics, y_true=y, scores=s, paths=names, threshold=KNOWN["threshold"],
+        title="t", run_info={}, thumbnails=thumbnails,
+    )  # fmt: skip
+    return path.read_text(encoding="utf-8")
+
+
+def _section(text: str) -> str:
+    return text[text.index('<h2 id="domain-check">') : text.index("<h2>Figures</h2>")]
+
+
+def test_domain_check_shows_rejections_shift_and_both_metric_sets(tmp_path: Path) -> None:
+    evil = "<script>x</script>.png"
+    domain = {
+        "checked": True, "gate": True, "n_images": 7, "n_rejected": 2, "n_unusual": 1, "limit": 12.3,
+        "rejected": [
+            {"path": f"/d/{evil}", "domain_score": 48.14, "reason": "not like the chest X-rays: 48.1"},
+            {"path": "/d/knee.png", "domain_score": 20.0, "reason": "not like the chest X-rays: 20.0"},
+        ],
+        "shift": {"shifted": True, "message": "these images differ"},
+        "message": "these images differ from the training data; the operating point may not hold here (…)",
+    }  # fmt: skip
+    every = {"n": 7, "recall": 0.25, "roc_auc": 0.5}
+    section = _section(
+        _with_domain(tmp_path, domain, all_images=every, accepted_images={"n": 5, "recall": 2 / 3})
+    )
+    assert "the metrics above are on the 5 of 7 images it accepted" in section
+    assert "2 rejected" in section and "1 accepted but unlike" in section and "limit 12.30" in section
+    assert "Batch shift:</b> these images differ from the training data; the operating point" in section
+    assert "<tr><th>Images</th><td>5</td><td>7</td></tr>" in section
+    assert "<tr><th>Recall (sensitivity)</th><td>0.667</td><td>0.250</td></tr>" in section
+    assert "showing 2 of 2" in section and "<td>48.14</td>" in section and "knee.png" in section
+    assert "<script" not in section
+
+
+def test_domain_check_without_a_gate_or_without_a_record_says_so(tmp_path: Path) -> None:
+    unchecked = _section(
+        _with_domain(tmp_path, {"checked": False, "message": "this run has no domain model"})
+    )
+    assert '<p class="warning">this run has no domain model</p>' in unchecked
+    assert "No input check was recorded" in _section(_with_domain(tmp_path / "b", None))
+
+
+def test_domain_check_consistent_batch(tmp_path: Path) -> None:
+    domain = {
+        "checked": True, "gate": False, "n_images": 5, "n_rejected": 0, "n_unusual": 0, "limit": 3.0,
+        "rejected": [], "shift": {"shifted": False, "share_above_unusual": 0.04, "expected_share": 0.05},
+    }  # fmt: skip
+    section = _section(_with_domain(tmp_path, domain, all_images={"n": 5}, accepted_images={"n": 5}))
+    assert "input check was off (--no-gate): the metrics above are on all 5 images" in section
+    assert "consistent with validation (4% beyond the usual range, 5% expected)" in section
+    assert "Batch shift" not in section and "showing 0 of 0" in section

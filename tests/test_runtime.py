@@ -32,3 +32,43 @@ def test_gpu_probe_reads_proc_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert not runtime.nvidia_gpu_present()
     (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
     assert runtime.nvidia_gpu_present()
+
+
+# ---- the input gate ----------------------------------------------------------------------------
+
+
+def test_features_come_with_the_same_probabilities_in_one_pass(tiny_run: Path) -> None:
+    loaded = runtime.load_runtime(tiny_run, "keras")
+    assert loaded.gate is not None and loaded.gate.layers
+    size = loaded.keras_model.input.shape[1]
+    x = np.random.default_rng(1).uniform(0, 255, (4, size, size, 1)).astype(np.float32)
+    p, features = loaded.features(x)
+    np.testing.assert_array_equal(p, loaded(x))  # gate on or off: identical probabilities
+    assert len(features) == len(loaded.gate.layers)
+    assert all(f.dtype == np.float64 and f.shape[0] == 4 for f in features)
+    assert np.isfinite(loaded.gate.score(features)).all()
+
+
+def test_a_run_without_gate_loads_with_one_warning(
+    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old, ignore=shutil.ignore_patterns("gate"))
+    with caplog.at_level("WARNING"):
+        loaded = runtime.load_runtime(old, "keras")
+    assert loaded.gate is None
+    warnings = [r.getMessage() for r in caplog.records if "domain model" in r.getMessage()]
+    assert warnings == [f"{old}: {runtime.NO_GATE_WARNING}"]
+    assert "cxr-pneumonia gate RUN" in runtime.NO_GATE_WARNING
+
+
+def test_an_unreadable_gate_is_a_run_error(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "gate" / "gate.npz").write_bytes(b"not an npz")
+    with pytest.raises(RunError, match="no readable gate"):
+        runtime.load_runtime(broken, "keras")

@@ -88,10 +88,15 @@ def test_predict_equals_the_python_api(
     client: TestClient, run: Run, images: dict[str, Path], kind: str
 ) -> None:
     path = images[kind]
-    response = _post(client, path.name, path.read_bytes())
+    # gate=false: every image gets its probability (the test DICOMs are not chest X-rays)
+    response = _post(client, path.name, path.read_bytes(), query="?gate=false")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["probability"] == pytest.approx(_reference(run, path), abs=1e-5)
+    [expected] = run.classify_images([load_image(path)], gate=False)
+    assert body["status"] == expected.status and body["reason"] == expected.reason
+    assert body["domain_score"] == pytest.approx(expected.domain_score, abs=1e-4)
+    assert body["domain_limit"] == pytest.approx(run.gate.limit)
     assert body["threshold"] == run.threshold
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= run.threshold else "NORMAL")
     assert body["model"] == {
@@ -198,7 +203,11 @@ def test_odd_but_valid_images_are_answered(client: TestClient, image: np.ndarray
     response = _post(client, "odd.png", cv2.imencode(".png", image)[1].tobytes())
     assert response.status_code in (200, 422), response.text
     if response.status_code == 200:
-        assert 0.0 <= response.json()["probability"] <= 1.0
+        body = response.json()
+        assert body["status"] in ("ok", "rejected")
+        assert (
+            body["probability"] is None if body["status"] == "rejected" else 0.0 <= body["probability"] <= 1
+        )
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +315,7 @@ def test_server_keeps_answering_after_bad_uploads(
         _post(client, name, payload(images) if callable(payload) else payload)
     _post(small_limit_client, "big.png", bytes(500_000))
     for test_client, kind in ((client, "dicom"), (small_limit_client, "small_png")):
-        response = _post(test_client, kind, images[kind].read_bytes())
+        response = _post(test_client, kind, images[kind].read_bytes(), query="?gate=false")
         assert response.status_code == 200, response.text
         assert response.json()["probability"] == pytest.approx(_reference(run, images[kind]), abs=1e-5)
     assert client.get("/health").json()["status"] == "ok"
@@ -358,7 +367,8 @@ def test_page_and_static_files(client: TestClient) -> None:
     assert "Research use only" in page.text and "not a medical device" in page.text
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
-    assert "/v1/predict?heatmap=true" in client.get("/static/app.js").text
+    script = client.get("/static/app.js").text
+    assert "/v1/predict?${query}" in script and '"heatmap=true"' in script and '"&gate=false"' in script
 
 
 @pytest.mark.parametrize(
@@ -443,16 +453,16 @@ def test_concurrent_clients_get_the_single_threaded_answers(
 ) -> None:
     kinds = ["jpeg", "jpeg_pneumonia", "png16", "dicom"]
     payloads = {kind: images[kind].read_bytes() for kind in kinds}
-    app = serve.create_app(run)
+    app = serve.create_app(run, gate=False)  # the DICOM is not a chest X-ray: classify it anyway
     with TestClient(app) as single:
         expected = {kind: _post(single, kind, data).json()["probability"] for kind, data in payloads.items()}
     assert len(set(expected.values())) > 1  # different images, different answers: the test can fail
 
     # Count model calls in flight: the lock must keep them to one at a time.
-    original = run.predict_preprocessed
+    original = run.classify_preprocessed
     active, peak, guard = 0, 0, threading.Lock()
 
-    def counting(batch: np.ndarray, **kwargs: Any) -> np.ndarray:
+    def counting(batch: np.ndarray, **kwargs: Any) -> Any:
         nonlocal active, peak
         with guard:
             active += 1
@@ -464,7 +474,7 @@ def test_concurrent_clients_get_the_single_threaded_answers(
             with guard:
                 active -= 1
 
-    monkeypatch.setattr(run, "predict_preprocessed", counting)
+    monkeypatch.setattr(run, "classify_preprocessed", counting)
 
     def client_thread(index: int) -> list[tuple[str, float]]:
         answers = []
@@ -482,3 +492,79 @@ def test_concurrent_clients_get_the_single_threaded_answers(
     assert len(results) == 80
     assert all(probability == expected[kind] for kind, probability in results)
     assert peak == 1
+
+
+# --- the input check (gate) -----------------------------------------------------------------
+
+REJECTED_REASON = "not like the frontal chest X-rays this model was trained on"
+
+
+@pytest.fixture(scope="module")
+def not_an_xray(non_cxr_dir: Path) -> bytes:
+    return (non_cxr_dir / "scanned_page_0.png").read_bytes()
+
+
+def test_a_chest_xray_is_accepted_with_its_domain_score(
+    client: TestClient, run: Run, images: dict[str, Path]
+) -> None:
+    body = _post(client, "scan.jpeg", images["jpeg"].read_bytes()).json()
+    assert body["status"] == "ok" and body["gated"] is True
+    assert body["domain_score"] <= body["domain_limit"] == pytest.approx(run.gate.limit)
+    assert body["reason"].startswith(("like the training images", "accepted, but unlike"))
+    assert body["label"] in ("NORMAL", "PNEUMONIA") and 0 <= body["probability"] <= 1
+
+
+def test_a_rejected_image_is_a_200_without_probability_or_label(
+    client: TestClient, not_an_xray: bytes
+) -> None:
+    response = _post(client, "page.png", not_an_xray, query="?heatmap=true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "rejected" and body["probability"] is None and body["label"] is None
+    assert body["reason"].startswith(REJECTED_REASON) and "limit" in body["reason"]
+    assert body["domain_score"] > body["domain_limit"] and body["unusual"] is True and body["gated"] is True
+    assert "heatmap_png_base64" not in body  # no evidence map for an answer that was not given
+    assert _decode_png(body["preprocessed_png_base64"]).ndim == 2  # what the check looked at
+    assert body["disclaimer"] == DISCLAIMER
+
+
+def test_gate_false_classifies_a_rejected_image_and_marks_it(
+    client: TestClient, run: Run, not_an_xray: bytes
+) -> None:
+    refused = _post(client, "page.png", not_an_xray).json()
+    body = _post(client, "page.png", not_an_xray, query="?gate=false&heatmap=true").json()
+    assert body["status"] == "rejected" and body["gated"] is False
+    assert body["reason"] == refused["reason"] + " (classified anyway: gate off)"
+    assert body["domain_score"] == refused["domain_score"]
+    image = cv2.imdecode(np.frombuffer(not_an_xray, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert body["probability"] == pytest.approx(float(run.predict_images([image])[0]), abs=1e-5)
+    assert body["label"] == ("PNEUMONIA" if body["probability"] >= run.threshold else "NORMAL")
+    assert _decode_png(body["heatmap_png_base64"]).shape[2] == 3
+
+
+def test_a_server_started_without_the_gate_classifies_unless_asked(run: Run, not_an_xray: bytes) -> None:
+    with TestClient(serve.create_app(run, gate=False)) as open_client:
+        assert _post(open_client, "page.png", not_an_xray).json()["gated"] is False
+        assert _post(open_client, "page.png", not_an_xray, query="?gate=true").json()["probability"] is None
+
+
+def test_a_run_without_a_gate_answers_ok_without_domain_fields(ungated_run: Path, not_an_xray: bytes) -> None:
+    with TestClient(serve.create_app(Run.load(ungated_run))) as plain:
+        body = _post(plain, "page.png", not_an_xray).json()
+    assert body["status"] == "ok" and 0 <= body["probability"] <= 1
+    assert body["domain_score"] is None and body["domain_limit"] is None and body["reason"] is None
+
+
+def test_openapi_describes_the_rejection(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    answer = schema["components"]["schemas"]["PredictionResponse"]["properties"]
+    assert answer["status"]["enum"] == ["ok", "rejected"]
+    assert {"type": "null"} in answer["probability"]["anyOf"] and {"type": "null"} in answer["label"]["anyOf"]
+    assert {"domain_score", "domain_limit", "reason", "unusual", "gated"} <= set(answer)
+    operation = schema["paths"]["/v1/predict"]["post"]
+    ok = operation["responses"]["200"]
+    assert "rejected" in ok["description"] and "200" in ok["description"]
+    rejected = ok["content"]["application/json"]["examples"]["rejected"]["value"]
+    assert rejected["status"] == "rejected" and rejected["probability"] is None
+    gate = next(p for p in operation["parameters"] if p["name"] == "gate")
+    assert gate["in"] == "query" and "false" in gate["description"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 
 from cxr_pneumonia import api
-from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, main
+from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from cxr_pneumonia.config import override
 from cxr_pneumonia.evaluate import choose_threshold
 from cxr_pneumonia.io import load_image
@@ -259,7 +260,8 @@ def test_cli_train_evaluate_predict_end_to_end(sample_dir, bad_inputs_dir, tmp_p
 
     folder, expected_failures = bad_inputs_dir
     out_csv = tmp_path / "pred.csv"
-    assert main(["predict", str(run_dir), str(folder), "--out", str(out_csv)]) == EXIT_PARTIAL
+    # --no-gate: the synthetic "X-rays" are rightly rejected by the gate; this checks unreadable files
+    assert main(["predict", str(run_dir), str(folder), "--out", str(out_csv), "--no-gate"]) == EXIT_PARTIAL
     table = pd.read_csv(out_csv)
     failed = table[table["error"].notna()]
     assert {Path(p).name for p in failed["path"]} == set(expected_failures)
@@ -332,3 +334,58 @@ def test_robustness_on_validation_images_needs_no_test_data(tiny_run, tmp_path, 
     )
     assert clean["roc_auc"] == pytest.approx(val["roc_auc"])
     assert set(results) == {"clean", *PERTURBATIONS}
+
+
+# ---- the input gate ------------------------------------------------------------------------------
+
+
+def test_training_fits_a_gate_and_saves_its_config(tiny_run):
+    from cxr_pneumonia.gate import DomainModel, GateConfig
+
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["train"]["fit_gate"] is True
+    assert GateConfig.model_validate(config["train"]["gate"]) == TrainConfig().gate
+    gate = DomainModel.load(tiny_run)
+    assert gate.backbone == "resnet50v2" and gate.image_size == 64
+    assert gate.n_fit == config["data"]["train"]["n"]
+    assert gate.limit_info["n_val"] == config["data"]["val"]["n"]
+
+
+def test_cli_gate_fits_one_for_an_old_run_and_predict_applies_it(tiny_run, sample_dir, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old, ignore=shutil.ignore_patterns("gate"))
+    assert Run.load(old).gate is None
+    no_gate = api.predict(old, [sample_dir / "test"])
+    assert {(p.status, p.domain_score, p.reason) for p in no_gate} == {("ok", None, None)}
+
+    code = main(["gate", str(old), "--max-fit-images", "40", "--fit-augmented-views", "0"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK and "40 training images" in out and "limit" in out
+    gated = api.predict(old, [sample_dir / "test"])
+    assert all(p.status in ("ok", "rejected") and p.domain_score is not None for p in gated)
+    by_path = {p.path: p.probability for p in no_gate}
+    assert all(p.probability == by_path[p.path] for p in gated if p.status == "ok")  # metrics unchanged
+
+    run = Run.load(old)
+    image = load_image(sorted((sample_dir / "test").rglob("*.jpeg"))[0])
+    run.gate.limit = run.gate.unusual_level = -1e9  # every image unlike the training images
+    (rejected,) = run.classify_images([image], sources=["x.jpeg"])
+    assert (rejected.status, rejected.probability, rejected.label, rejected.gated) == (
+        "rejected",
+        None,
+        None,
+        True,
+    )
+    assert rejected.reason.startswith("not like the frontal chest X-rays this model was trained on: score ")
+    (anyway,) = run.classify_images([image], gate=False)
+    assert anyway.status == "rejected" and not anyway.gated and anyway.label in ("NORMAL", "PNEUMONIA")
+    assert anyway.reason.endswith("(classified anyway: gate off)")
+    assert set(anyway.to_dict()) >= {"status", "domain_score", "domain_limit", "reason", "unusual", "gated"}
+    far = dataclasses.replace(rejected, domain_score=1e6)
+    assert run.batch_shift([far] * 12)["shifted"] is True
+    assert run.batch_shift([anyway])["shifted"] is False
+
+
+def test_cli_gate_errors_are_one_line(tmp_path, capsys):
+    assert main(["gate", str(tmp_path)]) == EXIT_USAGE
+    assert "not a complete run directory" in capsys.readouterr().err

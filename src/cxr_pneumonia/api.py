@@ -6,7 +6,8 @@ from cxr_pneumonia import api
 run = api.train("chest_xray/train", "runs/xception", backbone="xception", weights="imagenet")
 metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
 api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
-predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])
+predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
+api.fit_gate("runs/old-run")  # an input gate for a run trained before gates existed
 run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predict_images([img1, img2])
 ```
 """
@@ -24,7 +25,7 @@ from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, expand_inputs
 from cxr_pneumonia.preprocess import PreprocessConfig
 from cxr_pneumonia.rundir import RunError
-from cxr_pneumonia.train import TrainConfig
+from cxr_pneumonia.train import TrainConfig, fit_gate_for_run
 from cxr_pneumonia.train import train as _train
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
     "RunError",
     "TrainConfig",
     "evaluate",
+    "explain",
     "export",
+    "fit_gate",
     "predict",
     "robustness",
     "train",
@@ -87,10 +90,12 @@ def evaluate(
     heatmaps: bool = True,
     max_misclassified: int = 48,
     batch_size: int = 32,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled dataset at the run's saved threshold (see
-    :func:`cxr_pneumonia.evaluation.evaluate`); ``heatmaps`` adds Grad-CAM of the misclassified
-    images to the report."""
+    :func:`cxr_pneumonia.evaluation.evaluate`): the headline metrics on the images the input
+    check accepts (``gate=False``: on all images), beside the all-images metrics and the
+    rejections; ``heatmaps`` adds Grad-CAM of the misclassified images to the report."""
     return evaluation.evaluate(
         _as_run(run),
         data,
@@ -101,7 +106,19 @@ def evaluate(
         overlay_for=_grad_cam_overlay() if heatmaps else None,
         max_misclassified=max_misclassified,
         batch_size=batch_size,
+        gate=gate,
     )
+
+
+def explain(
+    run: Run | str | Path, inputs: Iterable[str | Path], out: str | Path, *, gate: bool = True
+) -> list[Any]:
+    """Grad-CAM overlays ``out/<stem>_gradcam.png`` for files and folders (see
+    :func:`cxr_pneumonia.explain.explain_paths`); an image the input check rejects gets none
+    (``rejected=True`` in its result) unless ``gate=False``."""
+    from cxr_pneumonia.explain import explain_paths
+
+    return explain_paths(_as_run(run), expand_inputs(inputs), out, gate=gate)
 
 
 def _grad_cam_overlay() -> evaluation.OverlayFn | None:
@@ -130,6 +147,21 @@ def export(run_dir: str | Path, *, calibration: str | Path | None = None, **over
     return export_run(run_dir, ExportConfig(**overrides), calibration=calibration)
 
 
-def predict(run: Run | str | Path, inputs: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
-    """Predict files and folders (JPEG/PNG/DICOM); unreadable files come back with ``error`` set."""
-    return _as_run(run).predict_paths(expand_inputs(inputs), batch_size=batch_size)
+def predict(
+    run: Run | str | Path, inputs: Iterable[str | Path], *, gate: bool = True, batch_size: int = 32
+) -> list[Prediction]:
+    """Predict files and folders (JPEG/PNG/DICOM); unreadable files come back with status
+    ``error``, images unlike the training images with status ``rejected`` (and, with
+    ``gate=False``, classified anyway)."""
+    return _as_run(run).predict_paths(expand_inputs(inputs), batch_size=batch_size, gate=gate)
+
+
+def fit_gate(run_dir: str | Path, data: str | Path | None = None, **gate_overrides: Any) -> dict[str, Any]:
+    """Fit (or refit) a run's input gate on its own patient split of ``data`` (default: the data it
+    was trained on), written to ``RUN/gate/``; ``gate_overrides`` are
+    :class:`~cxr_pneumonia.gate.GateConfig` fields. Returns the gate's summary (gate.json)."""
+    from cxr_pneumonia.config import read_json
+    from cxr_pneumonia.gate import GATE_DIR, GATE_JSON
+
+    fit_gate_for_run(run_dir, data, **gate_overrides)
+    return read_json(Path(run_dir) / GATE_DIR / GATE_JSON)

@@ -22,7 +22,10 @@ from cxr_pneumonia import __version__
 # Commands whose options come from config models, built when first used: the models' modules
 # import Keras, which `preprocess`, `inspect` or `--version` should not pay for.
 _DEFERRED: dict[str, Callable[[], Any]] = {}
-_ORDER = ("preprocess", "inspect", "train", "export", "evaluate", "robustness", "predict", "explain", "serve")
+_ORDER = (
+    "preprocess", "inspect", "train", "gate", "export", "evaluate", "robustness", "predict", "explain",
+    "serve",
+)  # fmt: skip
 
 
 class _Commands(TyperGroup):
@@ -344,6 +347,50 @@ def _configs_from_file(path: Path | None):
 
 
 # --------------------------------------------------------------------------------------------
+# gate
+# --------------------------------------------------------------------------------------------
+
+
+def _gate_configs() -> tuple[Any, ...]:
+    from cxr_pneumonia.gate import GateConfig
+
+    class GateOptions(GateConfig):
+        cli_fields: typing.ClassVar[tuple[str, ...]] = (
+            "accept_quantile", "max_fit_images", "fit_augmented_views", "pca_components", "seed",
+        )  # fmt: skip
+
+    return (GateOptions,)
+
+
+@_deferred_command("gate", _gate_configs)
+def gate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A complete run directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(metavar="[DATA]", help="The training data (default: what the run was trained on)."),
+    ] = None,
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """Fit (or refit) the run's input gate on its own training images; the limit on its validation images."""
+    from cxr_pneumonia.api import fit_gate
+    from cxr_pneumonia.config import ConfigError
+    from cxr_pneumonia.data import DatasetError
+    from cxr_pneumonia.gate import GateError
+    from cxr_pneumonia.train import TrainingError
+
+    try:
+        info = fit_gate(run, data, **{k: v for k, v in overrides.items() if v is not None})
+    except (TrainingError, GateError, DatasetError, ConfigError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    typer.echo(
+        f"gate: {run / 'gate'} ({info['n_fit']} training images, layers {', '.join(info['layers'])})\n"
+        f"limit {info['limit']:.2f} (accepts {info['config']['accept_quantile']:.0%} of "
+        f"{info['n_val']} validation images and {info['n_perturbed']} perturbed views)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # export, and the runtime option of the commands that apply a run
 # --------------------------------------------------------------------------------------------
 
@@ -354,6 +401,19 @@ RuntimeOpt = Annotated[
         help="auto (the run's export when present, else Keras), keras (float32) or openvino (the export).",
     ),
 ]
+
+
+GateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gate/--no-gate",
+        help="The input check: images unlike the frontal chest X-rays the run was trained on are "
+        "rejected (no probability, no label). --no-gate classifies them anyway and marks them.",
+    ),
+]
+PREDICT_COLUMNS = [
+    "path", "status", "probability", "label", "threshold", "domain_score", "domain_limit", "reason", "error",
+]  # fmt: skip
 
 
 def _load_run(run: Path, runtime: str):
@@ -433,15 +493,19 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
     heatmaps: Annotated[bool, typer.Option(help="Grad-CAM for misclassified images in the report.")] = True,
     runtime: RuntimeOpt = "auto",
+    gate: GateOpt = True,
 ) -> None:
-    """Metrics with 95 % intervals at the run's saved threshold, and an HTML report."""
+    """Metrics with 95 % intervals at the run's saved threshold on the images the input check
+    accepts (and on all images), and an HTML report."""
     from cxr_pneumonia.api import evaluate as api_evaluate
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
 
     loaded = _load_run(run, runtime)
     try:
-        metrics = api_evaluate(loaded, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps)
+        metrics = api_evaluate(
+            loaded, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps, gate=gate
+        )
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     ci = metrics["ci95"]
@@ -452,10 +516,30 @@ def evaluate(
             shown += f"  (95 % CI {interval[0]:.3f}-{interval[1]:.3f})"
         typer.echo(f"{key:12s} {shown}")
     typer.echo(f"confusion matrix [[tn, fp], [fn, tp]]: {metrics['confusion_matrix']}")
+    _echo_domain(metrics)
     typer.echo(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
     if metrics["n_failed"]:
         typer.echo(f"{metrics['n_failed']} files could not be read; see {out / 'failures.csv'}")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _echo_domain(metrics: dict[str, Any]) -> None:
+    """What the input check did to an evaluation: which images the metrics are on, and the
+    all-images metrics beside them (the batch-shift line is logged by the evaluation itself)."""
+    domain = metrics.get("domain") or {}
+    if not domain.get("checked"):
+        typer.echo(f"input check: none ({domain.get('message', 'not recorded')})")
+        return
+    n, rejected = domain["n_images"], domain["n_rejected"]
+    every = metrics.get("all_images") or {}
+    typer.echo(
+        f"input check: {rejected} of {n} images rejected, {domain['n_unusual']} unusual; "
+        f"metrics above on {metrics['evaluated_on']} ({metrics['n']})"
+    )
+    typer.echo(
+        f"all {every.get('n', n)} images: "
+        + ", ".join(f"{k} {_fmt(every.get(k))}" for k in ("recall", "specificity", "roc_auc"))
+    )
 
 
 @app.command()
@@ -505,8 +589,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     heatmaps: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlays into this folder.")] = None,
     runtime: RuntimeOpt = "auto",
+    gate: GateOpt = True,
 ) -> None:
-    """Probability and label at the run's threshold for every image. Research use only."""
+    """The input check's verdict, then probability and label at the run's threshold for every
+    image (none for a rejected one unless --no-gate). Research use only."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -518,41 +604,69 @@ def predict(
     if fmt not in ("csv", "json"):
         raise CommandError(f"--format must be csv or json, got {fmt!r}")
     loaded = _load_run(run, runtime)
-    rows = []
     files = expand_inputs(inputs)
-    predictions = loaded.iter_predictions(files, batch_size=batch_size)
+    predictions = []
     for prediction in tqdm(
-        predictions, total=len(files), desc="predicting", unit="img", disable=len(files) < 64
-    ):
+        loaded.iter_predictions(files, batch_size=batch_size, gate=gate),
+        total=len(files), desc="predicting", unit="img", disable=len(files) < 64,
+    ):  # fmt: skip
         if prediction.error is not None:
             _echo_err(f"error: {prediction.path}: {prediction.error}")
-        rows.append(prediction.to_dict())
-    table = pd.DataFrame(rows, columns=["path", "probability", "label", "threshold", "error"])
+        predictions.append(prediction)
+    table = pd.DataFrame([p.to_dict() for p in predictions], columns=PREDICT_COLUMNS)
     text = table.to_json(orient="records", indent=2) if fmt == "json" else table.to_csv(index=False)
     if out is None:
         typer.echo(text)
     else:
         atomic_write_text(out, text)
         typer.echo(f"{len(table)} predictions written to {out}", err=True)
+    _echo_gate_summary(loaded, predictions, gate)
     _echo_err(DISCLAIMER)
     heatmap_failures = 0
     if heatmaps is not None:
-        heatmap_failures = _write_heatmaps(
-            loaded, [Path(r["path"]) for r in rows if r["error"] is None], heatmaps
-        )
+        classified = [Path(p.path) for p in predictions if p.probability is not None]
+        heatmap_failures = _write_heatmaps(loaded, classified, heatmaps, gate=False)
     if table["error"].notna().any() or heatmap_failures:
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _write_heatmaps(run, paths: list[Path], out_dir: Path) -> int:
-    """Grad-CAM overlay PNGs; returns the number of failures."""
+def _echo_gate_summary(run, predictions: list, gate: bool) -> None:
+    """On stderr: how many images the input check rejected (or let through with --no-gate), how
+    many are unusual, and one line when the batch as a whole is unlike the training data."""
+    from cxr_pneumonia.evaluation import shift_warning
+
+    readable = [p for p in predictions if p.error is None]
+    rejected = sum(p.status == "rejected" for p in readable)
+    unusual = sum(p.status == "ok" and p.unusual for p in readable)
+    if rejected and gate:
+        _echo_err(
+            f"{rejected} of {len(readable)} images rejected: not like the frontal chest X-rays this model "
+            "was trained on (no probability or label; --no-gate classifies them anyway)"
+        )
+    elif rejected:
+        _echo_err(
+            f"{rejected} of {len(readable)} images are not like the frontal chest X-rays this model was "
+            "trained on and were classified anyway (--no-gate); their results are unreliable"
+        )
+    if unusual:
+        _echo_err(f"{unusual} of {len(readable)} images accepted but unlike most of the training population")
+    line = shift_warning(run.batch_shift(readable)) if readable else None
+    if line:
+        _echo_err(f"warning: {line}")
+
+
+def _write_heatmaps(run, paths: list[Path], out_dir: Path, *, gate: bool = True) -> int:
+    """Grad-CAM overlay PNGs; returns the number of images without one (unreadable or rejected)."""
     from cxr_pneumonia.explain import explain_paths
 
     failed = 0
-    for path, _, error in explain_paths(run, paths, out_dir):
-        if error is not None:
+    for result in explain_paths(run, paths, out_dir, gate=gate):
+        if result.rejected:
             failed += 1
-            _echo_err(f"error: {path}: {error}")
+            _echo_err(f"skipped: {result.path}: {result.error} (--no-gate draws it anyway)")
+        elif result.error is not None:
+            failed += 1
+            _echo_err(f"error: {result.path}: {result.error}")
     typer.echo(f"heatmaps: {out_dir}", err=True)
     return failed
 
@@ -570,8 +684,10 @@ def explain(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <stem>_gradcam.png overlays.")],
     runtime: RuntimeOpt = "auto",
+    gate: GateOpt = True,
 ) -> None:
-    """Grad-CAM overlays (preprocessed image, heatmap, probability and label). Research use only."""
+    """Grad-CAM overlays (preprocessed image, heatmap, probability and label); none for an image
+    the input check rejects unless --no-gate. Research use only."""
     from cxr_pneumonia.explain import ExplainError
     from cxr_pneumonia.predict import expand_inputs
     from cxr_pneumonia.rundir import DISCLAIMER
@@ -581,7 +697,7 @@ def explain(
     if not files:
         raise CommandError(f"no images found in {', '.join(map(str, images))}")
     try:
-        failed = _write_heatmaps(loaded, files, out)
+        failed = _write_heatmaps(loaded, files, out, gate=gate)
     except ExplainError as e:
         raise CommandError(str(e)) from e
     typer.echo(f"{len(files) - failed} of {len(files)} overlays written to {out}", err=True)
@@ -599,13 +715,21 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.", min=0.001)] = 20.0,
     runtime: RuntimeOpt = "auto",
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--no-gate",
+            help="The input check's default for requests (a request's ?gate= wins): --no-gate "
+            "classifies images unlike the training data anyway, marked as such.",
+        ),
+    ] = True,
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
     from cxr_pneumonia.rundir import RunError
     from cxr_pneumonia.serve import serve as run_server
 
     try:
-        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime)
+        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime, gate=gate)
     except RunError as e:
         raise CommandError(str(e)) from e
 

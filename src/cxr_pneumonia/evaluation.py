@@ -2,10 +2,13 @@
 
 Nothing here chooses anything: every decision uses the threshold saved with the run.
 :mod:`cxr_pneumonia.evaluate` holds the metrics; this module feeds them a run's predictions.
+Every image also passes the run's input check (its gate, :mod:`cxr_pneumonia.gate`): the
+headline metrics are those of the images it accepts, beside the metrics of all images.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,12 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_FILE = "report.html"
 ROBUSTNESS_FILE = "robustness.json"
+MAX_REJECTED_EXAMPLES = 20
+NO_GATE_MESSAGE = (
+    "this run has no domain model, so images were not checked; fit one with `cxr-pneumonia gate RUN`"
+)
+
+log = logging.getLogger(__name__)
 
 # (run, image path) -> Grad-CAM overlay (RGB uint8) or None; explain provides it (api composes).
 OverlayFn = Callable[[Run, str], "np.ndarray | None"]
@@ -84,11 +93,17 @@ def evaluate(
     overlay_for: OverlayFn | None = None,
     max_misclassified: int = 48,
     batch_size: int = 32,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``run`` on a labelled dataset at the run's saved threshold.
 
-    Writes ``metrics.json``, ``predictions.csv``, ``failures.csv`` and ``report.html`` into
-    ``out``; the report shows ``overlay_for``'s heatmaps of the misclassified images when given.
+    Every readable image is classified and checked by the run's gate. The headline metrics are
+    those of the images the gate accepts (``gate=False``: of all images); ``all_images`` and
+    ``accepted_images`` hold both sets, and ``domain`` the rejections, unusual images and
+    whether the batch as a whole differs from the training data (``domain.shift``; a one-line
+    warning is logged when it does). Writes ``metrics.json``, ``predictions.csv`` (with each
+    image's ``status``, ``domain_score`` and ``reason``), ``failures.csv`` and ``report.html``
+    into ``out``; the report shows ``overlay_for``'s heatmaps of the misclassified images when given.
     """
     from cxr_pneumonia.report import write_report
 
@@ -96,27 +111,33 @@ def evaluate(
     images = labelled_images(data, split)
     images = images.assign(sha256=[file_sha256(Path(p)) for p in images["path"]])
     leakage = leakage_check(run, images)
-    table, failures = _predict_table(run, images, data, batch_size)
-    y_true, scores = table["label"].to_numpy(), table["probability"].to_numpy()
+    table, failures, predictions = _predict_table(run, images, data, batch_size, gate)
+    headline = _headline(table, run, data, gate)
+    y_true, scores = headline["label"].to_numpy(), headline["probability"].to_numpy()
     metrics = compute_metrics(y_true, scores, run.threshold, n_bootstrap=n_bootstrap, seed=seed)
+    subsets = _subset_metrics(run, table, headline, metrics, n_bootstrap=n_bootstrap, seed=seed)
+    domain = domain_summary(run, table, predictions, gate=gate)
     metrics.update(
         run=str(run.path),
         data=str(data),
         n_failed=len(failures),
         threshold_rule=run.threshold_info.get("rule"),
+        evaluated_on="accepted images" if gate and run.gate is not None else "all images",
+        **subsets,
+        domain=domain,
         leakage=leakage,
         runtime=run.runtime,
     )
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / PREDICTIONS_FILE, index=False)
     write_failures_csv(out / rundir.FAILURES_FILE, failures)
-    overlays = misclassified_overlays(run, table, max_misclassified, overlay_for) if overlay_for else {}
+    overlays = misclassified_overlays(run, headline, max_misclassified, overlay_for) if overlay_for else {}
     write_report(
         out,
         metrics=metrics,
         y_true=y_true,
         scores=scores,
-        paths=list(table["path"]),
+        paths=list(headline["path"]),
         threshold=run.threshold,
         title=f"Evaluation of {run.name} on {Path(data).name}",
         run_info=run_info(run),
@@ -127,14 +148,88 @@ def evaluate(
     return metrics
 
 
+def _headline(table: pd.DataFrame, run: Run, data: str | Path, gate: bool) -> pd.DataFrame:
+    """The rows the headline metrics are computed on: the accepted images (gate on), else all."""
+    if not gate or run.gate is None:
+        return table
+    accepted = table[table["status"] == "ok"].reset_index(drop=True)
+    if accepted.empty:
+        raise ValueError(
+            f"{data}: the input check rejected all {len(table)} readable images (not like the frontal "
+            "chest X-rays this model was trained on); --no-gate (gate=False) evaluates them anyway"
+        )
+    return accepted
+
+
+def _subset_metrics(
+    run: Run, table: pd.DataFrame, headline: pd.DataFrame, metrics: dict[str, Any], **kwargs: Any
+) -> dict[str, Any]:
+    """``all_images`` (every readable image, classified even when rejected) and
+    ``accepted_images`` (None when the run has no gate or the gate accepted nothing)."""
+
+    def of(rows: pd.DataFrame) -> dict[str, Any] | None:
+        if rows.empty:
+            return None
+        if len(rows) == len(headline) and rows["path"].equals(headline["path"]):
+            return dict(metrics)
+        y, s = rows["label"].to_numpy(), rows["probability"].to_numpy()
+        return compute_metrics(y, s, run.threshold, **kwargs)
+
+    accepted = table[table["status"] == "ok"].reset_index(drop=True)
+    return {"all_images": of(table), "accepted_images": of(accepted) if run.gate is not None else None}
+
+
+def domain_summary(
+    run: Run, table: pd.DataFrame, predictions: list[Prediction], *, gate: bool = True
+) -> dict[str, Any]:
+    """What the input check said about an evaluation's images: rejections, unusual images and
+    the batch-shift test (``run.batch_shift``); logs the shift warning."""
+    if run.gate is None:
+        return {"checked": False, "gate": gate, "message": NO_GATE_MESSAGE}
+    rejected = table[table["status"] == "rejected"].sort_values("domain_score", ascending=False)
+    accepted = table[table["status"] == "ok"]
+    shift = run.batch_shift([p for p in predictions if p.error is None])
+    line = shift_warning(shift)
+    if line:
+        log.warning("%s", line)
+    return {
+        "checked": True,
+        "gate": gate,
+        "n_images": len(table),
+        "n_rejected": len(rejected),
+        "n_unusual": int(accepted["unusual"].sum()),
+        "limit": run.gate.limit,
+        "unusual_level": run.gate.unusual_level,
+        "rejected": [
+            {"path": str(path), "domain_score": float(score), "reason": reason}
+            for path, score, reason in rejected[["path", "domain_score", "reason"]]
+            .head(MAX_REJECTED_EXAMPLES)
+            .itertuples(index=False)
+        ],
+        "shift": shift,
+        "message": line or "",
+    }
+
+
+def shift_warning(shift: dict[str, Any] | None) -> str | None:
+    """The one line that says a batch is unlike the training data (None when it is not)."""
+    if not shift or not shift.get("shifted"):
+        return None
+    return (
+        f"{shift['message']} ({shift['share_above_unusual']:.0%} of {shift['n']} images lie beyond "
+        f"the usual range of the training population; {shift['expected_share']:.0%} expected)"
+    )
+
+
 def _predict_table(
-    run: Run, images: pd.DataFrame, data: str | Path, batch_size: int
-) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """(path, label, patient_id, probability, predicted) of the readable images; (path, reason) of
-    the others."""
+    run: Run, images: pd.DataFrame, data: str | Path, batch_size: int, gate: bool = True
+) -> tuple[pd.DataFrame, list[tuple[str, str]], list[Prediction]]:
+    """(path, label, patient_id, probability, predicted, status, domain_score, unusual, reason) of
+    the readable images, every one classified (rejected ones too); (path, reason) of the others;
+    the predictions themselves."""
     predictions: list[Prediction] = list(
         tqdm(
-            run.iter_predictions(images["path"], batch_size=batch_size),
+            run.iter_predictions(images["path"], batch_size=batch_size, gate=False),
             total=len(images),
             desc="predicting",
             unit="img",
@@ -145,11 +240,26 @@ def _predict_table(
     if not by_path:
         raise ValueError(f"{data}: no readable images to evaluate")
     evaluated = images[images["path"].isin(by_path)].reset_index(drop=True)
-    scores = np.array([by_path[p].probability for p in evaluated["path"]], dtype=np.float64)
+    rows = [by_path[p] for p in evaluated["path"]]
+    scores = np.array([p.probability for p in rows], dtype=np.float64)
     table = evaluated[["path", "label", "patient_id"]].assign(
-        probability=scores, predicted=apply_threshold(scores, run.threshold)
+        probability=scores,
+        predicted=apply_threshold(scores, run.threshold),
+        status=[p.status for p in rows],
+        domain_score=[p.domain_score for p in rows],
+        unusual=[p.unusual for p in rows],
+        reason=[_reason_text(p, gate) for p in rows],
     )
-    return table, failures
+    return table, failures, predictions
+
+
+def _reason_text(prediction: Prediction, gate: bool) -> str | None:
+    """The gate's reason; with the gate on, without the "classified anyway" note (evaluation
+    classifies every image for the all-images metrics; the headline leaves rejected ones out)."""
+    reason = prediction.reason
+    if gate and reason and prediction.status == "rejected":
+        reason = reason.split(" (classified anyway", 1)[0]
+    return reason
 
 
 def run_info(run: Run) -> dict[str, Any]:

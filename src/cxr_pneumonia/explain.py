@@ -10,7 +10,8 @@ which would blank the map exactly on the clearest cases.
 preprocessed image, the overlay and a caption into one PNG. :class:`Explainer` applies a run's
 preprocessing, model and threshold; :func:`explain_paths` writes ``<stem>_gradcam.png`` files
 for the ``explain`` and ``predict --heatmaps`` commands and :func:`heatmap_overlay_for_path`
-gives the overlays of the ``evaluate`` report.
+gives the overlays of the ``evaluate`` report. The run's input check (gate) comes first: an
+image it rejects gets no heatmap (``gate=False`` draws it anyway, with the reason in the caption).
 
 A heatmap shows what drives the model's score; it is not a lesion segmentation.
 """
@@ -34,7 +35,7 @@ from cxr_pneumonia.rundir import DISCLAIMER, ascii_text
 if TYPE_CHECKING:
     import keras
 
-    from cxr_pneumonia.predict import Run
+    from cxr_pneumonia.predict import Prediction, Run
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,11 @@ def explanation_png(
     *,
     title: str | None = None,
     alpha: float = 0.4,
+    note: str | None = None,
 ) -> bytes:
     """One PNG: preprocessed image | heatmap overlay, with a caption giving the probability,
-    the label at ``threshold``, ``title`` (e.g. the file name) and the research-use notice."""
+    the label at ``threshold``, ``title`` (e.g. the file name), ``note`` (e.g. the input check's
+    reason for an unusual image) and the research-use notice."""
     gray = np.asarray(image)
     side = max(_MIN_PANEL_SIDE, *gray.shape[:2])
     scale = side / max(gray.shape[:2])
@@ -262,6 +265,7 @@ def explanation_png(
     lines = [
         *([title] if title else []),
         f"P(pneumonia) = {probability:.3f} -> {label} (threshold {threshold:.3f})",
+        *([f"Input check: {note}"] if note else []),
         "Left: preprocessed image. Right: Grad-CAM evidence for PNEUMONIA."
         if np.any(heatmap)
         else "Grad-CAM: no region raises the PNEUMONIA score (empty heatmap).",
@@ -294,6 +298,9 @@ class Explanation:
     label: str
     threshold: float
     layer_name: str
+    # The input check's reason when it matters to the reader: an unusual image, or one it
+    # rejected that was explained anyway (gate off).
+    note: str | None = None
 
     def overlay(self, *, alpha: float = 0.4) -> np.ndarray:
         """The heatmap blended onto the preprocessed image, RGB uint8."""
@@ -308,6 +315,7 @@ class Explanation:
             self.label,
             self.threshold,
             title=Path(self.source).name if self.source else None,
+            note=self.note,
         )
 
 
@@ -322,11 +330,22 @@ class Explainer:
         self.run = run
         self.cam = GradCam(run.model, layer_name or run_layer_name(run))
 
-    def explain_preprocessed(self, image: np.ndarray, *, source: str = "<array>") -> Explanation:
-        """Explain an image already preprocessed by the run (uint8 size×size)."""
+    def explain_preprocessed(
+        self, image: np.ndarray, *, source: str = "<array>", prediction: Prediction | None = None
+    ) -> Explanation:
+        """Explain an image already preprocessed by the run (uint8 size×size).
+
+        ``prediction``: the run's :class:`~cxr_pneumonia.predict.Prediction` of this image when
+        the caller has it (its probability is used, and the input check's reason is noted when
+        the image was unusual or rejected); otherwise the probability is computed here.
+        """
         from cxr_pneumonia.predict import label_for
 
-        probability = float(self.run.predict_preprocessed(np.asarray(image)[None])[0])
+        if prediction is None or prediction.probability is None:
+            probability = float(self.run.predict_preprocessed(np.asarray(image)[None])[0])
+        else:
+            probability = float(prediction.probability)
+        noted = prediction is not None and (prediction.unusual or prediction.status == "rejected")
         return Explanation(
             source=source,
             preprocessed=np.asarray(image),
@@ -335,6 +354,7 @@ class Explainer:
             label=label_for(probability, self.run.threshold),
             threshold=self.run.threshold,
             layer_name=self.cam.layer_name,
+            note=prediction.reason if noted else None,
         )
 
     def explain_image(self, image: np.ndarray, *, source: str = "<array>") -> Explanation:
@@ -351,11 +371,13 @@ class Explainer:
 
 
 class ExplainResult(NamedTuple):
-    """One input of :func:`explain_paths`: ``(path, PNG written, None)`` or ``(path, None, reason)``."""
+    """One input of :func:`explain_paths`: ``(path, PNG written, None)`` or ``(path, None, reason)``;
+    ``rejected`` when the reason is the input check's (the image is not like the training data)."""
 
     path: str
     output: Path | None
     error: str | None
+    rejected: bool = False
 
 
 def output_names(paths: Iterable[str | Path]) -> list[str]:
@@ -386,10 +408,17 @@ def explainer_for(run: Run) -> Explainer:
 
 
 def explain_paths(
-    run: Run, paths: Iterable[str | Path], out_dir: str | Path, *, explainer: Explainer | None = None
+    run: Run,
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    explainer: Explainer | None = None,
+    gate: bool = True,
 ) -> list[ExplainResult]:
     """Write ``out_dir/<stem>_gradcam.png`` for each image; unreadable files are recorded, not fatal.
 
+    The run's input check comes first: an image it rejects gets no heatmap and is recorded with
+    the reason and ``rejected=True`` (``gate=False``: explained anyway, the reason in the caption).
     Each PNG is written atomically, so an interrupted run never leaves half a file.
     """
     paths = [str(p) for p in paths]
@@ -398,11 +427,16 @@ def explain_paths(
     results = []
     for path, name in zip(paths, output_names(paths), strict=True):
         try:
-            explanation = explainer.explain_path(path)
+            image = run.preprocess(load_image(path), source=path)
         except (ImageReadError, PreprocessError) as e:
             log.debug("no heatmap for %s: %s", path, e)  # returned to the caller, who reports it
             results.append(ExplainResult(path, None, _reason(e)))
             continue
+        prediction = run.classify_preprocessed(image[None], gate=gate, sources=[path])[0]
+        if prediction.probability is None:  # rejected by the input check
+            results.append(ExplainResult(path, None, prediction.reason or "rejected", rejected=True))
+            continue
+        explanation = explainer.explain_preprocessed(image, source=path, prediction=prediction)
         target = out_dir / name
         atomic_write_bytes(target, explanation.png())
         log.debug("wrote %s (p=%.3f)", target, explanation.probability)

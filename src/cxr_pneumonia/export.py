@@ -120,9 +120,10 @@ def _layer_cost(layer: Any) -> float:
     return float(layer.count_params()) * positions
 
 
-def choose_cuts(model: Any, backbone_output: str, n_segments: int) -> list[str]:
+def choose_cuts(model: Any, backbone_output: str, n_segments: int, forced: Sequence[str] = ()) -> list[str]:
     """``n_segments - 1`` cuts inside the backbone at equal shares of its compute, then the
-    backbone output (the head after it is one more, float32 segment)."""
+    backbone output (the head after it is one more, float32 segment); ``forced`` cuts (the
+    gate's layers, single-tensor points up to the backbone output) are added."""
     names = [layer.name for layer in model.layers]
     end = names.index(backbone_output)
     candidates = [c for c in single_tensor_cuts(model) if names.index(c) < end]
@@ -134,8 +135,21 @@ def choose_cuts(model: Any, backbone_output: str, n_segments: int) -> list[str]:
         best = min(candidates, key=lambda c: abs(cost[names.index(c)] - target), default=None)
         if best is not None and best not in cuts:
             cuts.append(best)
+    cuts.extend(c for c in forced if c not in cuts and c != backbone_output)
     cuts.sort(key=names.index)
     return [*cuts, backbone_output]
+
+
+def gate_cut_problem(model: Any, gate_layers: Sequence[str], backbone_output: str) -> str | None:
+    """Why the export cannot give the gate's activations (None when it can): each gate layer
+    must be a single-tensor point of the backbone, where a segment can end."""
+    names = [layer.name for layer in model.layers]
+    valid = set(single_tensor_cuts(model)) | {backbone_output}
+    end = names.index(backbone_output)
+    bad = [name for name in gate_layers if name not in valid or names.index(name) > end]
+    if bad:
+        return f"the gate's layers {bad} are not single-tensor points of the backbone"
+    return None
 
 
 # ---- ONNX -------------------------------------------------------------------------------------
@@ -187,13 +201,14 @@ def merge_segments(protos: Sequence[Any]) -> tuple[Any, list[str]]:
 
 
 def merge_runs(
-    boundaries: Sequence[tuple[str, str]], precisions: Sequence[str]
+    boundaries: Sequence[tuple[str, str]], precisions: Sequence[str], keep: Sequence[str] = ()
 ) -> list[tuple[str, str, str]]:
     """Neighbouring segments of one precision as one part ``(input, output, precision)``: each
-    boundary between compiled parts costs a layout conversion, so there are as few as possible."""
+    boundary between compiled parts costs a layout conversion, so there are as few as possible.
+    A boundary named in ``keep`` (the gate's tensors) always ends a part."""
     parts: list[tuple[str, str, str]] = []
     for (start, end), precision in zip(boundaries, precisions, strict=True):
-        if parts and parts[-1][2] == precision:
+        if parts and parts[-1][2] == precision and parts[-1][1] not in keep:
             parts[-1] = (parts[-1][0], end, precision)
         else:
             parts.append((start, end, precision))
@@ -201,12 +216,21 @@ def merge_runs(
 
 
 def compile_parts(
-    model_proto: Any, parts: Sequence[tuple[str, str, str]], threads: int | None = None
+    model_proto: Any,
+    parts: Sequence[tuple[str, str, str]],
+    threads: int | None = None,
+    taps: Sequence[str] = (),
 ) -> SegmentedModel:
-    """One compiled model per part of ``merge_runs``."""
+    """One compiled model per part of ``merge_runs``; ``taps``: part outputs that
+    :meth:`SegmentedModel.features` also returns (each must end a part)."""
     segment_bytes = [extract_segment(model_proto, start, end) for start, end, _ in parts]
     precisions = [precision for _, _, precision in parts]
-    return SegmentedModel(compile_segments(segment_bytes, [(p,) for p in precisions], threads), precisions)
+    ends = [end for _, end, _ in parts]
+    missing = [t for t in taps if t not in ends]
+    if missing:
+        raise ExportError(f"no compiled part ends at {missing}")
+    requests = compile_segments(segment_bytes, [(p,) for p in precisions], threads)
+    return SegmentedModel(requests, precisions, taps=[ends.index(t) for t in taps])
 
 
 def extract_segment(model_proto: Any, start: str, end: str) -> bytes:
@@ -239,14 +263,22 @@ class SegmentedModel:
 
     requests: list[dict[str, Any]]
     precisions: list[str]
+    taps: list[int] = field(default_factory=list)  # parts whose outputs features() returns
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.features(batch)[0]
+
+    def features(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Probabilities (float32, shape N) and copies of the ``taps`` parts' outputs, in one pass."""
         with self.lock:  # an infer request is not re-entrant
             h = np.ascontiguousarray(batch, dtype=np.float32)
-            for requests, precision in zip(self.requests, self.precisions, strict=True):
+            tapped: dict[int, np.ndarray] = {}
+            for i, (requests, precision) in enumerate(zip(self.requests, self.precisions, strict=True)):
                 h = requests[precision].infer({0: h})[0]
-            return np.array(h, dtype=np.float32).reshape(-1)
+                if i in self.taps:
+                    tapped[i] = np.array(h)  # the request's buffer is reused by the next call
+            return np.array(h, dtype=np.float32).reshape(-1), [tapped[i] for i in self.taps]
 
 
 def compile_segments(
@@ -463,18 +495,24 @@ def export_run(
     reference = _keras_scores(model, x, cfg.batch_size)
     from cxr_pneumonia.model import get_backbone
 
-    cuts = choose_cuts(model, get_backbone(config["model"]["backbone"]).last_conv_layer, cfg.segments)
+    backbone_output = get_backbone(config["model"]["backbone"]).last_conv_layer
+    gate_info = _gate_cuts(run_dir, model, backbone_output)
+    cuts = choose_cuts(model, backbone_output, cfg.segments, forced=gate_info["gate_layers"] or ())
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
     try:
         merged, boundaries = merge_segments(_segment_protos(model, cuts, tmp))
+        if gate_info["gate_layers"]:
+            layers = gate_info["gate_layers"]
+            gate_info["gate_tensors"] = [boundaries[1 + cuts.index(name)] for name in layers]
         del model
         for leftover in tmp.glob("segment*.onnx"):
             leftover.unlink()
         import onnx
 
         onnx.save(merged, str(tmp / ONNX_FILE))
-        info = _plan_and_checks(merged, boundaries, cuts, x, reference, labels, threshold, cfg, say)
+        keep = gate_info.get("gate_tensors") or ()
+        info = _plan_and_checks(merged, boundaries, cuts, x, reference, labels, threshold, cfg, say, keep)
         info.update(
             format=cfg.format,
             file=ONNX_FILE,
@@ -489,6 +527,7 @@ def export_run(
             calibration={"source": images.attrs["source"], "n_images": len(x)},
             preprocess=config["preprocess"],
             threshold=threshold,
+            **gate_info,
         )
         write_json(tmp / EXPORT_INFO_FILE, info)
         tmp.chmod(0o755)  # mkdtemp makes 0700; a run is meant to be shared
@@ -497,6 +536,26 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def _gate_cuts(run_dir: Path, model: Any, backbone_output: str) -> dict[str, Any]:
+    """``gate_layers`` (the run's gate's layers, where the export is also cut; None without a
+    gate or when they cannot be cut) and ``gate_note`` (why not)."""
+    from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateError
+
+    if not (run_dir / GATE_DIR).is_dir():
+        return {"gate_layers": None, "gate_note": "the run has no gate"}
+    try:
+        layers = DomainModel.load(run_dir).layers
+    except GateError as e:
+        return {"gate_layers": None, "gate_note": str(e)}
+    missing = [name for name in layers if name not in {layer.name for layer in model.layers}]
+    problem = f"the model has no layers {missing}" if missing else None
+    problem = problem or gate_cut_problem(model, layers, backbone_output)
+    if problem:
+        log.warning("%s; the gate will run on Keras", problem)
+        return {"gate_layers": None, "gate_note": problem}
+    return {"gate_layers": list(layers), "gate_note": None}
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -517,6 +576,7 @@ def _plan_and_checks(
     threshold: dict,
     cfg: ExportConfig,
     say: Callable[[str], None],
+    keep: Sequence[str] = (),
 ) -> dict[str, Any]:
     n_segments = len(boundaries) - 1
     thr = float(threshold["threshold"])
@@ -547,7 +607,7 @@ def _plan_and_checks(
 
     def evaluate(segments: frozenset[int]) -> dict:
         # Checked as loading will compile it: inside a merged bf16 part activations stay bf16.
-        candidate = compile_parts(merged, merge_runs(bounds, plan_for(segments)))
+        candidate = compile_parts(merged, merge_runs(bounds, plan_for(segments), keep))
         return compare_scores(fp32_scores, _batched(candidate, x, cfg.batch_size), labels, thr)
 
     search: list[dict] = []
@@ -561,9 +621,9 @@ def _plan_and_checks(
     del segment_bytes, segmented
     plan = plan_for(chosen)
     check = evaluate(chosen) if chosen else compare_scores(fp32_scores, fp32_scores, labels, thr)
-    fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * n_segments))
+    fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * n_segments, keep))
     seconds_fp32 = _time_plan(fp32_model, x, cfg.batch_size)
-    plan_model = compile_parts(merged, merge_runs(bounds, plan)) if chosen else fp32_model
+    plan_model = compile_parts(merged, merge_runs(bounds, plan, keep)) if chosen else fp32_model
     seconds_plan = _time_plan(plan_model, x, cfg.batch_size)
     if chosen and not within(check, cfg):
         log.warning(

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cxr_pneumonia.augment import PERTURBATIONS, AugmentConfig, random_augment, random_raw_augment
 from cxr_pneumonia.config import atomic_write_bytes, read_json, write_json
+from cxr_pneumonia.io import ImageReadError
 from cxr_pneumonia.model import INPUT_NAME, ModelConfig, backbone_layers, get_backbone
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
@@ -209,6 +210,33 @@ def pooled_features(raw: Sequence[np.ndarray], cfg: GateConfig, n_layers: int) -
             x = x / 255.0
         features.append(x)
     return features
+
+
+def pool_activations(
+    activations: Sequence[np.ndarray], batch: np.ndarray, cfg: GateConfig
+) -> list[np.ndarray]:
+    """What :func:`gated_model`'s feature outputs hold, computed in NumPy from the NHWC
+    activations at the gate's layers and the input batch (for runtimes other than Keras).
+
+    Feed the result to :func:`pooled_features`.
+    """
+    raw = []
+    for act in activations:
+        x = np.asarray(act, dtype=np.float64)
+        pooled = x.mean(axis=(1, 2))
+        if cfg.pooling == "mean_std":
+            pooled = np.concatenate([pooled, (x * x).mean(axis=(1, 2))], axis=1)
+        raw.append(pooled)
+    if cfg.thumbnail:
+        x = np.asarray(batch, dtype=np.float64)
+        n, size = x.shape[0], x.shape[1]
+        side = size // cfg.thumbnail
+        if side < 1:
+            raise GateError(f"thumbnail grid {cfg.thumbnail} is finer than the input ({size})")
+        grid = x[:, : cfg.thumbnail * side, : cfg.thumbnail * side, :]
+        grid = grid.reshape(n, cfg.thumbnail, side, cfg.thumbnail, side, -1).mean(axis=(2, 4))
+        raw.append(grid.reshape(n, -1))
+    return raw
 
 
 def run_gated(
@@ -592,15 +620,20 @@ def batch_shift(
 
 
 def _preprocessed(
-    images: Sequence[np.ndarray], pipeline: Callable[..., np.ndarray] | None
+    images: Sequence[np.ndarray],
+    pipeline: Callable[..., np.ndarray] | None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[np.ndarray]:
+    """The images (read one at a time: ``images`` may be a lazy sequence of files), through
+    ``transform`` and the pipeline; unreadable ones are skipped with a warning."""
     if pipeline is None:
         return [np.asarray(img) for img in images]
     out = []
-    for i, img in enumerate(images):
+    for i in range(len(images)):
         try:
-            out.append(pipeline(img, source=f"<image {i}>"))
-        except PreprocessError as e:
+            img = images[i]
+            out.append(pipeline(transform(img) if transform else img, source=f"<image {i}>"))
+        except (PreprocessError, ImageReadError) as e:
             log.warning("gate fit skips an image: %s", e)
     return out
 
@@ -617,6 +650,35 @@ def augmented_view(
     if pipeline is not None:
         img = pipeline(random_raw_augment(img, rng, augment_cfg))
     return random_augment(img, rng, augment_cfg)
+
+
+def _fit_views(
+    train_images: Sequence[np.ndarray],
+    cfg: GateConfig,
+    augment_cfg: AugmentConfig,
+    pipeline: Callable[..., np.ndarray] | None,
+) -> tuple[list[np.ndarray], list[int]]:
+    """(preprocessed images to fit on, the training image each comes from): up to
+    ``max_fit_images`` images, each with ``fit_augmented_views`` augmented views."""
+    chosen = range(len(train_images))
+    if cfg.max_fit_images is not None and len(train_images) > cfg.max_fit_images:
+        keep = np.random.default_rng(cfg.seed).choice(len(train_images), cfg.max_fit_images, replace=False)
+        chosen = np.sort(keep)
+    fit_images, groups = [], []
+    # Image by image (each read once: ``train_images`` may be a lazy sequence of files), its views in turn.
+    for i, index in enumerate(chosen):
+        try:
+            img = train_images[int(index)]
+            views = [img if pipeline is None else pipeline(img, source=f"<image {i}>")]
+            for view in range(1, cfg.fit_augmented_views + 1):
+                rng = np.random.default_rng([cfg.seed, view, i])
+                views.append(augmented_view(img, rng, augment_cfg, pipeline))
+        except (PreprocessError, ImageReadError) as e:
+            log.warning("gate fit skips an image: %s", e)
+            continue
+        fit_images.extend(views)
+        groups.extend([i] * len(views))
+    return fit_images, groups
 
 
 def fit_gate(
@@ -650,25 +712,11 @@ def fit_gate(
     layers = gate_layers(model, model_cfg, cfg)
     gated = gated_model(model, layers, cfg)
 
-    def features(images: Sequence[np.ndarray], *, ready: bool = False) -> list[np.ndarray]:
-        images = images if ready else _preprocessed(images, pipeline)
+    def features(images: Sequence[np.ndarray], *, ready: bool = False, transform: Any = None) -> list:
+        images = images if ready else _preprocessed(images, pipeline, transform)
         return extract(gated, images, cfg, len(layers), batch_size=batch_size)[1]
 
-    if cfg.max_fit_images is not None and len(train_images) > cfg.max_fit_images:
-        keep = np.random.default_rng(cfg.seed).choice(len(train_images), cfg.max_fit_images, replace=False)
-        train_images = [train_images[i] for i in np.sort(keep)]
-    fit_images, groups = [], []
-    for view in range(cfg.fit_augmented_views + 1):
-        for i, img in enumerate(train_images):
-            try:
-                if view == 0:
-                    fit_images.append(img if pipeline is None else pipeline(img, source=f"<image {i}>"))
-                else:
-                    rng = np.random.default_rng([cfg.seed, view, i])
-                    fit_images.append(augmented_view(img, rng, augment_cfg, pipeline))
-                groups.append(i)
-            except PreprocessError as e:
-                log.warning("gate fit skips an image: %s", e)
+    fit_images, groups = _fit_views(train_images, cfg, augment_cfg, pipeline)
     gate = DomainModel.fit(
         features(fit_images, ready=True),
         cfg,
@@ -684,9 +732,9 @@ def fit_gate(
         # sees every kind of change for the price of one more pass over validation.
         names = cfg.limit_perturbations
         for k, name in enumerate(names):
-            chosen = [PERTURBATIONS[name](img) for img in val_images[k :: len(names)]]
-            if chosen:
-                perturbed[name] = gate.score(features(chosen))
+            part = val_images[k :: len(names)]
+            if len(part):
+                perturbed[name] = gate.score(features(part, transform=PERTURBATIONS[name]))
     elif cfg.limit_perturbations:
         log.info("preprocessed validation images: the limit is set without perturbations")
     gate.set_limit(val_scores, perturbed)

@@ -3,7 +3,10 @@
 :class:`Run` loads a run directory once (its files: :mod:`cxr_pneumonia.rundir`; its model:
 :mod:`cxr_pneumonia.runtime`, Keras or the OpenVINO export) and applies the run's preprocessing,
 model and threshold; predict, evaluate, explain and serve all go through it, so they apply the
-identical pipeline and runtime.
+identical pipeline and runtime. When the run has an input gate (:mod:`cxr_pneumonia.gate`),
+:meth:`Run.classify_preprocessed` and :meth:`Run.iter_predictions` check every image with it,
+from the same forward pass that gives the probability, and withhold the answer for an image
+unlike the training images (``status="rejected"``) unless asked not to (``gate=False``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from cxr_pneumonia import rundir
 from cxr_pneumonia.config import from_dict
 from cxr_pneumonia.data import CLASS_NAMES
 from cxr_pneumonia.evaluate import apply_threshold
+from cxr_pneumonia.gate import DomainModel, GateDecision
 from cxr_pneumonia.io import ImageReadError, list_image_files, load_image
 from cxr_pneumonia.preprocess import Pipeline, PreprocessConfig, PreprocessError, build_pipeline
 from cxr_pneumonia.rundir import DISCLAIMER, RunError
@@ -34,22 +38,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's prediction, or the reason it could not be predicted."""
+    """One image's prediction, or why there is none.
+
+    ``status``: ``ok`` (classified), ``rejected`` (the gate found it unlike the training
+    images: no probability or label, unless the gate was off) or ``error`` (unreadable,
+    ``error`` says why). ``domain_score``/``domain_limit``: the gate's score and acceptance
+    limit (None without a gate); ``reason``: the gate's verdict in words; ``unusual``: above the
+    gate's unusual level; ``gated``: the gate decided what is shown (False with ``gate=False``
+    or a run without a gate).
+    """
 
     path: str
     probability: float | None
     label: str | None
     threshold: float
     error: str | None = None
+    status: Literal["ok", "rejected", "error"] = "ok"
+    domain_score: float | None = None
+    domain_limit: float | None = None
+    reason: str | None = None
+    unusual: bool = False
+    gated: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "probability": self.probability,
-            "label": self.label,
-            "threshold": self.threshold,
-            "error": self.error,
-        }
+        return asdict(self)
 
 
 def label_for(probability: float, threshold: float) -> str:
@@ -79,6 +91,11 @@ class Run:
         self.image_size = int(config["model"]["image_size"])
         # Without a runtime, ``model`` (or model.keras, loaded on first use) answers in float32.
         self._runtime = runtime or Runtime(self.path, dict(KERAS_INFO), keras_model=model)
+
+    @property
+    def gate(self) -> DomainModel | None:
+        """The run's input gate (``RUN/gate/``), None for a run fitted before gates existed."""
+        return self._runtime.gate
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -137,8 +154,7 @@ class Run:
         """The run's preprocessing on one raw uint8 grayscale image."""
         return self.pipeline(image, source=source)
 
-    def predict_preprocessed(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for preprocessed images (N×H×W uint8 or float)."""
+    def _model_input(self, batch: np.ndarray) -> np.ndarray:
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim == 3:
             x = x[..., None]
@@ -146,6 +162,11 @@ class Run:
             raise ValueError(
                 f"expected images of {self.image_size}×{self.image_size}, got {x.shape[1]}×{x.shape[2]}"
             )
+        return x
+
+    def predict_preprocessed(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for preprocessed images (N×H×W uint8 or float); no gate."""
+        x = self._model_input(batch)
         probabilities = [
             self._runtime(x[start : start + batch_size]) for start in range(0, len(x), batch_size)
         ]
@@ -159,10 +180,87 @@ class Run:
             np.stack([self.preprocess(img) for img in images]), batch_size=batch_size
         )
 
+    def classify_preprocessed(
+        self,
+        batch: np.ndarray,
+        *,
+        gate: bool = True,
+        sources: Sequence[str] | None = None,
+        batch_size: int = 32,
+    ) -> list[Prediction]:
+        """A :class:`Prediction` per preprocessed image (N×H×W), checked by the run's gate.
+
+        ``gate=False`` classifies rejected images anyway (``gated=False``, the reason says so).
+        ``sources`` name the images (default ``<image i>``).
+        """
+        x = self._model_input(batch)
+        sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(x))]
+        if len(sources) != len(x):
+            raise ValueError(f"{len(sources)} sources for {len(x)} images")
+        if self.gate is None:
+            probabilities = self.predict_preprocessed(x, batch_size=batch_size)
+            return [
+                self._classified(s, float(p), None, gated=False)
+                for s, p in zip(sources, probabilities, strict=True)
+            ]
+        if len(x) == 0:
+            return []
+        probabilities, scores = [], []
+        for start in range(0, len(x), batch_size):
+            p, features = self._runtime.features(x[start : start + batch_size])
+            probabilities.append(p)
+            scores.append(self.gate.score(features))
+        decisions = self.gate.decide(np.concatenate(scores))
+        return [
+            self._classified(s, float(p), d, gated=gate)
+            for s, p, d in zip(sources, np.concatenate(probabilities), decisions, strict=True)
+        ]
+
+    def _classified(self, source: str, p: float, decision: GateDecision | None, *, gated: bool) -> Prediction:
+        if decision is None:
+            return Prediction(source, p, label_for(p, self.threshold), self.threshold, gated=False)
+        fields = {
+            "status": decision.status,
+            "domain_score": decision.domain_score,
+            "domain_limit": decision.limit,
+            "reason": decision.reason,
+            "unusual": decision.unusual,
+            "gated": gated,
+        }
+        if decision.status == "rejected" and gated:
+            return Prediction(source, None, None, self.threshold, **fields)
+        if decision.status == "rejected":
+            fields["reason"] = f"{decision.reason} (classified anyway: gate off)"
+        return Prediction(source, p, label_for(p, self.threshold), self.threshold, **fields)
+
+    def classify_images(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        gate: bool = True,
+        sources: Sequence[str] | None = None,
+        batch_size: int = 32,
+    ) -> list[Prediction]:
+        """:meth:`classify_preprocessed` for raw uint8 grayscale images (any size)."""
+        if len(images) == 0:
+            return []
+        names = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(images))]
+        batch = np.stack([self.preprocess(img, source=n) for img, n in zip(images, names, strict=True)])
+        return self.classify_preprocessed(batch, gate=gate, sources=names, batch_size=batch_size)
+
+    def batch_shift(self, predictions: Iterable[Prediction]) -> dict[str, Any] | None:
+        """Whether a batch's domain scores differ from validation's (:func:`gate.batch_shift`);
+        None without a gate. Unreadable images do not count."""
+        if self.gate is None:
+            return None
+        scores = [p.domain_score for p in predictions if p.status != "error" and p.domain_score is not None]
+        return self.gate.batch_shift(np.asarray(scores, dtype=np.float64))
+
     def iter_predictions(
-        self, paths: Iterable[str | Path], *, batch_size: int = 32, threads: int = 2
+        self, paths: Iterable[str | Path], *, batch_size: int = 32, gate: bool = True, threads: int = 2
     ) -> Iterator[Prediction]:
         """Predict files in batches (memory stays flat); unreadable files yield an error each.
+        Every image goes through the gate; ``gate=False`` classifies rejected images anyway.
 
         Decoding and preprocessing run in ``threads`` threads (OpenCV releases the GIL), a
         batch ahead of the model, so the model does not wait on image decoding.
@@ -171,14 +269,16 @@ class Run:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for path, outcome in _prefetch(pool, self._load, paths, ahead=2 * batch_size):
                 if isinstance(outcome, Exception):
-                    yield Prediction(path, None, None, self.threshold, error=_reason(outcome))
+                    yield Prediction(
+                        path, None, None, self.threshold, error=_reason(outcome), status="error", gated=False
+                    )
                     continue
                 pending.append((path, outcome))
                 if len(pending) == batch_size:
-                    yield from self._flush(pending, batch_size)
+                    yield from self._flush(pending, batch_size, gate)
                     pending = []
         if pending:
-            yield from self._flush(pending, batch_size)
+            yield from self._flush(pending, batch_size, gate)
 
     def _load(self, path: str | Path) -> np.ndarray | Exception:
         try:
@@ -186,16 +286,20 @@ class Run:
         except (ImageReadError, PreprocessError) as e:
             return e
 
-    def _flush(self, pending: list[tuple[str, np.ndarray]], batch_size: int) -> Iterator[Prediction]:
-        probabilities = self.predict_preprocessed(
-            np.stack([img for _, img in pending]), batch_size=batch_size
+    def _flush(
+        self, pending: list[tuple[str, np.ndarray]], batch_size: int, gate: bool
+    ) -> Iterator[Prediction]:
+        yield from self.classify_preprocessed(
+            np.stack([img for _, img in pending]),
+            gate=gate,
+            sources=[path for path, _ in pending],
+            batch_size=batch_size,
         )
-        for (path, _), probability in zip(pending, probabilities, strict=True):
-            p = float(probability)
-            yield Prediction(path, p, label_for(p, self.threshold), self.threshold)
 
-    def predict_paths(self, paths: Iterable[str | Path], *, batch_size: int = 32) -> list[Prediction]:
-        return list(self.iter_predictions(paths, batch_size=batch_size))
+    def predict_paths(
+        self, paths: Iterable[str | Path], *, batch_size: int = 32, gate: bool = True
+    ) -> list[Prediction]:
+        return list(self.iter_predictions(paths, batch_size=batch_size, gate=gate))
 
 
 def _prefetch(

@@ -286,6 +286,60 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _domain_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The "Domain check" section: what the input check (gate) said about the images.
+
+    Read from ``metrics["domain"]``, ``all_images`` and ``accepted_images`` as
+    :func:`cxr_pneumonia.evaluation.evaluate` records them; a note when there are none.
+    """
+    domain = metrics.get("domain") or {}
+    context: dict[str, Any] = {
+        "checked": bool(domain.get("checked")),
+        "verdict": "",
+        "shift": "",
+        "consistent": "",
+        "comparison": [],
+        "rejected": [],
+        "rejected_shown": "",
+    }
+    if not context["checked"]:
+        context["verdict"] = domain.get("message") or "No input check was recorded for these images."
+        return context
+    n, n_rejected, n_unusual = domain["n_images"], domain["n_rejected"], domain["n_unusual"]
+    if domain.get("gate", True):
+        headline = f"the metrics above are on the {n - n_rejected} of {n} images it accepted"
+    else:
+        headline = f"the input check was off (--no-gate): the metrics above are on all {n} images"
+    context["verdict"] = (
+        f"Input check (limit {_fmt(domain.get('limit'), 2)}): {headline}. {n_rejected} rejected as not like "
+        f"the frontal chest X-rays this model was trained on; {n_unusual} accepted but unlike most of the "
+        "training population."
+    )
+    shift = domain.get("shift") or {}
+    if shift.get("shifted"):
+        context["shift"] = domain.get("message") or shift.get("message", "")
+    elif shift:
+        share, expected = shift.get("share_above_unusual", 0.0), shift.get("expected_share", 0.0)
+        context["consistent"] = (
+            f"The batch's domain scores are consistent with validation ({share:.0%} beyond the usual "
+            f"range, {expected:.0%} expected)."
+        )
+    accepted, every = metrics.get("accepted_images") or {}, metrics.get("all_images") or {}
+    for name in ("n", *_METRIC_LABELS):
+        label = "Images" if name == "n" else _METRIC_LABELS[name]
+        context["comparison"].append(
+            {"label": label, "accepted": _fmt(accepted.get(name)), "all": _fmt(every.get(name))}
+        )
+    rejected = domain.get("rejected") or []
+    context["rejected"] = [
+        {"name": Path(r["path"]).name, "path": r["path"], "score": _fmt(r.get("domain_score"), 2),
+         "reason": r.get("reason") or ""}
+        for r in rejected
+    ]  # fmt: skip
+    context["rejected_shown"] = f"showing {len(rejected)} of {n_rejected}"
+    return context
+
+
 def _info_value(value: Any) -> Any:
     """Run-info values as the template shows them: nested mappings stay mappings, the rest text."""
     if isinstance(value, Mapping):
@@ -432,7 +486,9 @@ def write_report(
     ``paths`` are aligned with ``scores``. Figures are embedded as base64 PNG and also saved in
     ``out_dir/plots/``. Misclassified images are shown as thumbnails (from ``thumbnails``, else
     loaded with ``io.load_image``), with the RGB uint8 ``heatmaps`` overlay beside them when
-    given. Does not write ``metrics.json`` (the caller does).
+    given. A "Domain check" section shows the input check's record in ``metrics`` (``domain``,
+    ``all_images``, ``accepted_images``) when there is one. Does not write ``metrics.json``
+    (the caller does).
     """
     y, s = evaluate.check_inputs(y_true, scores)
     if len(paths) != len(y):
@@ -449,6 +505,7 @@ def write_report(
         summary=summary,
         threshold=_fmt(metrics.get("threshold"), 4),
         metric_rows=_metric_rows(metrics),
+        domain=_domain_context(metrics),
         confusion=metrics.get("confusion_matrix"),
         confusion_at_half=(metrics.get("at_0_5") or {}).get("confusion_matrix"),
         figures=_figures(y, s, threshold, metrics, out_dir / "plots"),

@@ -3,6 +3,8 @@
 ``load_runtime(run_dir, "auto" | "keras" | "openvino")`` returns a :class:`Runtime`:
 ``runtime(batch)`` maps float32 N×H×W×1 preprocessed pixels to N probabilities, and
 ``runtime.info`` says which backend and precision answer (shown in the model card and reports).
+When the run has an input gate (``RUN/gate/``, :mod:`cxr_pneumonia.gate`), ``runtime.features(batch)``
+gives the probabilities and the gate's features from the same single forward pass.
 ``auto`` takes the run's export when it is there, current and OpenVINO is installed, except on a
 machine with an NVIDIA GPU, where TensorFlow is faster and exact. The OpenVINO pieces that the
 export's plan search also runs (:class:`~cxr_pneumonia.export.SegmentedModel`,
@@ -12,6 +14,7 @@ export's plan search also runs (:class:`~cxr_pneumonia.export.SegmentedModel`,
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cxr_pneumonia import rundir
+from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateError, pool_activations, pooled_features, run_gated
 from cxr_pneumonia.rundir import RunError
 
 log = logging.getLogger(__name__)
@@ -26,19 +30,28 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "keras", "openvino")
 RuntimeKind = Literal["auto", "keras", "openvino"]
 KERAS_INFO = {"backend": "keras", "precision": "fp32"}
+NO_GATE_WARNING = "this run has no domain model; fit one with `cxr-pneumonia gate RUN`"
 
 
 class Runtime:
     """A run's model as one callable; the Keras model is loaded only when something needs it."""
 
     def __init__(
-        self, path: Path, info: dict[str, Any], *, export_model: Any = None, keras_model: Any = None
+        self,
+        path: Path,
+        info: dict[str, Any],
+        *,
+        export_model: Any = None,
+        keras_model: Any = None,
+        gate: DomainModel | None = None,
     ) -> None:
         self.path = Path(path)
         self.info = info
+        self.gate = gate
         self._export_model = export_model
         self._keras_model = keras_model
         self._forward: Any = export_model
+        self._gated: Any = None
 
     @property
     def keras_model(self) -> Any:
@@ -61,6 +74,19 @@ class Runtime:
             self._forward = inference_function(self.keras_model)
         return np.asarray(self._forward(batch), dtype=np.float32).reshape(-1)
 
+    def features(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities, the gate's per-depth float64 feature matrices) of a float32 N×H×W×1
+        batch, in one forward pass; the probabilities equal ``self(batch)``'s."""
+        if self.gate is None:
+            raise GateError(f"{self.path}: {NO_GATE_WARNING}")
+        cfg, n_layers = self.gate.cfg, len(self.gate.layers)
+        if self._export_model is not None:
+            probabilities, activations = self._export_model.features(batch)
+            return probabilities, pooled_features(pool_activations(activations, batch, cfg), cfg, n_layers)
+        if self._gated is None:
+            self._gated = self.gate.gated_model(self.keras_model)
+        return run_gated(self._gated, batch, cfg, n_layers)
+
 
 def load_runtime(path: str | Path, kind: RuntimeKind = "auto") -> Runtime:
     """The runtime ``kind`` for the run at ``path`` (see the module docstring).
@@ -71,8 +97,9 @@ def load_runtime(path: str | Path, kind: RuntimeKind = "auto") -> Runtime:
     """
     path = Path(path)
     check_kind(kind)
-    export_model, info = _choose(path, kind)
-    runtime = Runtime(path, info, export_model=export_model)
+    gate = load_gate(path)
+    export_model, info = _choose(path, kind, gate)
+    runtime = Runtime(path, info, export_model=export_model, gate=gate)
     if export_model is None:
         runtime.keras_model  # noqa: B018 - load now, so that a broken model.keras fails at load time
     return runtime
@@ -83,7 +110,22 @@ def check_kind(kind: str) -> None:
         raise RunError(f"unknown runtime {kind!r}; valid: {list(RUNTIMES)}")
 
 
-def _choose(path: Path, kind: str) -> tuple[Any, dict[str, Any]]:
+def load_gate(path: Path) -> DomainModel | None:
+    """The run's gate, or None (with a warning) when it has none.
+
+    Raises:
+        RunError: the gate folder is there but unreadable.
+    """
+    if not (Path(path) / GATE_DIR).is_dir():
+        log.warning("%s: %s", path, NO_GATE_WARNING)
+        return None
+    try:
+        return DomainModel.load(path)
+    except GateError as e:
+        raise RunError(str(e)) from e
+
+
+def _choose(path: Path, kind: str, gate: DomainModel | None = None) -> tuple[Any, dict[str, Any]]:
     """(compiled export or None for Keras, description of the runtime in use)."""
     from cxr_pneumonia.export import ExportError
 
@@ -94,8 +136,14 @@ def _choose(path: Path, kind: str) -> tuple[Any, dict[str, Any]]:
     if kind == "auto" and nvidia_gpu_present():
         # The export runs on the CPU; TensorFlow on a GPU is faster and exact.
         return None, {**KERAS_INFO, "reason": "a GPU is present"}
+    problem = _gate_problem(rundir.read_export_info(path), gate)
+    if problem and kind == "openvino":
+        raise RunError(f"{path}: {problem}")
+    if problem:
+        log.warning("%s: %s; using Keras float32", path, problem)
+        return None, {**KERAS_INFO, "reason": problem}
     try:
-        loaded = load_export(path)
+        loaded = load_export(path, gate_tensors=(gate and _export_gate_tensors(path)) or ())
     except (ExportError, ImportError, RuntimeError) as e:
         if kind == "openvino":
             raise RunError(str(e)) from e
@@ -119,6 +167,24 @@ def _export_info(loaded: LoadedExport) -> dict[str, Any]:
     return info
 
 
+def _gate_problem(info: dict[str, Any] | None, gate: DomainModel | None) -> str | None:
+    """Why the export cannot give this gate's features (None when it can, or there is no gate)."""
+    if gate is None or info is None:
+        return None
+    if "gate_layers" not in info:
+        return "export predates the gate; re-export"
+    if info["gate_layers"] is None:
+        return f"the export has no gate activations ({info.get('gate_note')}); re-export"
+    if list(info["gate_layers"]) != list(gate.layers):
+        return "the export was cut for another gate's layers; re-export"
+    return None
+
+
+def _export_gate_tensors(path: Path) -> list[str]:
+    info = rundir.read_export_info(path) or {}
+    return list(info.get("gate_tensors") or ())
+
+
 def nvidia_gpu_present() -> bool:
     """Cheap check (no TensorFlow import): the NVIDIA driver lists a GPU."""
     gpus = Path("/proc/driver/nvidia/gpus")
@@ -136,9 +202,11 @@ class LoadedExport:
     note: str
 
 
-def load_export(run_dir: str | Path, *, threads: int | None = None) -> LoadedExport:
+def load_export(
+    run_dir: str | Path, *, threads: int | None = None, gate_tensors: Sequence[str] = ()
+) -> LoadedExport:
     """Compile a run's export with OpenVINO in its precision plan (float32 where the CPU
-    lacks bfloat16).
+    lacks bfloat16); parts end at ``gate_tensors``, whose activations ``model.features`` returns.
 
     Raises:
         ExportError: no export, OpenVINO missing, or the export is older than model.keras.
@@ -162,5 +230,6 @@ def load_export(run_dir: str | Path, *, threads: int | None = None) -> LoadedExp
         log.info(note)
     proto = onnx.load(str(rundir.export_dir(run_dir) / rundir.ONNX_FILE))
     bounds = [(s["input"], s["output"]) for s in info["segments"]]
-    model = export.compile_parts(proto, export.merge_runs(bounds, precisions), threads)
+    parts = export.merge_runs(bounds, precisions, gate_tensors)
+    model = export.compile_parts(proto, parts, threads, taps=gate_tensors)
     return LoadedExport(model, info, precisions, note)

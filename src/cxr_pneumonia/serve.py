@@ -3,7 +3,10 @@
 ``create_app(run)`` builds a FastAPI app around one loaded :class:`~cxr_pneumonia.predict.Run`:
 
 - ``POST /v1/predict`` (multipart field ``file``: PNG, JPEG or DICOM; ``?heatmap=true`` adds
-  the Grad-CAM overlay and the preprocessed image as base64 PNGs);
+  the Grad-CAM overlay and the preprocessed image as base64 PNGs). The run's gate checks every
+  image first: one unlike the frontal chest X-rays the model was trained on is answered with
+  200 and ``status: "rejected"``, a reason and no probability or label (``?gate=false``
+  classifies it anyway and marks the answer);
 - ``GET /health``, ``GET /v1/model`` (the run's model card), ``/docs`` (OpenAPI);
 - ``GET /`` the web page (``static/``).
 
@@ -25,7 +28,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -45,7 +48,7 @@ from cxr_pneumonia.io import (
     load_image_bytes,
     sniff_format,
 )
-from cxr_pneumonia.predict import Run, label_for
+from cxr_pneumonia.predict import Run
 from cxr_pneumonia.preprocess import PreprocessError
 from cxr_pneumonia.rundir import DISCLAIMER
 
@@ -82,16 +85,48 @@ class ModelRef(BaseModel):
 
 
 class PredictionResponse(BaseModel):
-    """One image's prediction at the model's operating threshold."""
+    """One image's answer: the gate's verdict, then the prediction at the operating threshold.
 
-    probability: float = Field(description="P(pneumonia), in [0, 1].")
-    label: str = Field(description="PNEUMONIA when probability >= threshold, else NORMAL.")
+    ``status`` is ``"ok"`` for an image the gate accepts, ``"rejected"`` for one unlike the
+    frontal chest X-rays the model was trained on. A rejected image gets no probability and no
+    label (both null), unless the request said ``gate=false``: then it is classified anyway and
+    ``gated`` is false. The status code stays 200 either way: a rejection is an answer.
+    """
+
+    status: Literal["ok", "rejected"] = Field(
+        description='"ok": accepted by the input check; "rejected": not like the frontal chest X-rays '
+        "the model was trained on (no probability or label unless gate=false)."
+    )
+    probability: float | None = Field(
+        description="P(pneumonia), in [0, 1]; null when the image was rejected (gate on)."
+    )
+    label: Literal["NORMAL", "PNEUMONIA"] | None = Field(
+        description="PNEUMONIA when probability >= threshold, else NORMAL; null when rejected (gate on)."
+    )
     threshold: float = Field(description="The operating threshold chosen on validation data.")
+    domain_score: float | None = Field(
+        default=None,
+        description="How unlike the training images the image is (higher: further); null without a gate.",
+    )
+    domain_limit: float | None = Field(
+        default=None, description="Images scoring above this are rejected; null without a gate."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="The input check's verdict in words, e.g. 'not like the frontal chest X-rays this "
+        "model was trained on: score 48.1, limit 12.3'; null without a gate.",
+    )
+    unusual: bool = Field(
+        default=False,
+        description="True when the image lies beyond most of the training population (accepted or not).",
+    )
+    gated: bool = Field(default=True, description="False when gate=false classified a rejected image anyway.")
     model: ModelRef
     disclaimer: str
     heatmap_png_base64: str | None = Field(
         default=None,
-        description="Grad-CAM overlay on the preprocessed image (PNG, base64); with heatmap=true.",
+        description="Grad-CAM overlay on the preprocessed image (PNG, base64); with heatmap=true, "
+        "not for a rejected image.",
     )
     preprocessed_png_base64: str | None = Field(
         default=None, description="The preprocessed model input (PNG, base64); with heatmap=true."
@@ -255,23 +290,25 @@ class Predictor:
         self._lock = threading.Lock()
         self._explainer: Explainer | None = None
 
-    def predict(self, preprocessed: np.ndarray, *, heatmap: bool) -> dict[str, Any]:
-        """Probability, label and threshold; with ``heatmap`` also the overlay and input as PNG base64."""
+    def predict(
+        self, preprocessed: np.ndarray, *, heatmap: bool, gate: bool = True, source: str = "<upload>"
+    ) -> dict[str, Any]:
+        """The gate's verdict, probability, label and threshold (``Prediction.to_dict`` less the
+        path and error); with ``heatmap`` also the overlay (not for a rejected image) and the
+        input as PNG base64."""
         with self._lock:
-            probability = float(self.run.predict_preprocessed(preprocessed[None])[0])
-            if heatmap:
+            prediction = self.run.classify_preprocessed(preprocessed[None], gate=gate, sources=[source])[0]
+            cam = None
+            if heatmap and prediction.probability is not None:
                 if self._explainer is None:  # built on first use: plain predictions never need it
                     self._explainer = Explainer(self.run)
                 cam = self._explainer.cam(preprocessed)
-        result: dict[str, Any] = {
-            "probability": probability,
-            "label": label_for(probability, self.run.threshold),
-            "threshold": self.run.threshold,
-        }
-        if heatmap:
+        result = {k: v for k, v in prediction.to_dict().items() if k not in ("path", "error")}
+        if cam is not None:
             result["heatmap_png_base64"] = _b64(encode_png(overlay(preprocessed, cam)))
+        if heatmap:
             result["preprocessed_png_base64"] = _b64(encode_png(preprocessed))
-        return result
+        return _json_safe(result)
 
 
 def _b64(data: bytes) -> str:
@@ -283,8 +320,12 @@ def create_app(
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    gate: bool = True,
 ) -> FastAPI:
-    """The API and web page for ``run`` (loaded once, shared by every request)."""
+    """The API and web page for ``run`` (loaded once, shared by every request).
+
+    ``gate``: whether the input check refuses images by default (a request's ``?gate=`` wins).
+    """
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     predictor = Predictor(run)
@@ -298,6 +339,7 @@ def create_app(
         description=f"Pneumonia probability and Grad-CAM heatmap for a chest X-ray. **{DISCLAIMER}**",
     )
     app.state.predictor = predictor
+    default_gate = gate
     app.add_middleware(
         BodyLimitMiddleware,
         limit=max_upload_bytes + _MULTIPART_SLACK,
@@ -320,32 +362,98 @@ def create_app(
         """The model card: name, version, configs, threshold and validation metrics."""
         return _json_safe(run.info())
 
-    errors: dict[int | str, dict[str, Any]] = {
-        413: {"model": ErrorResponse, "description": "Upload over the size (or pixel) limit."},
-        415: {"model": ErrorResponse, "description": f"Not a {SUPPORTED_TYPES} file."},
-        422: {"description": "Unreadable image (empty, truncated, corrupt) or missing file field."},
-    }
-
     @app.post(
-        PREDICT_PATH, response_model=PredictionResponse, response_model_exclude_unset=True, responses=errors
+        PREDICT_PATH,
+        response_model=PredictionResponse,
+        response_model_exclude_unset=True,
+        responses=_predict_responses(),
     )
     def predict(
         file: UploadFile = File(..., description=f"A chest X-ray: {SUPPORTED_TYPES}."),
         heatmap: bool = Query(False, description="Add the Grad-CAM overlay and the preprocessed image."),
+        gate: bool | None = Query(
+            None,
+            description="false: classify an image the input check rejects anyway (the answer says so). "
+            f"Default: {str(gate).lower()} (the server's setting).",
+        ),
     ) -> dict[str, Any]:
-        """Probability of pneumonia and the label at the model's threshold for one X-ray."""
+        """The input check's verdict, then the probability of pneumonia and the label at the
+        model's threshold for one frontal chest X-ray."""
         filename = Path(file.filename or "").name or "<upload>"
         image = _decode_upload(_read_upload(file, max_upload_bytes), filename, max_pixels)
         try:
             preprocessed = run.preprocess(image, source=filename)
         except PreprocessError as e:
             raise HTTPException(422, str(e)) from e
-        result = predictor.predict(preprocessed, heatmap=heatmap)
+        gate_on = default_gate if gate is None else gate
+        result = predictor.predict(preprocessed, heatmap=heatmap, gate=gate_on, source=filename)
         # DEBUG, not INFO: upload names can carry patient identifiers.
-        log.debug("%s: p=%.4f %s", filename, result["probability"], result["label"])
+        log.debug("%s: %s p=%s %s", filename, result["status"], result["probability"], result["label"])
         return {**result, "model": model_ref, "disclaimer": DISCLAIMER}
 
+    _with_response_examples(app, run)
     return app
+
+
+def _predict_responses() -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI description of /v1/predict's answers: the 200 (accepted or rejected) and the 4xx."""
+    return {
+        200: {
+            "description": 'The answer: status "ok" with probability and label, or status "rejected" '
+            "(not like the frontal chest X-rays the model was trained on) with a reason and no "
+            "probability or label. A rejection is an answer, not an error: it keeps the 200.",
+        },
+        413: {"model": ErrorResponse, "description": "Upload over the size (or pixel) limit."},
+        415: {"model": ErrorResponse, "description": f"Not a {SUPPORTED_TYPES} file."},
+        422: {"description": "Unreadable image (empty, truncated, corrupt) or missing file field."},
+    }
+
+
+def _with_response_examples(app: FastAPI, run: Run) -> None:
+    """Add examples of the 200 answers to /v1/predict in the OpenAPI schema, after it is built:
+    FastAPI drops every null from the schema, and a rejection's nulls are the point."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        answer = schema["paths"][PREDICT_PATH]["post"]["responses"]["200"]
+        answer.setdefault("content", {}).setdefault("application/json", {})["examples"] = _response_examples(
+            run
+        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _response_examples(run: Run) -> dict[str, Any]:
+    """OpenAPI examples of the three kinds of 200 answer (values are illustrative)."""
+    base = {"threshold": run.threshold, "model": {"name": run.name}, "disclaimer": DISCLAIMER}
+    rejected_reason = "not like the frontal chest X-rays this model was trained on: score 48.1, limit 12.3"
+    return {
+        "accepted": {
+            "summary": "Accepted and classified",
+            "value": {
+                "status": "ok", "probability": 0.91, "label": "PNEUMONIA", "domain_score": 1.2,
+                "domain_limit": 12.3, "reason": "like the training images: score 1.2", "unusual": False,
+                "gated": True, **base,
+            },
+        },
+        "rejected": {
+            "summary": "Rejected by the input check: no probability, no label",
+            "value": {
+                "status": "rejected", "probability": None, "label": None, "domain_score": 48.1,
+                "domain_limit": 12.3, "reason": rejected_reason, "unusual": True, "gated": True, **base,
+            },
+        },
+        "rejected_gate_off": {
+            "summary": "Rejected, classified anyway (gate=false)",
+            "value": {
+                "status": "rejected", "probability": 0.88, "label": "PNEUMONIA", "domain_score": 48.1,
+                "domain_limit": 12.3, "reason": rejected_reason + " (classified anyway: gate off)",
+                "unusual": True, "gated": False, **base,
+            },
+        },
+    }  # fmt: skip
 
 
 def is_loopback(host: str) -> bool:
@@ -366,8 +474,12 @@ def serve(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / 2**20,
     log_level: str = "info",
     runtime: str = "auto",
+    gate: bool = True,
 ) -> None:
-    """Load the run once and serve the API and web page with uvicorn until interrupted."""
+    """Load the run once and serve the API and web page with uvicorn until interrupted.
+
+    ``gate=False`` makes the server classify images its input check rejects (marked as such)
+    unless a request asks ``?gate=true``."""
     import uvicorn
 
     if max_upload_mb <= 0:
@@ -375,6 +487,8 @@ def serve(
     run = Run.load(run_dir, runtime=runtime)
     if not is_loopback(host):
         log.warning("binding to %s: the API has no authentication; expose it only on a trusted network", host)
-    app = create_app(run, max_upload_bytes=int(max_upload_mb * 2**20))
+    if not gate:
+        log.warning("input check off (--no-gate): images unlike the training data are classified anyway")
+    app = create_app(run, max_upload_bytes=int(max_upload_mb * 2**20), gate=gate)
     log.info("serving %s on http://%s:%d (%s)", run.name, host, port, DISCLAIMER)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -57,6 +57,8 @@ from cxr_pneumonia.features import (
     reduced_precision_copy,
     score_images,
 )
+from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateConfig, fit_gate
+from cxr_pneumonia.io import load_image
 from cxr_pneumonia.model import (
     ModelConfig,
     build_model,
@@ -70,6 +72,7 @@ from cxr_pneumonia.rundir import (
     BEST_WEIGHTS_FILE,
     CHECKPOINT_DIR,
     CHECKPOINT_WEIGHTS_FILE,
+    CONFIG_FILE,
     FAILURES_FILE,
     HISTORY_FILE,
     METRICS_VAL_FILE,
@@ -80,6 +83,7 @@ from cxr_pneumonia.rundir import (
     TRAINING_CURVES_FILE,
     TRAINING_IMAGES_FILE,
     VAL_PREDICTIONS_FILE,
+    read_config,
     write_metadata,
 )
 
@@ -95,7 +99,7 @@ class TrainConfig(StageConfig):
 
     cli_fields: ClassVar[tuple[str, ...]] = (
         "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
-        "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers",
+        "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers", "fit_gate",
     )  # fmt: skip
 
     epochs: int = Field(15, ge=1, description="Head epochs on cached features (frozen backbone).")
@@ -128,6 +132,10 @@ class TrainConfig(StageConfig):
     precision: Precision = Field(
         "auto", description="Frozen-feature pass: bf16 where the hardware has it (auto), fp32 or bf16."
     )
+    fit_gate: bool = Field(
+        True, description="Fit the input gate (is this a chest X-ray like the training images?)."
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="How the input gate is fitted.")
 
 
 def default_cache_dir() -> Path:
@@ -570,6 +578,8 @@ def train(
     _run_stages(fit, plan_stages(model_cfg, train_cfg, head=head, top=top), state, strategy)
 
     choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg)
+    if train_cfg.fit_gate:
+        save_gate(run_fit_gate(model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df), run_dir)
     _finish_run(
         run_dir,
         model,
@@ -774,3 +784,115 @@ def _finish_run(
         metrics_val["recall"],
         metrics_val["specificity"],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The input gate (gate.py): fitted at the end of training, or later for an existing run
+# --------------------------------------------------------------------------------------------
+
+
+class ImageFiles(Sequence):
+    """Image files as a sequence of uint8 arrays, each read when indexed (memory stays flat)."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return ImageFiles(self.paths[index])
+        return load_image(self.paths[index])
+
+
+def run_fit_gate(
+    model: Any,
+    preprocess_cfg: PreprocessConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    gate_cfg: GateConfig | None = None,
+) -> DomainModel:
+    """The gate of a trained model: fitted on the raw training images under the training
+    augmentation, its limit set on the validation images."""
+    log.info("fitting the input gate")
+    return fit_gate(
+        model,
+        model_cfg,
+        ImageFiles(train_df["path"]),
+        ImageFiles(val_df["path"]),
+        cfg=gate_cfg or train_cfg.gate,
+        preprocess_cfg=preprocess_cfg,
+        augment_cfg=train_cfg.augment,
+        batch_size=train_cfg.batch_size,
+    )
+
+
+def save_gate(gate: DomainModel, run_dir: Path) -> Path:
+    """Write ``run_dir/gate/`` as a whole: assembled under a temporary name, then renamed."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".gate-", dir=run_dir))
+    target = Path(run_dir) / GATE_DIR
+    old = Path(run_dir) / f".{GATE_DIR}.old-{os.getpid()}"
+    try:
+        gate.save(tmp)
+        (tmp / GATE_DIR).chmod(0o755)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp / GATE_DIR, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def fit_gate_for_run(
+    run_dir: str | Path, data: str | Path | None = None, **gate_overrides: Any
+) -> DomainModel:
+    """Fit (or refit) the gate of a complete run on its own patient split of ``data`` (default:
+    the data it was trained on); ``gate_overrides`` are :class:`GateConfig` fields. Returns it, saved."""
+    import keras
+
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise TrainingError(f"{run_dir}: not a complete run directory (needs {MODEL_FILE} and {CONFIG_FILE})")
+    config = read_config(run_dir)
+    data = data or (config.get("data") or {}).get("source")
+    if not data:
+        raise TrainingError(f"{run_dir}: {CONFIG_FILE} does not say which data it was trained on; give DATA")
+    train_cfg = from_dict(TrainConfig, config.get("train") or {})
+    preprocess_cfg = from_dict(PreprocessConfig, config["preprocess"])
+    model_cfg = from_dict(ModelConfig, config["model"])
+    gate_cfg = override(train_cfg.gate, **gate_overrides)
+    train_df, val_df = _split_again(run_dir, Path(data), train_cfg, config)
+    model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
+    gate = run_fit_gate(model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, gate_cfg)
+    save_gate(gate, run_dir)
+    return gate
+
+
+def _split_again(
+    run_dir: Path, data: Path, train_cfg: TrainConfig, config: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training's patient split of ``data``, less the images training could not read."""
+    split_cfg = SplitConfig(
+        val_fraction=train_cfg.val_fraction, seed=train_cfg.seed, use_official_val=train_cfg.use_official_val
+    )
+    train_df, val_df = make_splits(discover(data), split_cfg)
+    failures = run_dir / FAILURES_FILE
+    if failures.is_file():
+        failed = set(pd.read_csv(failures)["file"].astype(str))
+        train_df = train_df[~train_df["path"].astype(str).isin(failed)].reset_index(drop=True)
+        val_df = val_df[~val_df["path"].astype(str).isin(failed)].reset_index(drop=True)
+    seen = config.get("data") or {}
+    for side, df in (("train", train_df), ("val", val_df)):
+        expected = (seen.get(side) or {}).get("n")
+        if expected is not None and expected != len(df):
+            log.warning(
+                "%s: %d %s images, training had %d; is this the data the run was trained on?",
+                data, len(df), side, expected,
+            )  # fmt: skip
+    return train_df, val_df

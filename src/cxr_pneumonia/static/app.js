@@ -1,4 +1,6 @@
 // Web page for the cxr-pneumonia API: upload an X-ray, show probability, label and Grad-CAM.
+// An image the input check rejects gets its own message (no probability, no label); an accepted
+// but unusual one, or one classified with the check off, gets a visible note.
 // Plain script, no build step. Everything from the server is inserted as text, never as HTML.
 "use strict";
 
@@ -11,12 +13,20 @@
     status: $("status"),
     error: $("error"),
     result: $("result"),
+    gateOff: $("gate-off"),
+    rejection: $("rejection"),
+    rejectionReason: $("rejection-reason"),
+    domainNote: $("domain-note"),
+    scores: $("scores"),
     probability: $("probability"),
     label: $("label"),
     modelName: $("model-name"),
     modelInfo: $("model-info"),
     preprocessed: $("preprocessed"),
+    preprocessedFigure: $("preprocessed-figure"),
     heatmap: $("heatmap"),
+    heatmapFigure: $("heatmap-figure"),
+    heatmapNote: $("heatmap-note"),
   };
 
   // FastAPI errors carry `detail` as a string, or as a list of validation problems.
@@ -59,26 +69,56 @@
 
   function clearResult() {
     els.result.hidden = true;
+    els.rejection.hidden = true;
+    els.rejectionReason.textContent = "";
+    els.domainNote.hidden = true;
+    els.domainNote.textContent = "";
     els.probability.textContent = "";
     els.label.textContent = "";
+    els.label.className = "";
     els.modelName.textContent = "";
     els.preprocessed.removeAttribute("src");
     els.heatmap.removeAttribute("src");
   }
 
+  function showImage(img, figure, base64) {
+    if (base64) img.src = "data:image/png;base64," + base64;
+    figure.hidden = !base64;
+  }
+
+  // The note beside a classified image: accepted but unusual, or rejected and classified anyway.
+  function domainNote(data) {
+    if (data.status === "rejected") {
+      return "Input check off: this image does not look like the frontal chest X-rays the model " +
+        `was trained on (${data.reason || "rejected"}). The result below is unreliable.`;
+    }
+    if (data.unusual) {
+      return "Unusual image: it passed the input check but is unlike most of the training images " +
+        `(${data.reason || "unusual"}). Treat the result with extra caution.`;
+    }
+    return "";
+  }
+
   function showResult(data) {
-    els.probability.textContent = Number(data.probability).toFixed(3);
-    els.label.textContent = `${data.label} (threshold ${Number(data.threshold).toFixed(3)})`;
-    els.label.className = data.label === "PNEUMONIA" ? "label-pneumonia" : "label-normal";
+    const classified = typeof data.probability === "number";
+    if (classified) {
+      els.probability.textContent = Number(data.probability).toFixed(3);
+      els.label.textContent = `${data.label} (threshold ${Number(data.threshold).toFixed(3)})`;
+      els.label.className = data.label === "PNEUMONIA" ? "label-pneumonia" : "label-normal";
+    } else {
+      els.rejectionReason.textContent = data.reason ? `Input check: ${data.reason}.` : "";
+    }
+    els.rejection.hidden = classified;
+    els.scores.hidden = !classified;
+    const note = classified ? domainNote(data) : "";
+    els.domainNote.textContent = note;
+    els.domainNote.hidden = !note;
     const model = data.model || {};
     els.modelName.textContent = `Model: ${model.name || "unknown"}` +
       (model.trained_at ? `, trained ${model.trained_at}` : "");
-    if (data.preprocessed_png_base64) {
-      els.preprocessed.src = "data:image/png;base64," + data.preprocessed_png_base64;
-    }
-    if (data.heatmap_png_base64) {
-      els.heatmap.src = "data:image/png;base64," + data.heatmap_png_base64;
-    }
+    showImage(els.preprocessed, els.preprocessedFigure, data.preprocessed_png_base64);
+    showImage(els.heatmap, els.heatmapFigure, data.heatmap_png_base64);
+    els.heatmapNote.hidden = !data.heatmap_png_base64;
     els.result.hidden = false;
   }
 
@@ -91,7 +131,8 @@
     form.append("file", file, file.name);
     setBusy(true);
     try {
-      const response = await fetch("/v1/predict?heatmap=true", { method: "POST", body: form });
+      const query = "heatmap=true" + (els.gateOff.checked ? "&gate=false" : "");
+      const response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form });
       if (!response.ok) {
         showError(await errorMessage(response));
         return;
