@@ -14,7 +14,9 @@ activation to 8 mantissa bits; over a whole backbone that moved probabilities by
 of the graph (residual adds), and the export keeps a segment in bfloat16 only if the run's
 validation images still score within ``tolerance`` of float32 (and ROC-AUC within
 ``auc_tolerance``). Segments are tried greedily, most time saved per unit of error first.
-Where the CPU lacks bfloat16 every segment runs in float32. :mod:`cxr_pneumonia.runtime` loads
+Where the CPU lacks bfloat16 every segment runs in float32. When the run has an input gate, the
+model is also cut at the gate's layers (``gate_layers`` in export.json), so the runtime reads
+their activations from the same pass (:meth:`SegmentedModel.features`). :mod:`cxr_pneumonia.runtime` loads
 the export with the OpenVINO helpers defined here (the plan search runs them too).
 """
 

@@ -12,6 +12,8 @@ A run directory holds everything needed to apply a model exactly as it was valid
     failures.csv           images training could not read
     train_state.json       only while training is unfinished (resume)
     checkpoints/           only while training is unfinished (resume)
+    gate/                  the input gate (gate.json, gate.npz; :mod:`cxr_pneumonia.gate`), fitted by
+                           train or ``cxr-pneumonia gate RUN``; runs trained before gates have none
     export/                after ``cxr-pneumonia export``: model.onnx and export.json
 
 Only this module names those files; train writes them, export, runtime, predict and evaluation
