@@ -13,6 +13,7 @@ from cxr_pneumonia.augment import AugmentConfig
 from cxr_pneumonia.config import ConfigError, StageConfig, config_hash, from_dict, override, to_dict
 from cxr_pneumonia.data import SplitConfig
 from cxr_pneumonia.export import ExportConfig
+from cxr_pneumonia.gate import GateConfig
 from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.preprocess import PreprocessConfig
 from cxr_pneumonia.train import TrainConfig
@@ -157,12 +158,13 @@ def test_old_precision_words_are_read(cls, old, new):
 
 def test_defaults_are_unchanged():
     # saved runs and the demo's metrics depend on these
-    assert to_dict(TrainConfig()) | {"augment": None} == {
+    assert to_dict(TrainConfig()) | {"augment": None, "gate": None} == {
         "epochs": 15, "fine_tune_epochs": 2, "batch_size": 32, "seed": 42, "val_fraction": 1 / 6,
         "use_official_val": False, "target_recall": 0.98, "threshold_rule": "max_specificity",
         "patience": 4, "class_weight": True, "augment_views": 2, "augment": None, "cache_dir": None,
-        "workers": None, "strategy": "default", "precision": "auto",
+        "workers": None, "strategy": "default", "precision": "auto", "fit_gate": True, "gate": None,
     }  # fmt: skip
+    assert TrainConfig().gate == GateConfig()  # the input gate's own defaults (tests/test_gate.py)
     # "downscale" first: a no-op on the 224 px training images, so the demo's metrics stay as they were
     assert PreprocessConfig().steps == ("downscale", "clahe", "crop", "mask", "morph", "apply_mask", "resize")
     assert PreprocessConfig().working_size == 224
