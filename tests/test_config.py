@@ -167,7 +167,7 @@ def test_defaults_are_unchanged():
     assert TrainConfig().gate == GateConfig()  # the input gate's own defaults (tests/test_gate.py)
     # "downscale" first: a no-op on the 224 px training images, so the demo's metrics stay as they were
     assert PreprocessConfig().steps == ("downscale", "clahe", "crop", "mask", "morph", "apply_mask", "resize")
-    assert PreprocessConfig().working_size == 224
+    assert (PreprocessConfig().working_size, PreprocessConfig().working_jpeg_quality) == (224, 75)
     assert (ModelConfig().backbone, ModelConfig().weights, ModelConfig().image_size) == (
         "resnet50v2",
         "imagenet",

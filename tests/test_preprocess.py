@@ -260,8 +260,11 @@ def test_pipeline_on_real_full_resolution_xrays():
 )
 def test_downscale_brings_large_images_to_the_working_size_only(shape, expected):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    out = downscale(img, size=224)
+    out = downscale(img, size=224, jpeg_quality=None)
     assert out.shape == (expected if max(shape) > 224 else shape)
+    if max(shape) > 224:
+        np.testing.assert_array_equal(out, cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA))
+        assert not np.array_equal(downscale(img, size=224, jpeg_quality=75), out)  # the round trip
     if max(shape) <= 224:
         assert out is img  # small images pass untouched
 
@@ -276,7 +279,9 @@ def test_a_full_resolution_original_is_preprocessed_as_its_224_copy_would_be():
     pipeline = build_pipeline()
     for path in list_image_files(FULLRES)[:6]:
         original = load_image(path)
-        copy_224 = cv2.resize(original, (224, 224), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(original, (224, 224), interpolation=cv2.INTER_AREA)
+        # as kermany224 was made: stretched to 224×224, saved as JPEG quality 75
+        copy_224 = cv2.imdecode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], 0)
         np.testing.assert_array_equal(pipeline(original), pipeline(copy_224))
         without = build_pipeline(disable_steps(PreprocessConfig(), "downscale"))(original)
         assert np.abs(without.astype(int) - pipeline(original).astype(int)).mean() > 2  # it matters

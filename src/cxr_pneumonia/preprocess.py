@@ -50,6 +50,11 @@ class PreprocessConfig(StageConfig):
         description="Images larger than this on either side are first resized to working_size × "
         "working_size (stretched, as the training images were).",
     )
+    # kermany224's files are JPEG quality 75 (their quantisation tables say so): a downscaled
+    # original gets the same round trip, so its fine texture is the training images' too.
+    working_jpeg_quality: int | None = Field(
+        75, ge=1, le=100, description="JPEG round trip of a downscaled image (None: none)."
+    )
     clahe_clip_limit: float = Field(2.0, gt=0, description="CLAHE contrast limit.")
     clahe_tile_grid: int = Field(8, ge=1, description="CLAHE tiles per side.")
     threshold_method: Literal["otsu", "mean"] = Field(
@@ -86,11 +91,18 @@ def check_image(img: np.ndarray) -> None:
         raise ValueError(f"expected a non-empty uint8 H×W grayscale array, got {what}")
 
 
-def downscale(img: np.ndarray, *, size: int) -> np.ndarray:
-    """``img`` stretched to size×size when it is larger than that on either side, else as it is."""
+def downscale(img: np.ndarray, *, size: int, jpeg_quality: int | None = None) -> np.ndarray:
+    """``img`` stretched to size×size (then JPEG round-tripped at ``jpeg_quality``) when it is
+    larger than that on either side, else ``img`` as it is."""
     if max(img.shape) <= size:
         return img
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    if jpeg_quality is None:
+        return small
+    ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
 
 
 def apply_clahe(img: np.ndarray, *, clip_limit: float, tile_grid: int) -> np.ndarray:
@@ -228,7 +240,8 @@ def _located(sample: Sample, cfg: PreprocessConfig) -> Sample:
 
 
 def _step_downscale(sample: Sample, cfg: PreprocessConfig) -> Sample:
-    return replace(sample, image=downscale(sample.image, size=cfg.working_size))
+    image = downscale(sample.image, size=cfg.working_size, jpeg_quality=cfg.working_jpeg_quality)
+    return replace(sample, image=image)
 
 
 def _step_clahe(sample: Sample, cfg: PreprocessConfig) -> Sample:
