@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import re
@@ -198,8 +199,9 @@ def test_cli_export_fp32_and_predict_on_it(exported_run, test_images, tmp_path, 
     out = tmp_path / "p.csv"
     code = main(["predict", str(run_dir), str(test_images[0]), "--runtime", "openvino", "-o", str(out)])
     assert code == EXIT_OK
-    row = out.read_text().splitlines()[1].split(",")
-    assert row[0] == str(test_images[0]) and row[2] in ("NORMAL", "PNEUMONIA")
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["path"] == str(test_images[0]) and row["status"] == "ok"
+    assert row["label"] in ("NORMAL", "PNEUMONIA") and 0 <= float(row["probability"]) <= 1
 
 
 def test_cli_export_errors_are_one_line(tmp_path, capsys):
