@@ -8,12 +8,16 @@ import pytest
 from cxr_pneumonia.augment import (
     PERTURBATIONS,
     AugmentConfig,
+    add_noise,
     adjust_contrast,
     adjust_gamma,
     center_crop_resize,
     random_augment,
     random_crop,
+    random_detector,
     random_raw_augment,
+    resample,
+    unsharp_mask,
 )
 
 
@@ -53,6 +57,13 @@ def vertical_bar() -> np.ndarray:
     return img
 
 
+def stripes(period: int = 1, size: int = 64) -> np.ndarray:
+    """Vertical stripes of ``period`` pixels: detail a coarser grid cannot hold."""
+    img = np.full((size, size), 60, np.uint8)
+    img[:, (np.arange(size) // period) % 2 == 0] = 190
+    return img
+
+
 def gamma_of(level: int, gamma: float) -> int:
     return round(255 * (level / 255) ** gamma)
 
@@ -77,6 +88,11 @@ EFFECTS = {
         lambda out: bright_side(out) == pytest.approx(20 * 0.85, rel=0.05) and out[0, 0] == 0,
     ),
     # 5 degrees counter-clockwise: the bar's top leans left, its bottom right, tan(5°) per row
+    # half the grid cannot hold 1-pixel stripes: they average out to the mid grey
+    "resample_0.5": (stripes(), lambda out: out[:, 8:-8].std() < 0.2 * stripes().std()),
+    # unsharp masking overshoots on both sides of an edge, and leaves flat parts alone
+    "sharpen_1": (HB, lambda out: out[0, 39] > 200 and out[0, 40] < 40 and out[0, 5] == 200),
+    "noise_6": (HB, lambda out: (out.astype(float) - HB)[:, 45:].std() == pytest.approx(6.0, rel=0.1)),
     "rotate_5": (
         vertical_bar(),
         lambda out: (
@@ -143,3 +159,28 @@ def test_random_augmentations_are_seeded_and_never_flip():
         out = random_augment(img, np.random.default_rng(seed), cfg)
         w = out.shape[1]
         assert out[:, : w // 3].mean() > out[:, -w // 3 :].mean()  # the bright side stays left
+
+
+def test_resample_keeps_coarse_structure_and_loses_fine_detail():
+    coarse = stripes(period=16)
+    assert np.abs(resample(coarse, 0.5).astype(int) - coarse).mean() < 10
+    assert resample(stripes(period=1), 0.5)[:, 8:-8].std() < 0.2 * stripes(period=1).std()
+
+
+def test_unsharp_mask_and_noise_are_identity_at_zero_strength():
+    img = textured()
+    np.testing.assert_array_equal(unsharp_mask(img, 0.0), img)
+    np.testing.assert_array_equal(add_noise(img, 0.0, np.random.default_rng(0)), img)
+
+
+def test_detector_views_apply_each_change_with_its_probability():
+    img = textured()
+    rng = np.random.default_rng(3)
+    never = AugmentConfig(resample_probability=0, sharpen_probability=0, noise_probability=0)
+    np.testing.assert_array_equal(random_detector(img, rng, never), img)
+    noise_only = never.model_copy(update={"noise_probability": 1.0, "noise_sigma": 8.0})
+    changed = [not np.array_equal(random_detector(img, rng, noise_only), img) for _ in range(20)]
+    assert all(changed)
+    half = AugmentConfig(resample_probability=0.5, sharpen_probability=0, noise_probability=0)
+    rate = np.mean([not np.array_equal(random_detector(img, rng, half), img) for _ in range(400)])
+    assert rate == pytest.approx(0.5, abs=0.08)

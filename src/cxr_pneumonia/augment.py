@@ -35,6 +35,21 @@ class AugmentConfig(StageConfig):
     raw_crop: float = Field(
         0.2, ge=0, lt=1, description="Keep a random U[1-c, 1] window of each side of the raw image."
     )
+    # Detectors and export chains differ in resolution, edge enhancement and noise; the default
+    # model's score for one image moved by up to 0.2 between two resamplings of the same original
+    # (kermany224 copy vs our downscale), so the views must vary exactly those.
+    resample_probability: float = Field(
+        0.3, ge=0, le=1, description="Share of raw views resampled through a lower resolution."
+    )
+    resample_min: float = Field(
+        0.4, gt=0, le=1, description="Smallest side factor of the lower resolution (U[min, 1])."
+    )
+    sharpen_probability: float = Field(
+        0.2, ge=0, le=1, description="Share of raw views edge-enhanced (unsharp mask)."
+    )
+    sharpen_amount: float = Field(1.0, ge=0, description="Largest unsharp-mask amount.")
+    noise_probability: float = Field(0.3, ge=0, le=1, description="Share of raw views with added noise.")
+    noise_sigma: float = Field(6.0, ge=0, description="Largest Gaussian noise sigma, in grey levels.")
 
 
 def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
@@ -60,6 +75,46 @@ def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+
+
+def resample(img: np.ndarray, factor: float, *, upsample: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Through a grid ``factor`` times as fine and back: a detector or export of lower resolution."""
+    h, w = img.shape
+    small = cv2.resize(
+        img, (max(8, round(w * factor)), max(8, round(h * factor))), interpolation=cv2.INTER_AREA
+    )
+    return cv2.resize(small, (w, h), interpolation=upsample)
+
+
+def unsharp_mask(img: np.ndarray, amount: float, *, sigma: float = 2.0) -> np.ndarray:
+    """Edge enhancement as CR/DR consoles apply it: img + amount × (img − blur(img))."""
+    if amount <= 0:
+        return img.copy()
+    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=sigma).astype(np.float32)
+    return np.clip(img + amount * (img - blurred), 0, 255).astype(np.uint8)
+
+
+def add_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise of ``sigma`` grey levels (quantum noise of another detector)."""
+    if sigma <= 0:
+        return img.copy()
+    return np.clip(img + rng.normal(0.0, sigma, img.shape), 0, 255).astype(np.uint8)
+
+
+_UPSAMPLING = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_NEAREST)
+
+
+def random_detector(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Resolution, edge enhancement and noise of another detector, each with its probability."""
+    out = img
+    if cfg.resample_probability and rng.random() < cfg.resample_probability:
+        upsample = _UPSAMPLING[int(rng.integers(len(_UPSAMPLING)))]
+        out = resample(out, float(rng.uniform(cfg.resample_min, 1.0)), upsample=upsample)
+    if cfg.sharpen_probability and rng.random() < cfg.sharpen_probability:
+        out = unsharp_mask(out, float(rng.uniform(0.2, max(0.2, cfg.sharpen_amount))))
+    if cfg.noise_probability and rng.random() < cfg.noise_probability:
+        out = add_noise(out, float(rng.uniform(1.0, max(1.0, cfg.noise_sigma))), rng)
+    return out
 
 
 def affine(
@@ -90,8 +145,9 @@ def random_crop(img: np.ndarray, rng: np.random.Generator, max_cut: float) -> np
 
 
 def random_raw_augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """Acquisition-like changes on the raw image, before preprocessing: framing and intensity."""
+    """Acquisition-like changes on the raw image, before preprocessing: framing, detector, intensity."""
     out = random_crop(img, rng, cfg.raw_crop) if cfg.raw_crop else img
+    out = random_detector(out, rng, cfg)
     if cfg.contrast:
         out = adjust_contrast(out, float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)))
     if cfg.brightness:
@@ -130,4 +186,8 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "crop_0.85": lambda img: center_crop_resize(img, 0.85),
     "zoom_out_0.85": lambda img: affine(img, scale=0.85),
     "rotate_5": lambda img: affine(img, degrees=5.0),
+    "resample_0.5": lambda img: resample(img, 0.5),
+    "sharpen_1": lambda img: unsharp_mask(img, 1.0),
+    # seeded per image shape so a rerun gives the same noise
+    "noise_6": lambda img: add_noise(img, 6.0, np.random.default_rng(list(img.shape))),
 }
