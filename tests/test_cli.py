@@ -126,7 +126,8 @@ def test_steps_can_be_switched_off_from_the_cli(bad_inputs_dir, tmp_path):
     import json
 
     saved = json.loads((out / "preprocess_config.json").read_text())
-    assert saved["steps"] == ["downscale", "mask", "morph", "apply_mask", "resize"] and saved["size"] == 64
+    assert saved["steps"] == ["downscale", "denoise", "mask", "morph", "apply_mask", "resize"]
+    assert saved["size"] == 64
 
 
 def test_inspect_reports_counts_and_unreadable(bad_inputs_dir, tmp_path, capsys):

@@ -166,7 +166,9 @@ def test_defaults_are_unchanged():
     }  # fmt: skip
     assert TrainConfig().gate == GateConfig()  # the input gate's own defaults (tests/test_gate.py)
     # "downscale" first: a no-op on the 224 px training images, so the demo's metrics stay as they were
-    assert PreprocessConfig().steps == ("downscale", "clahe", "crop", "mask", "morph", "apply_mask", "resize")
+    assert PreprocessConfig().steps == (
+        "downscale", "denoise", "clahe", "crop", "mask", "morph", "apply_mask", "resize",
+    )  # fmt: skip
     assert (PreprocessConfig().working_size, PreprocessConfig().working_jpeg_quality) == (224, 75)
     assert (ModelConfig().backbone, ModelConfig().weights, ModelConfig().image_size) == (
         "resnet50v2",

@@ -80,8 +80,9 @@ def test_no_usable_contour_falls_back_to_whole_image(img, min_fraction):
     result = build_pipeline(PreprocessConfig(size=32)).run(img)
     assert result.fallback
     assert result.image.shape == (32, 32)
+    denoised = cv2.GaussianBlur(img, (0, 0), sigmaX=1.0)  # the "denoise" step runs first
     expected = cv2.resize(
-        apply_clahe(img, clip_limit=2.0, tile_grid=8), (32, 32), interpolation=cv2.INTER_AREA
+        apply_clahe(denoised, clip_limit=2.0, tile_grid=8), (32, 32), interpolation=cv2.INTER_AREA
     )
     np.testing.assert_array_equal(result.image, expected)
 
@@ -153,7 +154,7 @@ def test_pipeline_does_not_mutate_input_and_is_deterministic():
 def test_steps_can_be_switched_off():
     img = ellipse_image((100, 100), (50, 50), (30, 30))
     cfg = disable_steps(
-        PreprocessConfig(size=100), "downscale", "clahe", "crop", "mask", "morph", "apply_mask"
+        PreprocessConfig(size=100), "downscale", "denoise", "clahe", "crop", "mask", "morph", "apply_mask"
     )
     assert cfg.steps == ("resize",)
     np.testing.assert_array_equal(build_pipeline(cfg)(img), img)
@@ -307,3 +308,17 @@ def test_mask_shape_decides_whether_edge_touching_lungs_survive(mask_shape, lung
 def test_unknown_mask_shape_is_rejected():
     with pytest.raises(ValueError, match="mask_shape"):
         PreprocessConfig(mask_shape="blob")
+
+
+def test_denoise_lowers_pixel_noise_and_keeps_flat_regions():
+    """The low-pass before CLAHE: sigma-6 noise on a flat field shrinks, a flat field stays put."""
+    from cxr_pneumonia.preprocess import STEPS, Sample
+
+    flat = np.full((96, 96), 120, np.uint8)
+    noisy = np.clip(flat + np.random.default_rng(0).normal(0, 6, flat.shape), 0, 255).astype(np.uint8)
+    cfg = PreprocessConfig()
+    out = STEPS["denoise"](Sample(noisy), cfg).image
+    assert out[8:-8, 8:-8].std() < 0.4 * noisy[8:-8, 8:-8].std()
+    np.testing.assert_array_equal(STEPS["denoise"](Sample(flat), cfg).image, flat)
+    off = PreprocessConfig(denoise_sigma=0)
+    np.testing.assert_array_equal(STEPS["denoise"](Sample(noisy), off).image, noisy)
