@@ -81,6 +81,34 @@ def test_design_effect_of_identical_images_is_their_number() -> None:
     assert design_effect(np.ones(5), np.ones(5)) == 1.0  # no variance at all: independent
 
 
+# ---------------------------------------------------------------------- the run's operating_points.json
+
+
+def test_operating_points_file_keeps_every_point_and_refuses_bad_names(tmp_path: Path) -> None:
+    (tmp_path / rundir.THRESHOLD_FILE).write_text(json.dumps({"threshold": 0.3, "rule": "max_specificity"}))
+    assert rundir.read_operating_point(tmp_path, None) == rundir.read_operating_point(tmp_path, "default")
+    assert (
+        rundir.operating_point_names(tmp_path) == ["default"] and rundir.read_operating_points(tmp_path) == {}
+    )
+    rundir.save_operating_point(tmp_path, {"name": "b", "threshold": 0.2})
+    rundir.save_operating_point(tmp_path, {"name": "a", "threshold": 0.1})
+    assert rundir.operating_point_names(tmp_path) == ["default", "a", "b"]
+    assert rundir.read_operating_point(tmp_path, "a")["threshold"] == 0.1
+    with pytest.raises(ValueError, match="'a' exists"):
+        rundir.save_operating_point(tmp_path, {"name": "a", "threshold": 0.5})
+    rundir.save_operating_point(tmp_path, {"name": "a", "threshold": 0.5}, replace=True)
+    saved = json.loads((tmp_path / rundir.OPERATING_POINTS_FILE).read_text())
+    assert saved["points"]["a"]["threshold"] == 0.5 and saved["replaced"] == [{"name": "a", "threshold": 0.1}]
+    for name in ("default", "", "a b", "../x", "-x", "x" * 65):
+        with pytest.raises(ValueError, match=r"default|operating point name"):
+            rundir.save_operating_point(tmp_path, {"name": name, "threshold": 0.5})
+    with pytest.raises(rundir.RunError, match=r"no operating point 'c'; known: default, a, b"):
+        rundir.read_operating_point(tmp_path, "c")
+    (tmp_path / rundir.OPERATING_POINTS_FILE).write_text("[1, 2]")
+    with pytest.raises(rundir.RunError, match="not a valid operating-points file"):
+        rundir.read_operating_points(tmp_path)
+
+
 # ---------------------------------------------------------------------- calibrate on a real run
 
 

@@ -22,13 +22,13 @@ import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from cxr_pneumonia import __version__, rundir
-from cxr_pneumonia.data import CLASS_NAMES, content_hashes
+from cxr_pneumonia.data import CLASS_NAMES, content_hashes, discover
 from cxr_pneumonia.evaluate import (
     RULES,
     bootstrap_rates,
@@ -36,8 +36,9 @@ from cxr_pneumonia.evaluate import (
     choose_threshold,
     compute_metrics,
 )
-from cxr_pneumonia.evaluation import labelled_images, scored_images
-from cxr_pneumonia.predict import Run
+
+if TYPE_CHECKING:  # the model's modules (TensorFlow) load only when a sample is scored
+    from cxr_pneumonia.predict import Run
 
 MIN_PER_CLASS = 10  # fewer images of a class than this say nothing about its rate at a threshold
 DEFAULT_WIDTH = 0.05  # full width (upper - lower) of the 95 % intervals to aim for
@@ -183,6 +184,8 @@ def calibrate(
     target = float(own.get("target_recall", 0.98) if target_recall is None else target_recall)
     if not 0 <= target <= 1 or not 0 < width < 1:  # before the images are scored
         raise CalibrationError(f"target recall must be in [0, 1] and width in (0, 1); got {target}, {width}")
+    from cxr_pneumonia.evaluation import scored_images
+
     table, headline, failures = scored_images(run, data, split=split, gate=gate, batch_size=batch_size)
     n_rejected = int((table["status"] == "rejected").sum()) if gate else 0
     note = f" after the input check rejected {n_rejected}" if n_rejected else ""
@@ -223,8 +226,10 @@ def preflight(
     fails before the model is loaded): the name is free (or ``replace``), and the sample's
     labels hold :data:`MIN_PER_CLASS` images of each class. Returns the sample's images."""
     _check_name_free(Path(run_dir), name, replace)
-    images = labelled_images(data, split)
-    _check_classes(images["label"].to_numpy(), data, "")
+    images = discover(Path(data))
+    if split is not None:
+        images = images[images["split"] == split].reset_index(drop=True)
+    _check_classes(images["label"].to_numpy(), data, f" in split {split!r}" if split else "")
     return images
 
 
@@ -273,6 +278,7 @@ def _unreadable(failures: list[tuple[str, str]]) -> str:
 def operating_points(path: str | Path) -> dict[str, dict[str, Any]]:
     """Every operating point of a run by name: ``default`` (threshold.json) first, then the
     calibrated ones."""
+    rundir.check_complete(Path(path))
     return {
         rundir.DEFAULT_OPERATING_POINT: rundir.read_threshold(Path(path)),
         **rundir.read_operating_points(path),

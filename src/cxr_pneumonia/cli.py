@@ -580,7 +580,6 @@ def calibrate(
 ) -> None:
     """Choose an operating point for the target recall on a site's labelled sample and keep it in
     the run under --name, with patient-level 95 % intervals; apply it with --operating-point."""
-    from cxr_pneumonia.api import calibrate as api_calibrate
     from cxr_pneumonia.calibration import more_images_line, operating_points, preflight
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
@@ -593,6 +592,8 @@ def calibrate(
         preflight(run, data, name=name, replace=replace, split=split)  # before the model is loaded
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
+    from cxr_pneumonia.api import calibrate as api_calibrate  # the model's modules: only now
+
     loaded = _load_run(run, runtime)
     try:
         point = api_calibrate(
