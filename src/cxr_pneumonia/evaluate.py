@@ -362,13 +362,13 @@ def _bootstrap(
     """
     rng = np.random.default_rng(seed)
     order, is_pos, starts = _score_groups(y, s)
-    pred = apply_threshold(s[order], threshold).astype(np.float64)
+    pred = apply_threshold(s[order], threshold).astype(bool)
+    # One product gives each resample's weighted (tp, fp, positives, negatives).
+    cells = np.stack([pred & is_pos, pred & ~is_pos, is_pos, ~is_pos], axis=1).astype(np.float64)
     values: dict[str, list[np.ndarray]] = {k: [] for k in RATE_NAMES + CURVE_NAMES}
     for weights in _weight_blocks(rng, clusters, clusters.index[order], n_bootstrap):
-        pos_w, neg_w = weights[:, is_pos], weights[:, ~is_pos]
-        tp, fp = pos_w @ pred[is_pos], neg_w @ pred[~is_pos]
-        fn, tn = pos_w.sum(axis=1) - tp, neg_w.sum(axis=1) - fp
-        for name, arr in _rates_from_counts(tn, fp, fn, tp).items():
+        tp, fp, n_pos, n_neg = (weights @ cells).T
+        for name, arr in _rates_from_counts(n_neg - fp, fp, n_pos - tp, tp).items():
             values[name].append(arr)
         if with_curves:
             roc_auc, pr_auc = _weighted_curve_metrics(is_pos, starts, weights)
