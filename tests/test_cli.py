@@ -13,8 +13,8 @@ import pytest
 
 from cxr_pneumonia.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 
-PREDICT_COLUMNS = ["path", "status", "probability", "label", "threshold", "domain_score", "domain_limit"]
-PREDICT_COLUMNS += ["reason", "error"]
+PREDICT_COLUMNS = ["path", "status", "probability", "label", "threshold", "operating_point", "domain_score"]
+PREDICT_COLUMNS += ["domain_limit", "reason", "error"]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FULLRES = SHARED / "data" / "kermany-fullres"

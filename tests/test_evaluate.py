@@ -151,6 +151,8 @@ METRIC_KEYS = {
     "pr_auc",
     "confusion_matrix",
     "ci95",
+    "ci_unit",
+    "n_ci_units",
     "at_0_5",
 }
 
@@ -254,6 +256,98 @@ def test_compute_metrics_bootstrap_intervals_have_the_analytic_width() -> None:
     assert compute_metrics(y, s, 0.5, n_bootstrap=1000, seed=1)["ci95"] != m["ci95"]
 
 
+# ----------------------------------------------------------------------------- patient-level bootstrap
+
+
+def _widths(metrics: dict) -> dict[str, float]:
+    return {name: hi - lo for name, (lo, hi) in metrics["ci95"].items()}
+
+
+def _patients(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image per patient: labels, noisy scores, patient ids."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = 1 / (1 + np.exp(-rng.normal(1.2 * y, 1.0)))
+    return y, s, np.array([f"patient{i}" for i in range(n)])
+
+
+def test_duplicated_images_leave_the_patient_level_interval_unchanged() -> None:
+    """Five copies of every patient's image add no information: the patient-level intervals stay
+    exactly as they were, while image-level ones shrink by about sqrt(5) (too narrow)."""
+    y, s, patients = _patients()
+    once = compute_metrics(y, s, 0.5, groups=patients, n_bootstrap=500, seed=2)
+    y5, s5, patients5 = (np.repeat(a, 5) for a in (y, s, patients))
+    five = compute_metrics(y5, s5, 0.5, groups=patients5, n_bootstrap=500, seed=2)
+    for name, width in _widths(once).items():
+        assert _widths(five)[name] == pytest.approx(width, abs=1e-12), name
+    assert (once["ci_unit"], once["n_ci_units"], five["ci_unit"], five["n_ci_units"]) == (
+        "patient",
+        300,
+        "patient",
+        300,
+    )
+    by_image = compute_metrics(y5, s5, 0.5, n_bootstrap=500, seed=2)
+    assert (by_image["ci_unit"], by_image["n_ci_units"]) == ("image", 1500)
+    for name in ("recall", "specificity", "roc_auc", "pr_auc"):
+        assert _widths(once)[name] / _widths(by_image)[name] == pytest.approx(np.sqrt(5), rel=0.2), name
+
+
+def test_one_image_per_patient_is_the_image_level_bootstrap() -> None:
+    y, s, patients = _patients(2000)
+    by_patient = _widths(compute_metrics(y, s, 0.5, groups=patients, n_bootstrap=1000, seed=0))
+    by_image = _widths(compute_metrics(y, s, 0.5, n_bootstrap=1000, seed=0))
+    for name, width in by_image.items():
+        assert by_patient[name] == pytest.approx(width, rel=0.15), name
+
+
+def test_a_patient_s_images_resample_together_whatever_their_order() -> None:
+    y, s, patients = _patients(200)
+    y3, s3, p3 = (np.repeat(a, 3) for a in (y, s, patients))
+    shuffled = np.random.default_rng(5).permutation(len(y3))
+    a = compute_metrics(y3, s3, 0.5, groups=p3, n_bootstrap=200, seed=1)
+    b = compute_metrics(y3[shuffled], s3[shuffled], 0.5, groups=p3[shuffled], n_bootstrap=200, seed=1)
+    for name, interval in a["ci95"].items():
+        assert b["ci95"][name] == pytest.approx(interval, abs=1e-12), name
+
+
+def test_every_patient_resample_holds_both_classes() -> None:
+    """All positives from one patient, one patient with both classes: strata keep both present."""
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    patients = np.array(["a", "a", "a", "b", "b", "c", "d", "e", "f", "g"])
+    recall = evaluate.bootstrap_rates(y, s, 0.55, groups=patients, n_bootstrap=300, seed=0)["recall"]
+    # "a" (3 caught) and "b" (1 missed) are each drawn once in every resample: recall is always 3/4
+    assert np.all(recall == 0.75)
+    m = compute_metrics(y, s, 0.55, groups=patients, n_bootstrap=300, seed=0)
+    assert m["n_ci_units"] == 7 and m["ci95"]["recall"] == [0.75, 0.75]
+    assert all(np.isfinite(m["ci95"][k]).all() for k in ("roc_auc", "pr_auc"))
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"),
+    [(["a"] * 19, "groups has 19 items"), ([None] + ["a"] * 19, "1 missing")],
+)
+def test_compute_metrics_rejects_bad_groups(groups: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(Y, S, 0.5, groups=groups, n_bootstrap=10)
+
+
+def test_bootstrap_thresholds_are_the_rule_applied_to_each_resample() -> None:
+    """Perfectly separated scores, target recall 1: each resample's threshold is the lowest
+    positive score drawn, so every value is a positive's score and the CI brackets the choice."""
+    y, s, patients = _patients(400, seed=3)
+    s = np.where(y == 1, 0.5 + s / 2, s / 2)  # positives above every negative
+    chosen = choose_threshold(y, s, target_recall=1.0).threshold
+    thresholds = evaluate.bootstrap_thresholds(y, s, target_recall=1.0, groups=patients, n_bootstrap=300)
+    assert len(thresholds) == 300 and np.isin(thresholds, s[y == 1]).all()
+    assert (thresholds >= chosen).all()
+    # the lowest positive's patient is drawn at least once in 1 - (1 - 1/n)^n of the resamples
+    n_pos = int(y.sum())
+    assert np.mean(thresholds == chosen) == pytest.approx(1 - (1 - 1 / n_pos) ** n_pos, abs=0.08)
+    again = evaluate.bootstrap_thresholds(y, s, target_recall=1.0, groups=patients, n_bootstrap=300)
+    assert np.array_equal(thresholds, again)  # seeded
+
+
 # ----------------------------------------------------------------------------- sweep
 
 
@@ -345,8 +439,13 @@ def test_evaluation_refuses_when_everything_is_rejected(tiny_run, make_non_cxr_i
 def test_evaluation_of_a_run_without_a_gate_says_it_was_not_checked(ungated_run, sample_dir, tmp_path):
     from cxr_pneumonia import api
 
-    metrics = api.evaluate(ungated_run, sample_dir / "test", tmp_path, n_bootstrap=0, heatmaps=False)
+    metrics = api.evaluate(ungated_run, sample_dir / "test", tmp_path, n_bootstrap=50, heatmaps=False)
     assert metrics["n"] == 40 and metrics["evaluated_on"] == "all images"
     assert metrics["domain"] == {"checked": False, "gate": True, "message": metrics["domain"]["message"]}
     assert "cxr-pneumonia gate RUN" in metrics["domain"]["message"]
-    assert "no domain model" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "no domain model" in html
+    # intervals resample patients (here 40 patients of one image each), and the report says so
+    assert metrics["ci_unit"] == "patient" and metrics["n_ci_units"] == 40
+    assert metrics["all_images"]["ci_unit"] == "patient" and metrics["operating_point"] == "default"
+    assert "95 % CI, patient-level bootstrap (40 patients)" in html

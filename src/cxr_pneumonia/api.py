@@ -8,6 +8,8 @@ metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-t
 api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
 predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
 api.fit_gate("runs/old-run")  # an input gate for a run trained before gates existed
+api.calibrate("runs/xception", "site_a_sample", name="site-a")  # a site's own operating point
+api.evaluate("runs/xception", "site_a_rest", "eval-site-a", operating_point="site-a")
 run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predict_images([img1, img2])
 ```
 """
@@ -35,10 +37,12 @@ __all__ = [
     "Run",
     "RunError",
     "TrainConfig",
+    "calibrate",
     "evaluate",
     "explain",
     "export",
     "fit_gate",
+    "operating_points",
     "predict",
     "robustness",
     "train",
@@ -75,8 +79,11 @@ def train(
     return Run.load(run_dir)
 
 
-def _as_run(run: Run | str | Path) -> Run:
-    return run if isinstance(run, Run) else Run.load(run)
+def _as_run(run: Run | str | Path, operating_point: str | None = None) -> Run:
+    """A loaded run at ``operating_point`` (None: the run's as loaded, or ``default`` from a path)."""
+    if isinstance(run, Run):
+        return run.with_operating_point(operating_point) if operating_point else run
+    return Run.load(run, operating_point=operating_point)
 
 
 def evaluate(
@@ -91,13 +98,15 @@ def evaluate(
     max_misclassified: int = 48,
     batch_size: int = 32,
     gate: bool = True,
+    operating_point: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled dataset at the run's saved threshold (see
     :func:`cxr_pneumonia.evaluation.evaluate`): the headline metrics on the images the input
     check accepts (``gate=False``: on all images), beside the all-images metrics and the
-    rejections; ``heatmaps`` adds Grad-CAM of the misclassified images to the report."""
+    rejections; ``heatmaps`` adds Grad-CAM of the misclassified images to the report.
+    ``operating_point``: a point saved by :func:`calibrate` instead of the validation threshold."""
     return evaluation.evaluate(
-        _as_run(run),
+        _as_run(run, operating_point),
         data,
         out,
         split=split,
@@ -111,14 +120,19 @@ def evaluate(
 
 
 def explain(
-    run: Run | str | Path, inputs: Iterable[str | Path], out: str | Path, *, gate: bool = True
+    run: Run | str | Path,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    gate: bool = True,
+    operating_point: str | None = None,
 ) -> list[Any]:
     """Grad-CAM overlays ``out/<stem>_gradcam.png`` for files and folders (see
     :func:`cxr_pneumonia.explain.explain_paths`); an image the input check rejects gets none
     (``rejected=True`` in its result) unless ``gate=False``."""
     from cxr_pneumonia.explain import explain_paths
 
-    return explain_paths(_as_run(run), expand_inputs(inputs), out, gate=gate)
+    return explain_paths(_as_run(run, operating_point), expand_inputs(inputs), out, gate=gate)
 
 
 def _grad_cam_overlay() -> evaluation.OverlayFn | None:
@@ -136,9 +150,11 @@ def robustness(
     *,
     split: str | None = None,
     batch_size: int = 32,
+    operating_point: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics clean and under each perturbation (see :func:`cxr_pneumonia.evaluation.robustness`)."""
-    return evaluation.robustness(_as_run(run), data, out, split=split, batch_size=batch_size)
+    loaded = _as_run(run, operating_point)
+    return evaluation.robustness(loaded, data, out, split=split, batch_size=batch_size)
 
 
 def export(run_dir: str | Path, *, calibration: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -148,12 +164,18 @@ def export(run_dir: str | Path, *, calibration: str | Path | None = None, **over
 
 
 def predict(
-    run: Run | str | Path, inputs: Iterable[str | Path], *, gate: bool = True, batch_size: int = 32
+    run: Run | str | Path,
+    inputs: Iterable[str | Path],
+    *,
+    gate: bool = True,
+    batch_size: int = 32,
+    operating_point: str | None = None,
 ) -> list[Prediction]:
     """Predict files and folders (JPEG/PNG/DICOM); unreadable files come back with status
     ``error``, images unlike the training images with status ``rejected`` (and, with
-    ``gate=False``, classified anyway)."""
-    return _as_run(run).predict_paths(expand_inputs(inputs), batch_size=batch_size, gate=gate)
+    ``gate=False``, classified anyway). Labels use ``operating_point``'s threshold when given."""
+    loaded = _as_run(run, operating_point)
+    return loaded.predict_paths(expand_inputs(inputs), batch_size=batch_size, gate=gate)
 
 
 def fit_gate(run_dir: str | Path, data: str | Path | None = None, **gate_overrides: Any) -> dict[str, Any]:
@@ -165,3 +187,46 @@ def fit_gate(run_dir: str | Path, data: str | Path | None = None, **gate_overrid
 
     fit_gate_for_run(run_dir, data, **gate_overrides)
     return read_json(Path(run_dir) / GATE_DIR / GATE_JSON)
+
+
+def calibrate(
+    run: Run | str | Path,
+    data: str | Path,
+    *,
+    name: str,
+    target_recall: float | None = None,
+    width: float = 0.05,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    replace: bool = False,
+    split: str | None = None,
+    gate: bool = True,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Choose the operating point ``name`` for ``target_recall`` (default: the run's) on a site's
+    labelled sample and keep it in the run (see :func:`cxr_pneumonia.calibration.calibrate`);
+    apply it with ``operating_point=name``. Returns the point, with patient-level intervals and
+    the images that would narrow them to ``width``."""
+    from cxr_pneumonia.calibration import calibrate as _calibrate
+
+    return _calibrate(
+        _as_run(run),
+        data,
+        name=name,
+        target_recall=target_recall,
+        width=width,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        replace=replace,
+        split=split,
+        gate=gate,
+        batch_size=batch_size,
+    )
+
+
+def operating_points(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """A run's operating points by name: ``default`` (the validation threshold) and those saved by
+    :func:`calibrate`."""
+    from cxr_pneumonia.calibration import operating_points as _points
+
+    return _points(run_dir)

@@ -411,17 +411,25 @@ GateOpt = Annotated[
         "rejected (no probability, no label). --no-gate classifies them anyway and marks them.",
     ),
 ]
+OperatingPointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--operating-point",
+        metavar="NAME",
+        help="Apply this operating point's threshold (saved by `calibrate`; default: the validation one).",
+    ),
+]
 PREDICT_COLUMNS = [
     "path", "status", "probability", "label", "threshold", "domain_score", "domain_limit", "reason", "error",
 ]  # fmt: skip
 
 
-def _load_run(run: Path, runtime: str):
+def _load_run(run: Path, runtime: str, operating_point: str | None = None):
     from cxr_pneumonia.predict import Run
     from cxr_pneumonia.rundir import RunError
 
     try:
-        loaded = Run.load(run, runtime=runtime)
+        loaded = Run.load(run, runtime=runtime, operating_point=operating_point)
     except RunError as e:
         raise CommandError(str(e)) from e
     info = loaded.runtime
@@ -494,14 +502,15 @@ def evaluate(
     heatmaps: Annotated[bool, typer.Option(help="Grad-CAM for misclassified images in the report.")] = True,
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,
+    operating_point: OperatingPointOpt = None,
 ) -> None:
-    """Metrics with 95 % intervals at the run's saved threshold on the images the input check
-    accepts (and on all images), and an HTML report."""
+    """Metrics with 95 % intervals (patient-level bootstrap) at the run's saved threshold on the
+    images the input check accepts (and on all images), and an HTML report."""
     from cxr_pneumonia.api import evaluate as api_evaluate
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
 
-    loaded = _load_run(run, runtime)
+    loaded = _load_run(run, runtime, operating_point)
     try:
         metrics = api_evaluate(
             loaded, data, out, split=split, n_bootstrap=bootstrap, heatmaps=heatmaps, gate=gate
@@ -516,6 +525,10 @@ def evaluate(
             shown += f"  (95 % CI {interval[0]:.3f}-{interval[1]:.3f})"
         typer.echo(f"{key:12s} {shown}")
     typer.echo(f"confusion matrix [[tn, fp], [fn, tp]]: {metrics['confusion_matrix']}")
+    typer.echo(
+        f"operating point {metrics['operating_point']} (threshold {metrics['threshold']:.4g}); intervals: "
+        f"{metrics['ci_unit']}-level bootstrap over {metrics['n_ci_units']} {metrics['ci_unit']}s"
+    )
     _echo_domain(metrics)
     typer.echo(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
     if metrics["n_failed"]:
@@ -540,6 +553,88 @@ def _echo_domain(metrics: dict[str, Any]) -> None:
         f"all {every.get('n', n)} images: "
         + ", ".join(f"{k} {_fmt(every.get(k))}" for k in ("recall", "specificity", "roc_auc"))
     )
+
+
+@app.command()
+def calibrate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[DATA]", help="The site's labelled sample: class folders, Kaggle layout or CSV."
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the operating point to save.")] = None,
+    target_recall: Annotated[
+        float | None, typer.Option(help="Recall to reach on the sample (default: the run's).", min=0, max=1)
+    ] = None,
+    width: Annotated[
+        float, typer.Option(help="Interval width (upper - lower) to say how many more images would reach.")
+    ] = 0.05,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a point of that name.")] = False,
+    list_points: Annotated[bool, typer.Option("--list", help="List the run's operating points.")] = False,
+    split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (of patients).", min=1)] = 1000,
+    runtime: RuntimeOpt = "auto",
+    gate: GateOpt = True,
+) -> None:
+    """Choose an operating point for the target recall on a site's labelled sample and keep it in
+    the run under --name, with patient-level 95 % intervals; apply it with --operating-point."""
+    from cxr_pneumonia.calibration import more_images_line, operating_points, preflight
+    from cxr_pneumonia.data import DatasetError
+    from cxr_pneumonia.rundir import RunError
+
+    if (data is None or name is None) and not list_points:
+        raise CommandError("give DATA and --name NAME (or --list)")
+    try:
+        if list_points:
+            return _echo_points(operating_points(run))
+        preflight(run, data, name=name, replace=replace, split=split)  # before the model is loaded
+    except (RunError, DatasetError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    from cxr_pneumonia.api import calibrate as api_calibrate  # the model's modules: only now
+
+    loaded = _load_run(run, runtime)
+    try:
+        point = api_calibrate(
+            loaded, data, name=name, target_recall=target_recall, width=width, n_bootstrap=bootstrap,
+            replace=replace, split=split, gate=gate,
+        )  # fmt: skip
+    except (RunError, DatasetError, ValueError, OSError) as e:
+        raise CommandError(str(e)) from e
+    ci = point["ci95"]
+    typer.echo(f"operating point {name!r} saved in {run / 'operating_points.json'}")
+    typer.echo(
+        f"threshold {point['threshold']:.4f} (95 % CI {_interval(ci['threshold'], 4)}) for target recall "
+        f"{point['target_recall']:g} ({point['rule']}), on {point['n']} images ({point['n_pos']} PNEUMONIA, "
+        f"{point['n_neg']} NORMAL) of {point['n_patients']} patients; {point['n_rejected']} rejected by "
+        "the input check"
+    )
+    typer.echo(
+        f"at it: recall {point['recall']:.3f} ({_interval(ci['recall'])}), specificity "
+        f"{point['specificity']:.3f} ({_interval(ci['specificity'])}); 95 % CIs, patient-level bootstrap"
+    )
+    typer.echo(more_images_line(point))
+    typer.echo(f"apply it: --operating-point {name}")
+    if point["n_failed"]:
+        typer.echo(f"{point['n_failed']} files could not be read and were left out")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _interval(ci: list[float] | None, digits: int = 3) -> str:
+    return "n/a" if not ci else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
+
+
+def _echo_points(points: dict[str, dict[str, Any]]) -> None:
+    """One line per operating point: name, threshold, target recall, where and when it was chosen."""
+    typer.echo(f"{'name':16s} {'threshold':>9s} {'target':>6s} {'recall':>6s} {'spec.':>6s}  chosen on")
+    for name, point in points.items():
+        when = f", {point['created_at']}" if point.get("created_at") else ""
+        typer.echo(
+            f"{name:16s} {point['threshold']:9.4f} {_fmt(point.get('target_recall')):>6s} "
+            f"{_fmt(point.get('recall')):>6s} {_fmt(point.get('specificity')):>6s}  "
+            f"{point.get('chosen_on', 'n/a')}{when}"
+        )
 
 
 @app.command()
@@ -590,6 +685,7 @@ def predict(
     heatmaps: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlays into this folder.")] = None,
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,
+    operating_point: OperatingPointOpt = None,
 ) -> None:
     """The input check's verdict, then probability and label at the run's threshold for every
     image (none for a rejected one unless --no-gate). Research use only."""
@@ -603,7 +699,7 @@ def predict(
     fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
     if fmt not in ("csv", "json"):
         raise CommandError(f"--format must be csv or json, got {fmt!r}")
-    loaded = _load_run(run, runtime)
+    loaded = _load_run(run, runtime, operating_point)
     files = expand_inputs(inputs)
     predictions = []
     for prediction in tqdm(
@@ -614,6 +710,7 @@ def predict(
             _echo_err(f"error: {prediction.path}: {prediction.error}")
         predictions.append(prediction)
     table = pd.DataFrame([p.to_dict() for p in predictions], columns=PREDICT_COLUMNS)
+    table.insert(table.columns.get_loc("threshold") + 1, "operating_point", loaded.operating_point)
     text = table.to_json(orient="records", indent=2) if fmt == "json" else table.to_csv(index=False)
     if out is None:
         typer.echo(text)
@@ -685,6 +782,7 @@ def explain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <stem>_gradcam.png overlays.")],
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,
+    operating_point: OperatingPointOpt = None,
 ) -> None:
     """Grad-CAM overlays (preprocessed image, heatmap, probability and label); none for an image
     the input check rejects unless --no-gate. Research use only."""
@@ -692,7 +790,7 @@ def explain(
     from cxr_pneumonia.predict import expand_inputs
     from cxr_pneumonia.rundir import DISCLAIMER
 
-    loaded = _load_run(run, runtime)
+    loaded = _load_run(run, runtime, operating_point)
     files = expand_inputs(images)
     if not files:
         raise CommandError(f"no images found in {', '.join(map(str, images))}")
@@ -723,13 +821,17 @@ def serve(
             "classifies images unlike the training data anyway, marked as such.",
         ),
     ] = True,
+    operating_point: OperatingPointOpt = None,
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
     from cxr_pneumonia.rundir import RunError
     from cxr_pneumonia.serve import serve as run_server
 
     try:
-        run_server(run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime, gate=gate)
+        run_server(
+            run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime, gate=gate,
+            operating_point=operating_point,
+        )  # fmt: skip
     except RunError as e:
         raise CommandError(str(e)) from e
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxr_pneumonia import config
 
@@ -147,30 +147,8 @@ def choose_threshold(
     Raises ``ValueError`` when only one class is present, the inputs are malformed, the target
     is outside [0, 1] or the rule is unknown.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; valid rules: {list(RULES)}")
-    if not 0.0 <= target_recall <= 1.0:
-        raise ValueError(f"target_recall must be in [0, 1]; got {target_recall}")
-    y, s = check_inputs(y_true, scores)
-    if len(np.unique(y)) < 2:
-        raise ValueError(f"choosing a threshold needs both classes; validation labels are all {int(y[0])}")
-    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    # thresholds[0] is +inf (nothing predicted positive); only real scores are candidates.
-    finite = np.isfinite(thresholds)
-    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
-    eligible = np.flatnonzero(tpr >= target_recall - _RECALL_TOL)
-    # The lowest candidate (everything positive) has recall 1, so ``eligible`` is never empty.
-    best_fpr = fpr[eligible].min()
-    # thresholds decrease along the curve: the last index with the best fpr is the lowest one.
-    idx = int(eligible[fpr[eligible] == best_fpr][-1])
-    threshold = float(thresholds[idx])
-    if rule == "midpoint" and idx + 1 < len(thresholds):
-        lower = float(thresholds[idx + 1])
-        midpoint = lower + (threshold - lower) / 2.0
-        # In float32 the midpoint can round onto ``lower``; keep the score itself then.
-        same = np.array_equal(apply_threshold(s, midpoint), apply_threshold(s, threshold))
-        if lower < midpoint <= threshold and same:
-            threshold = midpoint
+    y, s = _choice_inputs(y_true, scores, target_recall, rule)
+    threshold = _choose(y, s, target_recall, rule)
     tn, fp, fn, tp = _confusion(y, apply_threshold(s, threshold))
     rates = _rates_from_counts(tn, fp, fn, tp)
     choice = ThresholdChoice(
@@ -197,6 +175,46 @@ def choose_threshold(
         target_recall,
     )
     return choice
+
+
+def _choice_inputs(
+    y_true: Any, scores: Any, target_recall: float, rule: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`check_inputs`, and the checks of a threshold choice (rule, target, both classes)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; valid rules: {list(RULES)}")
+    if not 0.0 <= target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in [0, 1]; got {target_recall}")
+    y, s = check_inputs(y_true, scores)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"choosing a threshold needs both classes; validation labels are all {int(y[0])}")
+    return y, s
+
+
+def _choose(y: np.ndarray, s: np.ndarray, target_recall: float, rule: str) -> float:
+    """:func:`choose_threshold`'s threshold on checked inputs holding both classes (no logging:
+    the threshold bootstrap calls it once per resample)."""
+    # The ROC points at every distinct score, highest first (sklearn's ``roc_curve`` without
+    # ``drop_intermediate`` and its +inf start; its input checks cost more than this, per resample).
+    order = np.argsort(-s, kind="stable")
+    ranked, positive = s[order], y[order]
+    last_of_tie = np.r_[ranked[1:] != ranked[:-1], True]
+    tps, fps = np.cumsum(positive)[last_of_tie], np.cumsum(1 - positive)[last_of_tie]
+    tpr, fpr, thresholds = tps / tps[-1], fps / fps[-1], ranked[last_of_tie]
+    eligible = np.flatnonzero(tpr >= target_recall - _RECALL_TOL)
+    # The lowest candidate (everything positive) has recall 1, so ``eligible`` is never empty.
+    best_fpr = fpr[eligible].min()
+    # thresholds decrease along the curve: the last index with the best fpr is the lowest one.
+    idx = int(eligible[fpr[eligible] == best_fpr][-1])
+    threshold = float(thresholds[idx])
+    if rule == "midpoint" and idx + 1 < len(thresholds):
+        lower = float(thresholds[idx + 1])
+        midpoint = lower + (threshold - lower) / 2.0
+        # In float32 the midpoint can round onto ``lower``; keep the score itself then.
+        same = np.array_equal(apply_threshold(s, midpoint), apply_threshold(s, threshold))
+        if lower < midpoint <= threshold and same:
+            threshold = midpoint
+    return threshold
 
 
 def threshold_sweep(y_true: Any, scores: Any) -> pd.DataFrame:
@@ -270,43 +288,137 @@ def _stratified_counts(rng: np.random.Generator, n_items: int, n_resamples: int)
     return np.bincount(idx.ravel(), minlength=n_resamples * n_items).reshape(n_resamples, n_items)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Clusters:
+    """What a bootstrap resamples: ``index`` maps each item to its cluster (patient); ``strata``
+    lists the clusters of each stratum; ``unit`` is ``"patient"`` or ``"image"``."""
+
+    index: np.ndarray
+    strata: tuple[np.ndarray, ...]
+    unit: str
+
+    @property
+    def n(self) -> int:
+        return len(self.index) and int(self.index.max()) + 1
+
+
+def _clusters(y: np.ndarray, groups: Any | None) -> _Clusters:
+    """The resampling units of labels ``y``: patients (``groups``, one id per item) or, without
+    ``groups``, the items themselves.
+
+    Patients are stratified by what they hold: only positive images, only negative images, or
+    both. Each stratum is resampled to its own size, so every resample holds both classes
+    whenever the data does (a stratum with positives is never empty of draws) and the class
+    balance moves only as much as patients' image counts make it. Without ``groups`` this is
+    the plain per-class stratified image bootstrap.
+    """
+    if groups is None:
+        index, unit = np.arange(len(y)), "image"
+    else:
+        ids = np.asarray(groups, dtype=object)
+        if ids.shape != y.shape:
+            raise ValueError(f"groups has {ids.size} items but y_true has {len(y)}")
+        if pd.isna(ids).any():
+            raise ValueError(f"groups (patient ids) has {int(pd.isna(ids).sum())} missing values")
+        # sort=True: a patient's cluster number does not depend on the order of the images.
+        index, unit = pd.factorize(ids.astype(str), sort=True)[0], "patient"
+    n = len(index) and int(index.max()) + 1
+    has_pos = np.bincount(index, weights=y, minlength=n) > 0
+    has_neg = np.bincount(index, weights=1 - y, minlength=n) > 0
+    kind = has_pos.astype(np.int64) + 2 * has_neg
+    strata = tuple(np.flatnonzero(kind == k) for k in (1, 2, 3))
+    return _Clusters(index=index, strata=tuple(s for s in strata if len(s)), unit=unit)
+
+
+def _weight_blocks(
+    rng: np.random.Generator, clusters: _Clusters, item_cluster: np.ndarray, n_bootstrap: int
+) -> Iterator[np.ndarray]:
+    """Blocks of resample weights, float64 ``(resamples, items)``: how often each item's
+    cluster was drawn (an item counts once per draw of its patient). ``item_cluster`` is
+    ``clusters.index`` in the order the caller wants the columns."""
+    block = max(1, _BOOTSTRAP_CELLS // max(len(item_cluster), clusters.n, 1))
+    for start in range(0, n_bootstrap, block):
+        b = min(block, n_bootstrap - start)
+        counts = np.zeros((b, clusters.n), dtype=np.float64)
+        for members in clusters.strata:
+            counts[:, members] = _stratified_counts(rng, len(members), b)
+        yield counts[:, item_cluster]
+
+
 def _bootstrap(
     y: np.ndarray,
     s: np.ndarray,
     threshold: float,
     *,
+    clusters: _Clusters,
     n_bootstrap: int,
     seed: int,
     with_curves: bool,
 ) -> dict[str, np.ndarray]:
-    """Per-resample metric values from a stratified (per class) bootstrap.
+    """Per-resample metric values from a stratified cluster bootstrap (:func:`_clusters`).
 
-    Resampling within each class keeps the class counts fixed, so every resample has both
-    classes whenever the data does and the AUCs stay defined.
+    Every metric is a function of weighted counts, so a resample is a row of weights over the
+    items and nothing is copied: thousands of images and resamples take a second or so.
     """
     rng = np.random.default_rng(seed)
     order, is_pos, starts = _score_groups(y, s)
     pred = apply_threshold(s[order], threshold).astype(bool)
-    pos_idx = np.flatnonzero(is_pos)
-    neg_idx = np.flatnonzero(~is_pos)
-    block = max(1, _BOOTSTRAP_CELLS // len(y))
+    # One product gives each resample's weighted (tp, fp, positives, negatives).
+    cells = np.stack([pred & is_pos, pred & ~is_pos, is_pos, ~is_pos], axis=1).astype(np.float64)
     values: dict[str, list[np.ndarray]] = {k: [] for k in RATE_NAMES + CURVE_NAMES}
-    for start in range(0, n_bootstrap, block):
-        b = min(block, n_bootstrap - start)
-        weights = np.zeros((b, len(y)), dtype=np.int64)
-        weights[:, pos_idx] = _stratified_counts(rng, len(pos_idx), b)
-        weights[:, neg_idx] = _stratified_counts(rng, len(neg_idx), b)
-        tp = weights[:, pos_idx] @ pred[pos_idx].astype(np.int64)
-        fp = weights[:, neg_idx] @ pred[neg_idx].astype(np.int64)
-        fn = len(pos_idx) - tp
-        tn = len(neg_idx) - fp
-        for name, arr in _rates_from_counts(tn, fp, fn, tp).items():
+    for weights in _weight_blocks(rng, clusters, clusters.index[order], n_bootstrap):
+        tp, fp, n_pos, n_neg = (weights @ cells).T
+        for name, arr in _rates_from_counts(n_neg - fp, fp, n_pos - tp, tp).items():
             values[name].append(arr)
         if with_curves:
             roc_auc, pr_auc = _weighted_curve_metrics(is_pos, starts, weights)
             values["roc_auc"].append(roc_auc)
             values["pr_auc"].append(pr_auc)
     return {k: np.concatenate(v) for k, v in values.items() if v}
+
+
+def bootstrap_rates(
+    y_true: Any,
+    scores: Any,
+    threshold: float,
+    *,
+    groups: Any | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The five rates at ``threshold`` in each of ``n_bootstrap`` resamples (arrays), from the
+    bootstrap :func:`compute_metrics` uses: of patients when ``groups`` (a patient id per item)
+    is given, else of images."""
+    y, s = check_inputs(y_true, scores)
+    clusters = _clusters(y, groups)
+    return _bootstrap(
+        y, s, threshold, clusters=clusters, n_bootstrap=n_bootstrap, seed=seed, with_curves=False
+    )
+
+
+def bootstrap_thresholds(
+    y_true: Any,
+    scores: Any,
+    *,
+    target_recall: float,
+    rule: str = "max_specificity",
+    groups: Any | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
+    """The threshold :func:`choose_threshold` picks in each resample of the same bootstrap as
+    :func:`bootstrap_rates` (patients when ``groups`` is given): how far the chosen threshold
+    itself would move had another sample of patients been drawn."""
+    y, s = _choice_inputs(y_true, scores, target_recall, rule)
+    clusters = _clusters(y, groups)
+    rng = np.random.default_rng(seed)
+    items = np.arange(len(y))
+    thresholds = []
+    for weights in _weight_blocks(rng, clusters, clusters.index, n_bootstrap):
+        for row in weights.astype(np.int64):
+            idx = np.repeat(items, row)  # a calibration sample is small: materialising is cheap
+            thresholds.append(_choose(y[idx], s[idx], target_recall, rule))
+    return np.asarray(thresholds, dtype=np.float64)
 
 
 def _percentile_ci(samples: np.ndarray) -> list[float]:
@@ -321,19 +433,26 @@ def compute_metrics(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Any | None = None,
 ) -> dict[str, Any]:
     """Metrics at ``threshold`` (rule ``score >= threshold``), JSON-ready.
 
     Keys: ``n, n_positive, n_negative, threshold, accuracy, precision, recall, specificity, f1,
     roc_auc, pr_auc`` (average precision), ``confusion_matrix`` (``[[tn, fp], [fn, tp]]``),
     ``ci95`` (``{metric: [lo, hi]}``, percentile 95 % interval of a seeded stratified bootstrap
-    with ``n_bootstrap`` resamples; ``None`` entries when ``n_bootstrap`` is 0) and ``at_0_5``
-    (the rates and confusion matrix at threshold 0.5). Zero divisions give 0.0, like sklearn's
-    ``zero_division=0``. With one class only, the AUCs are ``None`` and a warning is issued.
+    with ``n_bootstrap`` resamples; ``None`` entries when ``n_bootstrap`` is 0), ``ci_unit`` and
+    ``n_ci_units`` (what the bootstrap resampled, and how many: ``"patient"`` when ``groups``,
+    a patient id per image, is given, else ``"image"``) and ``at_0_5`` (the rates and confusion
+    matrix at threshold 0.5). Zero divisions give 0.0, like sklearn's ``zero_division=0``. With
+    one class only, the AUCs are ``None`` and a warning is issued.
+
+    Images of one patient are not independent (the same lungs, often the same day), so
+    resampling images makes intervals too narrow; pass ``groups`` whenever patients are known.
     """
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0; got {n_bootstrap}")
     y, s = check_inputs(y_true, scores)
+    clusters = _clusters(y, groups)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     both_classes = n_pos > 0 and n_neg > 0
@@ -354,9 +473,13 @@ def compute_metrics(
         "roc_auc": float(roc_auc_score(y, s)) if both_classes else None,
         "pr_auc": float(average_precision_score(y, s)) if both_classes else None,
         "confusion_matrix": point["confusion_matrix"],
+        "ci_unit": clusters.unit,
+        "n_ci_units": clusters.n,
     }
     if n_bootstrap:
-        samples = _bootstrap(y, s, threshold, n_bootstrap=n_bootstrap, seed=seed, with_curves=both_classes)
+        samples = _bootstrap(
+            y, s, threshold, clusters=clusters, n_bootstrap=n_bootstrap, seed=seed, with_curves=both_classes
+        )
         ci95 = {
             name: _percentile_ci(samples[name]) if name in samples else None
             for name in RATE_NAMES + CURVE_NAMES

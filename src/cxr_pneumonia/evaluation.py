@@ -114,13 +114,18 @@ def evaluate(
     table, failures, predictions = _predict_table(run, images, data, batch_size, gate)
     headline = _headline(table, run, data, gate)
     y_true, scores = headline["label"].to_numpy(), headline["probability"].to_numpy()
-    metrics = compute_metrics(y_true, scores, run.threshold, n_bootstrap=n_bootstrap, seed=seed)
+    # Intervals resample patients (data.discover's patient_id; a file without one is its own).
+    patients = headline["patient_id"].to_numpy()
+    metrics = compute_metrics(
+        y_true, scores, run.threshold, n_bootstrap=n_bootstrap, seed=seed, groups=patients
+    )
     subsets = _subset_metrics(run, table, headline, metrics, n_bootstrap=n_bootstrap, seed=seed)
     domain = domain_summary(run, table, predictions, gate=gate)
     metrics.update(
         run=str(run.path),
         data=str(data),
         n_failed=len(failures),
+        operating_point=run.operating_point,
         threshold_rule=run.threshold_info.get("rule"),
         evaluated_on="accepted images" if gate and run.gate is not None else "all images",
         **subsets,
@@ -161,6 +166,17 @@ def _headline(table: pd.DataFrame, run: Run, data: str | Path, gate: bool) -> pd
     return accepted
 
 
+def scored_images(
+    run: Run, data: str | Path, *, split: str | None = None, gate: bool = True, batch_size: int = 32
+) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
+    """Every readable labelled image of ``data`` scored by ``run``: (the table of all of them,
+    with ``status``; the rows metrics are computed on: those the gate accepts, or all with
+    ``gate=False``; the (path, reason) of unreadable files). What ``calibrate`` chooses on."""
+    images = labelled_images(data, split)
+    table, failures, _ = _predict_table(run, images, data, batch_size, gate)
+    return table, _headline(table, run, data, gate), failures
+
+
 def _subset_metrics(
     run: Run, table: pd.DataFrame, headline: pd.DataFrame, metrics: dict[str, Any], **kwargs: Any
 ) -> dict[str, Any]:
@@ -173,7 +189,7 @@ def _subset_metrics(
         if len(rows) == len(headline) and rows["path"].equals(headline["path"]):
             return dict(metrics)
         y, s = rows["label"].to_numpy(), rows["probability"].to_numpy()
-        return compute_metrics(y, s, run.threshold, **kwargs)
+        return compute_metrics(y, s, run.threshold, groups=rows["patient_id"].to_numpy(), **kwargs)
 
     accepted = table[table["status"] == "ok"].reset_index(drop=True)
     return {"all_images": of(table), "accepted_images": of(accepted) if run.gate is not None else None}
@@ -271,9 +287,10 @@ def run_info(run: Run) -> dict[str, Any]:
         "weights": model.get("weights"),
         "head": model.get("head"),
         "image size": model.get("image_size"),
+        "operating point": run.operating_point,
         "threshold": run.threshold,
         "threshold rule": run.threshold_info.get("rule"),
-        "target recall (validation)": run.threshold_info.get("target_recall"),
+        "target recall": run.threshold_info.get("target_recall"),
         "threshold chosen on": run.threshold_info.get("chosen_on"),
         "validation metrics": _short_metrics(run.metrics_val),
         "package version": run.config.get("package_version"),
@@ -340,6 +357,7 @@ def robustness(
         results[name] = {"n": int(ok.sum()), **{k: metrics[k] for k in ("roc_auc", "recall", "specificity")}}
     if out is not None:
         payload = {"run": str(run.path), "data": str(data or "validation"), "threshold": run.threshold}
+        payload["operating_point"] = run.operating_point
         write_json(Path(out) / ROBUSTNESS_FILE, {**payload, "results": results})
     return results
 

@@ -81,9 +81,12 @@ class Run:
         threshold: dict[str, Any],
         *,
         runtime: Runtime | None = None,
+        operating_point: str = rundir.DEFAULT_OPERATING_POINT,
     ) -> None:
         self.path = Path(path)
         self.config = config
+        # ``threshold`` is threshold.json (the ``default`` point) or a named point (``calibrate``).
+        self.operating_point = operating_point
         self.threshold_info = threshold
         self.threshold = float(threshold["threshold"])
         self.preprocess_config = from_dict(PreprocessConfig, config["preprocess"])
@@ -100,8 +103,14 @@ class Run:
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, runtime: RuntimeKind = "auto") -> Run:
+    def load(
+        cls, path: str | Path, *, runtime: RuntimeKind = "auto", operating_point: str | None = None
+    ) -> Run:
         """Load a complete run directory (a half-written one has no model.keras and is refused).
+
+        ``operating_point``: the name of a point saved by ``calibrate`` whose threshold the run
+        applies (None or ``default``: the threshold chosen on validation); an unknown name is a
+        :class:`RunError` listing the known ones.
 
         ``runtime``: ``keras`` (float32 Keras), ``openvino`` (the run's export, see
         :mod:`cxr_pneumonia.export`; an error without one) or ``auto`` (the export when it is
@@ -111,8 +120,17 @@ class Run:
         path = Path(path)
         check_kind(runtime)
         rundir.check_complete(path)
-        config, threshold = rundir.read_config(path), rundir.read_threshold(path)
-        return cls(path, None, config, threshold, runtime=load_runtime(path, runtime))
+        name = operating_point or rundir.DEFAULT_OPERATING_POINT
+        config, threshold = rundir.read_config(path), rundir.read_operating_point(path, name)
+        return cls(path, None, config, threshold, runtime=load_runtime(path, runtime), operating_point=name)
+
+    def with_operating_point(self, name: str | None) -> Run:
+        """This run (same runtime, nothing reloaded) at the operating point ``name``."""
+        name = name or rundir.DEFAULT_OPERATING_POINT
+        if name == self.operating_point:
+            return self
+        point = rundir.read_operating_point(self.path, name)
+        return Run(self.path, None, self.config, point, runtime=self._runtime, operating_point=name)
 
     @property
     def model(self) -> Any:
@@ -136,12 +154,14 @@ class Run:
         return rundir.read_metrics_val(self.path)
 
     def info(self) -> dict[str, Any]:
-        """Model card: name, version, training time, configs, threshold and validation metrics."""
+        """Model card: name, version, training time, configs, threshold (and the operating point
+        it belongs to) and validation metrics."""
         return {
             "name": self.name,
             "version": self.config.get("package_version"),
             "trained_at": self.config.get("created_at"),
             "threshold": self.threshold_info,
+            "operating_point": self.operating_point,
             "config": self.config,
             "metrics_val": self.metrics_val,
             "runtime": self.runtime,

@@ -286,6 +286,14 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def ci_header(metrics: Mapping[str, Any]) -> str:
+    """What the intervals are: "95 % CI, patient-level bootstrap (N patients)" (or image-level)."""
+    unit, n = metrics.get("ci_unit"), metrics.get("n_ci_units")
+    if unit is None:  # metrics from before the unit was recorded
+        return "95 % CI (bootstrap)"
+    return f"95 % CI, {unit}-level bootstrap ({n} {unit}s)"
+
+
 def _domain_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The "Domain check" section: what the input check (gate) said about the images.
 
@@ -499,12 +507,15 @@ def write_report(
         f"{CLASS_NAMES[1]}, {metrics.get('n_negative', int(len(y) - y.sum()))} {CLASS_NAMES[0]}. "
         f"Decision rule: {CLASS_NAMES[1]} when score ≥ {threshold:.4g}."
     )
+    if metrics.get("operating_point"):
+        summary += f" Operating point: {metrics['operating_point']}."
     document = _template().render(
         title=title,
         notice=NOTICE,
         summary=summary,
         threshold=_fmt(metrics.get("threshold"), 4),
         metric_rows=_metric_rows(metrics),
+        ci_header=ci_header(metrics),
         domain=_domain_context(metrics),
         confusion=metrics.get("confusion_matrix"),
         confusion_at_half=(metrics.get("at_0_5") or {}).get("confusion_matrix"),

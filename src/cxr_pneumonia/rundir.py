@@ -4,7 +4,8 @@ A run directory holds everything needed to apply a model exactly as it was valid
 
     model.keras            the trained model; written last, by rename: a run is complete when it exists
     config.json            preprocessing, model and training configs, package version, data fingerprint
-    threshold.json         the operating point chosen on validation
+    threshold.json         the operating point chosen on validation (the point named ``default``)
+    operating_points.json  named operating points chosen on a site's labelled sample (``calibrate``)
     metrics_val.json       validation metrics at that threshold
     val_predictions.csv    validation images with their scores (robustness, export calibration)
     training_images.csv    content hashes and patient ids of every image trained or validated on
@@ -23,6 +24,7 @@ read them.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from cxr_pneumonia.data import CLASS_NAMES
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 THRESHOLD_FILE = "threshold.json"
+OPERATING_POINTS_FILE = "operating_points.json"  # named points from `calibrate`, beside threshold.json
+DEFAULT_OPERATING_POINT = "default"  # threshold.json itself, never overwritten
 METRICS_VAL_FILE = "metrics_val.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 TRAINING_IMAGES_FILE = "training_images.csv"  # content hashes + patient ids, for leakage checks
@@ -123,6 +127,75 @@ def read_threshold(path: Path) -> dict[str, Any]:
 def read_metrics_val(path: Path) -> dict[str, Any] | None:
     file = Path(path) / METRICS_VAL_FILE
     return read_json(file) if file.is_file() else None
+
+
+# ---- named operating points ---------------------------------------------------------------------
+
+_POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_point_name(name: str) -> str:
+    """``name`` when it can name an operating point (letters, digits, ``.``, ``_``, ``-``; up to 64
+    characters; it shows in file columns and URLs); ``ValueError`` otherwise."""
+    if not isinstance(name, str) or not _POINT_NAME.match(name):
+        raise ValueError(
+            f"operating point name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def _read_points_file(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / OPERATING_POINTS_FILE
+    if not file.is_file():
+        return {"points": {}, "replaced": []}
+    try:
+        content = read_json(file)
+        if not isinstance(content.get("points"), dict):
+            raise ValueError("no 'points' object")
+    except (ValueError, AttributeError) as e:
+        raise RunError(f"{file}: not a valid operating-points file ({e})") from e
+    return {"points": content["points"], "replaced": list(content.get("replaced") or [])}
+
+
+def read_operating_points(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The named operating points of a run (``operating_points.json``), by name; ``{}`` when none.
+    The ``default`` point is ``threshold.json`` (:func:`read_threshold`)."""
+    return dict(_read_points_file(path)["points"])
+
+
+def operating_point_names(path: str | Path) -> list[str]:
+    """``default`` and the named points, in that order (the others sorted)."""
+    return [DEFAULT_OPERATING_POINT, *sorted(read_operating_points(path))]
+
+
+def read_operating_point(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The operating point ``name`` (None or ``default``: ``threshold.json`` as saved by training);
+    :class:`RunError` naming the known points when there is none of that name."""
+    if name in (None, DEFAULT_OPERATING_POINT):
+        return read_threshold(Path(path))
+    points = read_operating_points(path)
+    if name not in points:
+        known = ", ".join(operating_point_names(path))
+        raise RunError(f"{path}: no operating point {name!r}; known: {known}")
+    return dict(points[name])
+
+
+def save_operating_point(path: str | Path, point: dict[str, Any], *, replace: bool = False) -> None:
+    """Add ``point`` (a dict with ``name`` and ``threshold``) to the run's named points, written
+    atomically. An existing name is refused unless ``replace``; the point it replaces is kept
+    under ``replaced`` (nothing a site calibrated is lost). ``default`` is threshold.json and is
+    never written here."""
+    name = check_point_name(point.get("name", ""))
+    if name == DEFAULT_OPERATING_POINT:
+        raise ValueError(f"{DEFAULT_OPERATING_POINT!r} is the run's own threshold.json; choose another name")
+    content = _read_points_file(path)
+    if name in content["points"]:
+        if not replace:
+            raise ValueError(f"{path}: operating point {name!r} exists; choose another name or replace it")
+        content["replaced"].append(content["points"][name])
+    content["points"][name] = dict(point)
+    write_json(Path(path) / OPERATING_POINTS_FILE, content)
 
 
 # ---- the export folder -------------------------------------------------------------------------

@@ -475,8 +475,10 @@ def serve(
     log_level: str = "info",
     runtime: str = "auto",
     gate: bool = True,
+    operating_point: str | None = None,
 ) -> None:
-    """Load the run once and serve the API and web page with uvicorn until interrupted.
+    """Load the run once (at ``operating_point``, a point saved by ``calibrate``, when given; the
+    model card ``/v1/model`` names it) and serve the API and web page with uvicorn until interrupted.
 
     ``gate=False`` makes the server classify images its input check rejects (marked as such)
     unless a request asks ``?gate=true``."""
@@ -484,7 +486,7 @@ def serve(
 
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    run = Run.load(run_dir, runtime=runtime)
+    run = Run.load(run_dir, runtime=runtime, operating_point=operating_point)
     if not is_loopback(host):
         log.warning("binding to %s: the API has no authentication; expose it only on a trusted network", host)
     if not gate:

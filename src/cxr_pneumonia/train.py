@@ -714,7 +714,10 @@ def _operating_point(
     choice = choose_threshold(
         y_val, val_scores, target_recall=train_cfg.target_recall, rule=train_cfg.threshold_rule
     )
-    return choice, compute_metrics(y_val, val_scores, choice.threshold, seed=train_cfg.seed), val_scores
+    metrics = compute_metrics(
+        y_val, val_scores, choice.threshold, seed=train_cfg.seed, groups=val_df["patient_id"]
+    )
+    return choice, metrics, val_scores
 
 
 def _weights_identity(model_cfg: ModelConfig) -> str:
