@@ -16,9 +16,10 @@ from cxr_pneumonia.evaluate import (
 )
 
 # Three groups of 50 positives each; at target recall 0.98 a group may miss one positive, so its
-# own threshold is its second-lowest positive score: 0.11 (A), 0.41 (B), 0.71 (C).
+# own threshold is its second-lowest positive score: 0.11 (A), 0.41 (B), 0.81 (C; not 0.71, so
+# that the median, 0.41, differs from the mean, 0.443).
 # Negatives: A's sit at 0.05 (below every own threshold), B's at 0.30, C's at 0.60.
-POSITIVES = {"A": 0.10, "B": 0.40, "C": 0.70}
+POSITIVES = {"A": 0.10, "B": 0.40, "C": 0.80}
 NEGATIVES = {"A": 0.05, "B": 0.30, "C": 0.60}
 
 
@@ -43,8 +44,8 @@ def test_final_threshold_is_the_median_or_minimum_of_the_groups_own(rule, thresh
     choice = choose_threshold_across_groups(Y, S, G, target_recall=0.98, rule=rule)
     assert choice.threshold == pytest.approx(threshold)
     own = {row["group"]: row["threshold"] for row in choice.groups}
-    assert own == pytest.approx({"A": 0.11, "B": 0.41, "C": 0.71})
-    assert choice.spread["threshold"] == pytest.approx([0.11, 0.71])
+    assert own == pytest.approx({"A": 0.11, "B": 0.41, "C": 0.81})
+    assert choice.spread["threshold"] == pytest.approx([0.11, 0.81])
     assert choice.min_positives == 50 and choice.fallback is None and choice.rule == rule
     by_group = {row["group"]: row for row in choice.groups}
     if rule == "group_min":  # every group keeps the target recall ...

@@ -588,7 +588,6 @@ def train(
         data, preprocess_cfg, model_cfg, train_cfg = _configs_from_state(run_dir, state)
     else:
         preprocess_cfg, model_cfg, train_cfg = _fresh_configs(preprocess_cfg, model_cfg, train_cfg)
-        check_weights_available(model_cfg, train_cfg)
         state = _start_run(run_dir, data, preprocess_cfg, model_cfg, train_cfg)
 
     seed_everything(train_cfg.seed)
@@ -651,6 +650,7 @@ def _start_run(
     """Create the run directory with its resume state (configs, data, no epoch yet)."""
     if (run_dir / MODEL_FILE).exists():
         raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
+    check_weights_available(model_cfg, train_cfg)  # before the run directory exists
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {
