@@ -193,7 +193,8 @@ def test_train_options_are_the_config_fields_with_their_descriptions():
             param = options[f"--{name.replace('_', '-')}"]
             assert param.default is None  # unset: the config's value is kept
             assert param.help.startswith(cls.model_fields[name].description)
-    assert "One of: max_specificity, midpoint." in options["--threshold-rule"].help
+    rules = "One of: group_median, group_min, max_specificity, midpoint, fixed."
+    assert rules in options["--threshold-rule"].help
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,8 @@ def test_train_options_are_the_config_fields_with_their_descriptions():
     [
         (
             ["--threshold-rule", "max_spec"],
-            "error: threshold_rule: must be one of 'max_specificity', 'midpoint' (got 'max_spec')",
+            "error: threshold_rule: must be one of 'group_median', 'group_min', 'max_specificity', "
+            "'midpoint', 'fixed' (got 'max_spec')",
         ),
         (["--backbone", "resnet"], "error: backbone: must be one of 'resnet50v2', "),
         (
@@ -228,7 +230,10 @@ def test_a_typo_in_a_config_file_or_a_resume_state_names_the_field(tmp_path, cap
     assert (
         main(["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"), "--config", str(config)]) == 1
     )
-    expected = "threshold_rule: must be one of 'max_specificity', 'midpoint' (got 'max_spec')"
+    expected = (
+        "threshold_rule: must be one of 'group_median', 'group_min', 'max_specificity', 'midpoint', "
+        "'fixed' (got 'max_spec')"
+    )
     assert capsys.readouterr().err.strip() == f"error: {config}: {expected}"
 
     run = tmp_path / "interrupted"

@@ -78,7 +78,10 @@ def test_a_bad_choice_names_the_field_and_the_allowed_values(cls, name, choices)
 def test_the_message_of_the_issue():
     with pytest.raises(ConfigError) as info:
         override(TrainConfig(), threshold_rule="max_spec")
-    assert str(info.value) == "threshold_rule: must be one of 'max_specificity', 'midpoint' (got 'max_spec')"
+    assert str(info.value) == (
+        "threshold_rule: must be one of 'group_median', 'group_min', 'max_specificity', 'midpoint', "
+        "'fixed' (got 'max_spec')"
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,7 +163,8 @@ def test_defaults_are_unchanged():
     # saved runs and the demo's metrics depend on these
     assert to_dict(TrainConfig()) | {"augment": None, "gate": None} == {
         "epochs": 15, "fine_tune_epochs": 2, "batch_size": 32, "seed": 42, "val_fraction": 1 / 6,
-        "use_official_val": False, "target_recall": 0.98, "threshold_rule": "max_specificity",
+        "use_official_val": False, "target_recall": 0.98, "threshold_rule": "group_median",
+        "fixed_threshold": 0.5, "threshold_groups": 4, "preset": None,
         "patience": 4, "class_weight": True, "augment_views": 2, "augment": None, "cache_dir": None,
         "workers": None, "strategy": "default", "precision": "auto", "fit_gate": True, "gate": None,
     }  # fmt: skip

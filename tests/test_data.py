@@ -462,3 +462,131 @@ def test_format_report_cuts_long_lists(tmp_path: Path) -> None:
     text = format_report(report, max_items=2)
     assert "... and 3 more" in text
     assert "NORMAL/a4.png" not in text
+
+
+# --------------------------------------------------------------------------- acquisition groups
+
+
+def _acquisition(kind: str, seed: int, size: int = 64) -> np.ndarray:
+    """One image of two clearly different acquisitions: "soft" (dark, blurred, no noise) or
+    "sharp" (bright, noisy); both carry the same kind of smooth anatomy-like structure."""
+    rng = np.random.default_rng(seed)
+    structure = cv2.resize(rng.uniform(0, 60, (8, 8)).astype(np.float32), (size, size))
+    if kind == "soft":
+        image = cv2.GaussianBlur(50 + structure, (0, 0), 2.0)
+    else:
+        image = 150 + structure + rng.normal(0, 12, (size, size))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _acquisition_frame(folder: Path, kinds: list[tuple[str, str]]) -> pd.DataFrame:
+    """(patient, kind) per image -> a frame with path and patient_id, PNG files written."""
+    rows = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (patient, kind) in enumerate(kinds):
+        path = folder / f"{patient}_{i}.png"
+        assert cv2.imwrite(str(path), _acquisition(kind, seed=i))
+        rows.append({"path": str(path), "patient_id": patient, "kind": kind})
+    return pd.DataFrame(rows)
+
+
+def test_image_statistics_known_answers() -> None:
+    flat = data.image_statistics_of(np.full((64, 64), 100, np.uint8), file_bytes=4096)
+    assert (flat["mean"], flat["median"], flat["std"], flat["iqr"]) == (100, 100, 0, 0)
+    assert flat["noise"] == flat["log_sharpness"] == flat["grad_ratio"] == flat["dark_fraction"] == 0
+    assert flat["bytes_per_pixel"] == 1.0 and flat["log_aspect"] == 0
+    assert np.isnan(data.image_statistics_of(np.zeros((4, 4), np.uint8))["bytes_per_pixel"])
+    assert data.image_statistics_of(np.full((32, 64), 9, np.uint8))["log_aspect"] == pytest.approx(np.log(2))
+    half = np.zeros((64, 64), np.uint8)
+    half[:, 32:] = 200
+    assert data.image_statistics_of(half)["dark_fraction"] == 0.5
+    # Immerkær's estimate finds the standard deviation of white noise
+    noise = np.clip(128 + np.random.default_rng(0).normal(0, 10, (256, 256)), 0, 255).astype(np.uint8)
+    assert data.image_statistics_of(noise)["noise"] == pytest.approx(10, rel=0.1)
+    # stretching along x weakens horizontal gradients (grad_ratio < 0), along y vertical ones
+    texture = cv2.GaussianBlur(noise, (0, 0), 1.0)
+    wide = cv2.resize(texture[:, :128], (256, 256), interpolation=cv2.INTER_LINEAR)
+    assert (
+        data.image_statistics_of(wide)["grad_ratio"] < -1 < 1 < data.image_statistics_of(wide.T)["grad_ratio"]
+    )
+    assert abs(data.image_statistics_of(texture)["grad_ratio"]) < 0.1
+
+
+def test_two_acquisitions_become_two_groups(tmp_path: Path) -> None:
+    kinds = [(f"p{i}", "soft" if i % 2 else "sharp") for i in range(12)]
+    df = _acquisition_frame(tmp_path, kinds)
+    groups = data.acquisition_groups(df, k=2, seed=0, workers=1)
+    assert groups.dtype == "int64" and set(groups) == {0, 1}
+    assert pd.crosstab(groups, df["kind"]).to_numpy().max(axis=1).tolist() == [6, 6]  # one kind each
+    stats = data.image_statistics(df["path"], workers=1)
+    described = data.describe_groups(stats, groups).set_index(
+        pd.Index([df["kind"][groups == g].iloc[0] for g in (0, 1)])
+    )
+    assert described.loc["sharp", "mean"] > described.loc["soft", "mean"] + 50
+    assert described.loc["sharp", "noise"] > 5 > described.loc["soft", "noise"]
+    assert described["n"].tolist() == [6, 6]
+
+
+def test_a_patient_keeps_one_group(tmp_path: Path) -> None:
+    # patient "mixed" has two soft images and one sharp one: all three go with the soft images
+    kinds = [(f"s{i}", "soft") for i in range(5)] + [(f"b{i}", "sharp") for i in range(5)]
+    kinds += [("mixed", "soft"), ("mixed", "soft"), ("mixed", "sharp")]
+    df = _acquisition_frame(tmp_path, kinds)
+    groups = data.acquisition_groups(df, k=2, seed=0, workers=1)
+    soft_group = groups[df["kind"] == "soft"].iloc[0]
+    assert (groups[df["patient_id"] == "mixed"] == soft_group).all()
+    assert (groups[df["patient_id"].str.startswith("b")] != soft_group).all()
+    # without the patient step the sharp image of "mixed" would have gone with the other sharp ones
+    by_image = data.acquisition_groups(df, k=2, seed=0, workers=1, group_col=None)
+    assert by_image.iloc[-1] == by_image[df["patient_id"] == "b0"].iloc[0]
+
+
+def test_image_statistics_are_cached_and_recomputed_when_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    df = _acquisition_frame(tmp_path / "img", [("a", "soft"), ("b", "sharp"), ("c", "soft")])
+    (tmp_path / "img" / "notes.png").write_text("not an image")
+    paths = [*df["path"], str(tmp_path / "img" / "notes.png")]
+    calls: list[str] = []
+    real = data._statistics_of_file
+    monkeypatch.setattr(data, "_statistics_of_file", lambda p: calls.append(p) or real(p))
+    first = data.image_statistics(paths, workers=1, cache_dir=tmp_path / "cache")
+    assert len(calls) == 4 and first.iloc[3].isna().all() and first.iloc[:3].notna().all().all()
+    calls.clear()
+    again = data.image_statistics(paths[:3], workers=1, cache_dir=tmp_path / "cache")
+    assert calls == [] and np.allclose(again.to_numpy(), first.iloc[:3].to_numpy())
+    cv2.imwrite(paths[1], _acquisition("soft", seed=99))  # new content, new size and time
+    changed = data.image_statistics(paths[:3], workers=1, cache_dir=tmp_path / "cache")
+    assert calls == [paths[1]] and changed.loc[1, "mean"] < first.loc[1, "mean"] - 50
+
+
+def test_farthest_group_prefers_a_distinct_group_worth_holding_out() -> None:
+    rng = np.random.default_rng(0)
+    centres = {0: 0.0, 1: 0.5, 2: 5.0}  # group 2 lies far from the others
+    rows = [
+        {name: centres[g] + rng.normal(0, 0.1) for name in data.STAT_NAMES}
+        for g in centres
+        for _ in range(40)
+    ]
+    stats, groups = pd.DataFrame(rows), pd.Series(np.repeat([0, 1, 2], 40))
+    assert data.farthest_group(stats, groups) == 2
+    labels = np.tile([0, 1], 60)
+    assert data.farthest_group(stats, groups, labels, min_per_class=10) == 2
+    labels[80:] = 1  # group 2 now holds one class only: not worth holding out
+    assert data.farthest_group(stats, groups, labels, min_per_class=10) in (0, 1)
+    with pytest.raises(ValueError, match="no group can be held out"):
+        data.farthest_group(stats, groups, labels, min_per_class=100)
+
+
+@pytest.mark.parametrize(
+    ("filename", "family"),
+    [
+        ("IM-0115-0001.jpeg", "IM"),
+        ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM"),
+        ("person1946_bacteria_4875.jpeg", "person_bacteria"),
+        ("person44_virus_94.jpeg", "person_virus"),
+        ("scan.dcm", "other"),
+    ],
+)
+def test_filename_family(filename: str, family: str) -> None:
+    assert data.filename_family(f"/data/train/X/{filename}") == family

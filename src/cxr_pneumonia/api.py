@@ -4,6 +4,7 @@
 from cxr_pneumonia import api
 
 run = api.train("chest_xray/train", "runs/xception", backbone="xception", weights="imagenet")
+seed = api.train("chest_xray/train", "runs/seed", preset="seed", backbone="xception")  # the seed's pipeline
 metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
 api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
 predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
@@ -27,7 +28,7 @@ from cxr_pneumonia.model import ModelConfig
 from cxr_pneumonia.predict import Prediction, Run, expand_inputs
 from cxr_pneumonia.preprocess import PreprocessConfig
 from cxr_pneumonia.rundir import RunError
-from cxr_pneumonia.train import TrainConfig, fit_gate_for_run
+from cxr_pneumonia.train import TrainConfig, fit_gate_for_run, preset_configs
 from cxr_pneumonia.train import train as _train
 
 __all__ = [
@@ -62,15 +63,18 @@ def train(
     model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
     resume: bool = False,
+    preset: str | None = None,
     **overrides: Any,
 ) -> Run:
     """Train a run and load it; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=`` ...) go to
-    whichever config has that field."""
-    model_cfg = override(model_cfg or ModelConfig(), **_split_overrides(ModelConfig, overrides))
-    train_cfg = override(train_cfg or TrainConfig(), **_split_overrides(TrainConfig, overrides))
-    preprocess_cfg = override(
-        preprocess_cfg or PreprocessConfig(), **_split_overrides(PreprocessConfig, overrides)
+    whichever config has that field. ``preset="seed"`` starts from a shipped pipeline (the seed's)
+    instead of the defaults: a config given here replaces that section, keyword overrides win."""
+    base = (
+        preset_configs(preset) if preset is not None else (PreprocessConfig(), ModelConfig(), TrainConfig())
     )
+    model_cfg = override(model_cfg or base[1], **_split_overrides(ModelConfig, overrides))
+    train_cfg = override(train_cfg or base[2], preset=preset, **_split_overrides(TrainConfig, overrides))
+    preprocess_cfg = override(preprocess_cfg or base[0], **_split_overrides(PreprocessConfig, overrides))
     if overrides:
         raise TypeError(f"unknown settings {sorted(overrides)}")
     run_dir = _train(

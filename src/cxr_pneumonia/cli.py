@@ -301,8 +301,14 @@ def train(
         raise CommandError(str(e)) from e
     info, metrics = run.threshold_info, run.metrics_val or {}
     typer.echo(f"run: {run.path}")
-    rule, target = info.get("rule"), info.get("target_recall")
-    typer.echo(f"threshold {run.threshold:.4f} ({rule}, validation target recall {target})")
+    rule, target, spread = info.get("rule"), info.get("target_recall"), info.get("spread") or {}
+    how = "fixed" if rule == "fixed" else f"{rule}, validation target recall {target}"
+    typer.echo(f"threshold {run.threshold:.4f} ({how})")
+    if spread.get("threshold"):
+        low, high = spread["threshold"]
+        typer.echo(
+            f"target-recall thresholds of {spread['n_groups_used']} acquisition groups: {low:.3f}-{high:.3f}"
+        )
     typer.echo(
         "validation: "
         + ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in ("recall", "specificity", "roc_auc"))
@@ -320,6 +326,15 @@ def _train_settings(path: Path | None, overrides: dict[str, Any]) -> dict[str, A
 
     configs = dict(zip(("preprocess_cfg", "model_cfg", "train_cfg"), _train_configs(), strict=True))
     from_file = dict(zip(configs, _configs_from_file(path), strict=True))
+    if overrides.get("preset") is not None:  # the preset is the base; options given still win
+        from cxr_pneumonia.train import preset_configs
+
+        if path is not None:
+            raise CommandError("give --preset or --config, not both")
+        try:
+            from_file = dict(zip(configs, preset_configs(overrides["preset"]), strict=True))
+        except ConfigError as e:
+            raise CommandError(str(e)) from e
     settings = {}
     try:
         for key, cls in configs.items():

@@ -29,7 +29,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cxr_pneumonia import io
-from cxr_pneumonia.config import StageConfig, file_sha256
+from cxr_pneumonia.config import StageConfig, atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -615,3 +615,274 @@ def _indent(text: str) -> str:
 
 def _more(total: int, shown: int) -> list[str]:
     return [f"  ... and {total - shown} more"] if total > shown else []
+
+
+# --------------------------------------------------------------------------- acquisition groups
+#
+# The shared training images were all stretched to 224×224 and re-saved as JPEG, so image size
+# and aspect no longer tell the acquisitions apart. What survives the resize is measured on the
+# raw decoded image: exposure, contrast, sharpness, noise, black borders, the direction of the
+# texture (stretching an original of another aspect ratio squeezes its gradients along one axis)
+# and how many JPEG bytes the picture costs. Clusters of those are the "acquisition groups" that
+# shift-aware validation holds out whole.
+
+STAT_NAMES: tuple[str, ...] = (
+    "mean", "median", "p05", "p95", "std", "iqr", "log_sharpness", "noise", "dark_fraction",
+    "grad_ratio", "bytes_per_pixel", "log_aspect", "log_pixels",
+)  # fmt: skip
+# Clustered on: one or two statistics per property, so that exposure (four correlated
+# statistics) does not outweigh the rest. Columns constant over the data set are dropped.
+CLUSTER_STATS: tuple[str, ...] = (
+    "median", "iqr", "log_sharpness", "noise", "dark_fraction", "grad_ratio", "bytes_per_pixel",
+    "log_aspect", "log_pixels",
+)  # fmt: skip
+_STATS_VERSION = 2  # bump when a statistic's definition changes: the cache is keyed on it
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+_DARK_LEVEL = 16  # grey levels at or below this count as black border / background
+# File-name families of the Kermany data. NORMAL images are only IM-/NORMAL2-IM-, PNEUMONIA
+# images only person*_bacteria/_virus: the family is the label, so it can describe a group but
+# never be held out alone (a held-out family would hold one class).
+_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^normal\d+-im-", re.IGNORECASE), "NORMAL2-IM"),
+    (re.compile(r"^im-", re.IGNORECASE), "IM"),
+    (re.compile(r"^person\d+_bacteria", re.IGNORECASE), "person_bacteria"),
+    (re.compile(r"^person\d+_virus", re.IGNORECASE), "person_virus"),
+)
+
+
+def image_statistics_of(image: np.ndarray, *, file_bytes: int | None = None) -> dict[str, float]:
+    """Acquisition statistics of one uint8 grayscale image (a pure function).
+
+    ``mean``/``median``/``p05``/``p95``: exposure; ``std``/``iqr``: contrast; ``log_sharpness``:
+    log(1 + variance of the Laplacian); ``noise``: Immerkær's (1996) estimate of the noise's
+    standard deviation (mean absolute response to a 3×3 kernel blind to smooth structure);
+    ``dark_fraction``: share of pixels at or below grey level 16 (borders, collimation);
+    ``grad_ratio``: log of horizontal over vertical Sobel gradient energy (0 for isotropic
+    texture; a stretched original leaves it off 0); ``bytes_per_pixel``: file size over pixels
+    (NaN without ``file_bytes``); ``log_aspect``: log(width / height); ``log_pixels``: log10 of
+    the pixel count.
+    """
+    import cv2  # OpenCV is io's dependency already; imported here to keep data's import light
+
+    pixels = image.astype(np.float32)
+    p05, p25, median, p75, p95 = np.percentile(image, [5, 25, 50, 75, 95])
+    laplacian = cv2.Laplacian(pixels, cv2.CV_32F, ksize=3)
+    # Immerkær's estimate: this kernel cancels smooth structure (edges, gradients) and keeps noise.
+    residual = np.abs(cv2.filter2D(pixels, cv2.CV_32F, _NOISE_KERNEL)[1:-1, 1:-1])
+    gx = cv2.Sobel(pixels, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(pixels, cv2.CV_32F, 0, 1, ksize=3)
+    energy_x, energy_y = float(np.square(gx).sum()), float(np.square(gy).sum())
+    height, width = image.shape[:2]
+    return {
+        "mean": float(pixels.mean()),
+        "median": float(median),
+        "p05": float(p05),
+        "p95": float(p95),
+        "std": float(pixels.std()),
+        "iqr": float(p75 - p25),
+        "log_sharpness": float(np.log1p(laplacian.var())),
+        "noise": float(np.sqrt(np.pi / 2) * residual.mean() / 6) if residual.size else 0.0,
+        "dark_fraction": float(np.mean(image <= _DARK_LEVEL)),
+        "grad_ratio": float(np.log((energy_x + 1.0) / (energy_y + 1.0))),
+        "bytes_per_pixel": float(file_bytes) / (height * width) if file_bytes else float("nan"),
+        "log_aspect": float(np.log(width / height)),
+        "log_pixels": float(np.log10(height * width)),
+    }
+
+
+def _statistics_of_file(path: str) -> tuple[str, dict[str, float] | None, str | None]:
+    """(path, statistics, error) of one file (a worker function, so it must be module level)."""
+    try:
+        image = io.load_image(Path(path))
+        return path, image_statistics_of(image, file_bytes=Path(path).stat().st_size), None
+    except io.ImageReadError as exc:
+        return path, None, getattr(exc, "reason", None) or str(exc)
+    except OSError as exc:
+        return path, None, f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _statistics_all(
+    paths: list[str], workers: int
+) -> Iterator[tuple[str, dict[str, float] | None, str | None]]:
+    if workers <= 1 or len(paths) < 64:
+        yield from map(_statistics_of_file, paths)
+        return
+    context = multiprocessing.get_context("spawn")  # see _probe_all
+    chunksize = max(1, len(paths) // (workers * 8))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_statistics_of_file, paths, chunksize=chunksize)
+
+
+def _cache_key(path: str) -> str:
+    """What identifies a file's content cheaply: path, size and modification time."""
+    stat = Path(path).stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _read_stats_cache(file: Path | None) -> pd.DataFrame:
+    if file is None or not file.is_file():
+        return pd.DataFrame(columns=["key", *STAT_NAMES]).set_index("key")
+    try:
+        return pd.read_csv(file, index_col="key")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        log.warning("%s: unreadable statistics cache (%s); recomputing", file, exc)
+        return pd.DataFrame(columns=["key", *STAT_NAMES]).set_index("key")
+
+
+def image_statistics(
+    paths: Sequence[str | Path], *, workers: int | None = None, cache_dir: Path | None = None
+) -> pd.DataFrame:
+    """:func:`image_statistics_of` for each file, one row per path in input order (columns
+    :data:`STAT_NAMES`; NaN for a file that cannot be read, with a warning).
+
+    ``cache_dir`` keeps the figures in ``image_stats_v<version>.csv`` keyed on path, size and
+    modification time, so a data set is decoded once however often it is grouped.
+    """
+    paths = [str(p) for p in paths]
+    cache_file = Path(cache_dir) / f"image_stats_v{_STATS_VERSION}.csv" if cache_dir is not None else None
+    cached = _read_stats_cache(cache_file)
+    key_of = {p: _cache_key(p) if Path(p).exists() else f"{p}|missing" for p in paths}
+    todo = [p for p in key_of if key_of[p] not in cached.index]
+    rows: dict[str, dict[str, float]] = {}
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    for path, stats, error in _statistics_all(todo, workers):
+        if error is not None:
+            log.warning("no statistics for %s: %s", path, error)
+        rows[path] = stats or {}
+    fresh = pd.DataFrame([rows[p] for p in todo], index=[key_of[p] for p in todo], columns=list(STAT_NAMES))
+    if cache_file is not None and len(fresh.dropna(how="all")):
+        merged = pd.concat([cached, fresh.dropna(how="all")])
+        merged = merged[~merged.index.duplicated(keep="last")].rename_axis("key")
+        atomic_write_bytes(cache_file, merged.to_csv().encode())
+    table = pd.concat([cached, fresh])
+    table = table[~table.index.duplicated(keep="last")]
+    return table.reindex([key_of[p] for p in paths])[list(STAT_NAMES)].astype(float).reset_index(drop=True)
+
+
+def _standardised(stats: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """z-scores of the ``columns`` that vary; a missing value becomes the column's median (z≈0)."""
+    table = stats[list(columns)].astype(float)
+    table = table.fillna(table.median()).fillna(0.0)
+    spread = table.std(ddof=0)
+    varying = spread[spread > 1e-12].index
+    if len(varying) == 0:
+        return np.zeros((len(table), 1))
+    return ((table[varying] - table[varying].mean()) / spread[varying]).to_numpy()
+
+
+def _by_patient(labels: np.ndarray, patients: pd.Series) -> np.ndarray:
+    """Each patient's most frequent label on all of its rows (ties: the smaller label)."""
+    frame = pd.DataFrame({"patient": patients.astype(str).to_numpy(), "label": labels})
+    counts = frame.groupby(["patient", "label"]).size().reset_index(name="n")
+    counts = counts.sort_values(["patient", "n", "label"], ascending=[True, False, True])
+    majority = counts.drop_duplicates("patient").set_index("patient")["label"]
+    return frame["patient"].map(majority).to_numpy()
+
+
+def acquisition_groups(
+    df: pd.DataFrame,
+    *,
+    k: int = 4,
+    seed: int = 0,
+    stats: pd.DataFrame | None = None,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+    group_col: str | None = "patient_id",
+) -> pd.Series:
+    """Acquisition group (0 .. k-1, 0 the largest) of every row of ``df``, as an int Series.
+
+    KMeans (scikit-learn, ``n_init=10``, seeded) on the standardised :data:`CLUSTER_STATS` of
+    each image (``stats`` aligned with ``df``, or computed by :func:`image_statistics` from
+    ``df["path"]``). Groups are then made patient-consistent: every image of a patient
+    (``group_col``; None: no such step) takes the group most of its images fell in, so a held-out
+    group never shares a patient with training. Fewer distinct images than ``k`` give fewer groups.
+    """
+    from sklearn.cluster import KMeans  # heavy import, only needed here
+    from threadpoolctl import threadpool_limits
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if df.empty:
+        raise DatasetError("cannot group an empty dataset")
+    if stats is None:
+        stats = image_statistics(df["path"], workers=workers, cache_dir=cache_dir)
+    features = _standardised(stats.reset_index(drop=True), CLUSTER_STATS)
+    n_clusters = min(k, len(np.unique(features, axis=0)))
+    with threadpool_limits(1):  # thousands of points at most: threads only contend with training's
+        labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(features)
+    if group_col is not None:
+        labels = _by_patient(labels, df[group_col])
+    # Renumber by size (largest first, ties by the old number) so the ids do not depend on
+    # KMeans' arbitrary order; patient voting may have emptied a cluster, so renumber densely.
+    sizes = pd.Series(labels).value_counts()
+    order = sorted(sizes.index, key=lambda g: (-sizes[g], g))
+    renumber = {old: new for new, old in enumerate(order)}
+    return pd.Series([renumber[g] for g in labels], index=df.index, name="acquisition_group", dtype="int64")
+
+
+def describe_groups(
+    stats: pd.DataFrame, groups: pd.Series, labels: Sequence[int] | None = None
+) -> pd.DataFrame:
+    """One row per group: ``n`` (and ``n_positive`` when ``labels`` are given) and the mean of
+    every statistic, i.e. what the group is (stats, groups and labels aligned by position)."""
+    table = stats.reset_index(drop=True).assign(group=np.asarray(groups))
+    described = table.groupby("group")[list(STAT_NAMES)].mean()
+    described.insert(0, "n", table.groupby("group").size())
+    if labels is not None:
+        described.insert(1, "n_positive", pd.Series(np.asarray(labels)).groupby(table["group"]).sum())
+    return described
+
+
+def farthest_group(
+    stats: pd.DataFrame,
+    groups: pd.Series,
+    labels: Sequence[int] | None = None,
+    *,
+    min_per_class: int = 30,
+    max_class_share: float = 0.5,
+) -> int:
+    """The group whose mean standardised statistics lie farthest from the mean of all other
+    images: the most distinct acquisition, the natural one to hold out.
+
+    With ``labels``, only groups worth holding out compete: at least ``min_per_class`` images of
+    each class (so its AUC means something) and at most ``max_class_share`` of either class's
+    images (so that training keeps most of both). Raises ``ValueError`` when no group qualifies.
+    """
+    features = _standardised(stats.reset_index(drop=True), CLUSTER_STATS)
+    ids = np.asarray(groups)
+    y = None if labels is None else np.asarray(labels)
+    distances = {}
+    for g in np.unique(ids):
+        inside = ids == g
+        if not (~inside).any():
+            continue
+        if y is not None:
+            counts = [int((inside & (y == c)).sum()) for c in (0, 1)]
+            shares = [n / max(1, int((y == c).sum())) for n, c in zip(counts, (0, 1), strict=True)]
+            if min(counts) < min_per_class or max(shares) > max_class_share:
+                continue
+        distances[int(g)] = float(
+            np.linalg.norm(features[inside].mean(axis=0) - features[~inside].mean(axis=0))
+        )
+    if not distances:
+        raise ValueError(
+            f"no group can be held out (each needs >= {min_per_class} images of each class and at most "
+            f"{max_class_share:.0%} of either class); group sizes: {pd.Series(ids).value_counts().to_dict()}"
+        )
+    return max(distances, key=lambda g: (distances[g], -g))
+
+
+def filename_family(filename: str) -> str:
+    """The Kermany file-name family of ``filename``: ``IM``, ``NORMAL2-IM``, ``person_bacteria``,
+    ``person_virus``, or ``other``. Confounded with the label (NORMAL files are IM/NORMAL2-IM,
+    PNEUMONIA files person_*): fit to describe groups, never to hold out alone."""
+    name = Path(filename).name
+    for pattern, family in _FAMILIES:
+        if pattern.match(name):
+            return family
+    return "other"
+
+
+def filename_families(df: pd.DataFrame) -> pd.Series:
+    """:func:`filename_family` of every ``path`` of ``df``."""
+    return df["path"].map(filename_family).rename("filename_family")

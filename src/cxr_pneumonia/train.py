@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -46,8 +47,24 @@ from cxr_pneumonia.config import (
     to_dict,
     write_json,
 )
-from cxr_pneumonia.data import SplitConfig, discover, make_splits
-from cxr_pneumonia.evaluate import choose_threshold, compute_metrics
+from cxr_pneumonia.data import (
+    CLUSTER_STATS,
+    SplitConfig,
+    acquisition_groups,
+    describe_groups,
+    discover,
+    image_statistics,
+    make_splits,
+)
+from cxr_pneumonia.evaluate import (
+    GROUP_RULES,
+    ThresholdChoice,
+    choose_threshold,
+    choose_threshold_across_groups,
+    compute_metrics,
+    rates_at,
+    rates_by_group,
+)
 from cxr_pneumonia.features import (
     FeatureStore,
     bf16_supported,
@@ -94,12 +111,17 @@ class TrainingError(RuntimeError):
     """Training cannot start or continue (bad data, bad run directory)."""
 
 
+# Shipped settings (src/cxr_pneumonia/presets/<name>.json, also usable as `train --config FILE`).
+PRESETS: tuple[str, ...] = ("seed",)
+
+
 class TrainConfig(StageConfig):
     """Training settings; saved in the run's config.json."""
 
     cli_fields: ClassVar[tuple[str, ...]] = (
         "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
         "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers", "fit_gate",
+        "fixed_threshold", "threshold_groups", "preset",
     )  # fmt: skip
 
     epochs: int = Field(15, ge=1, description="Head epochs on cached features (frozen backbone).")
@@ -113,8 +135,20 @@ class TrainConfig(StageConfig):
         False, description="Validate on the dataset's own val split instead of held-out patients."
     )
     target_recall: float = Field(0.98, gt=0, le=1, description="Validation recall the threshold must keep.")
-    threshold_rule: Literal["max_specificity", "midpoint"] = Field(
-        "max_specificity", description="How the threshold is placed among those keeping the target recall."
+    # group_median: the median of the acquisition groups' target-recall thresholds (evaluate.
+    # choose_threshold_across_groups says why); the pooled rules ignore the groups.
+    threshold_rule: Literal["group_median", "group_min", "max_specificity", "midpoint", "fixed"] = Field(
+        "group_median",
+        description="Operating point: median (group_median) or minimum (group_min) of the validation "
+        "acquisition groups' target-recall thresholds, the pooled one (max_specificity, midpoint), "
+        "or fixed_threshold (fixed).",
+    )
+    fixed_threshold: float = Field(0.5, gt=0, le=1, description="The threshold of threshold_rule fixed.")
+    threshold_groups: int = Field(
+        4, ge=1, description="Acquisition groups the validation images are clustered into (data.py)."
+    )
+    preset: Literal[PRESETS] | None = Field(  # type: ignore[valid-type]
+        None, description="The shipped settings the run starts from (seed: the seed's pipeline)."
     )
     patience: int = Field(4, ge=1, description="Epochs without a better validation AUC before stopping.")
     class_weight: bool = Field(True, description="Weight the classes by their inverse frequency.")
@@ -577,7 +611,7 @@ def train(
     fit.callbacks = callbacks
     _run_stages(fit, plan_stages(model_cfg, train_cfg, head=head, top=top), state, strategy)
 
-    choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg)
+    choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg, cache_dir)
     if train_cfg.fit_gate:
         save_gate(run_fit_gate(model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df), run_dir)
     _finish_run(
@@ -616,6 +650,7 @@ def _start_run(
     """Create the run directory with its resume state (configs, data, no epoch yet)."""
     if (run_dir / MODEL_FILE).exists():
         raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
+    check_weights_available(model_cfg, train_cfg)  # before the run directory exists
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {
@@ -654,6 +689,55 @@ def _configs_from_state(
         raise ConfigError(f"{run_dir / STATE_FILE}: {e}") from None
     except KeyError as e:
         raise TrainingError(f"{run_dir / STATE_FILE}: no {e} entry; not a run that can be resumed") from None
+
+
+def preset_configs(name: str) -> tuple[PreprocessConfig, ModelConfig, TrainConfig]:
+    """The three configs of a shipped preset (``presets/<name>.json``; ``preset`` recorded in the
+    TrainConfig). Raises :class:`ConfigError` in one line for an unknown name."""
+    from importlib import resources
+
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    values = json.loads((resources.files("cxr_pneumonia") / "presets" / f"{name}.json").read_text("utf-8"))
+    return (
+        from_dict(PreprocessConfig, values.get("preprocess") or {}),
+        from_dict(ModelConfig, values.get("model") or {}),
+        from_dict(TrainConfig, {**(values.get("train") or {}), "preset": name}),
+    )
+
+
+def check_weights_available(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None) -> None:
+    """Fail before any image is read when the backbone's ImageNet weights are neither in
+    ``$CXR_PNEUMONIA_WEIGHTS_DIR`` nor downloadable (a download that works is cached by Keras)."""
+    import keras
+
+    from cxr_pneumonia.model import WEIGHTS_DIR_ENV, WeightsUnavailableError, resolve_weights
+
+    if resolve_weights(model_cfg.backbone, model_cfg.weights) != "imagenet":
+        return  # a local file (checked when loaded), or random weights
+    spec = get_backbone(model_cfg.backbone)
+    size = max(model_cfg.image_size, spec.min_size)
+    try:
+        spec.constructor(
+            include_top=False,
+            weights="imagenet",
+            input_shape=(size, size, 3),
+            **dict(spec.constructor_kwargs),
+        )
+    except (ValueError, TypeError):
+        return  # not a download problem: building the model says what is wrong
+    except Exception as e:  # keras' get_file raises a bare Exception when the download fails
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        preset = (
+            f" (the {train_cfg.preset} preset runs on any backbone)" if train_cfg and train_cfg.preset else ""
+        )
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {model_cfg.backbone} are not available: none in ${WEIGHTS_DIR_ENV} and "
+            f"the download failed ({reason}); train a backbone whose weights you have{preset}, e.g. "
+            "--backbone xception with its weights in that folder, or pass --weights PATH or --weights none"
+        ) from None
+    finally:
+        keras.backend.clear_session()  # the probe's layers must not rename the real model's
 
 
 def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -705,19 +789,73 @@ def _feature_key(
 
 
 def _operating_point(
-    model: Any, val_df: pd.DataFrame, train_cfg: TrainConfig
+    model: Any, val_df: pd.DataFrame, train_cfg: TrainConfig, cache_dir: Path | None = None
 ) -> tuple[Any, dict, np.ndarray]:
     """The threshold and validation metrics, on exactly what the saved model will output: a full
     float32 forward pass over the validation images (cached features may be bfloat16/float16)."""
     val_scores = score_images(model, list(val_df["cached"]), batch_size=train_cfg.batch_size)
     y_val = val_df["label"].to_numpy()
-    choice = choose_threshold(
-        y_val, val_scores, target_recall=train_cfg.target_recall, rule=train_cfg.threshold_rule
-    )
+    choice = choose_operating_point(y_val, val_scores, val_df, train_cfg, cache_dir=cache_dir)
     metrics = compute_metrics(
         y_val, val_scores, choice.threshold, seed=train_cfg.seed, groups=val_df["patient_id"]
     )
     return choice, metrics, val_scores
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The chosen threshold and what threshold.json records about it (:func:`choose_operating_point`)."""
+
+    threshold: float
+    record: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.record)
+
+
+def choose_operating_point(
+    y: np.ndarray, scores: np.ndarray, val_df: pd.DataFrame, train_cfg: TrainConfig, *, cache_dir: Path | None
+) -> OperatingPoint:
+    """Apply ``train_cfg.threshold_rule`` to the validation scores. Whatever the rule, the record
+    shows how the threshold does in each acquisition group of the validation images
+    (``data.acquisition_groups``), each group's own target-recall threshold, their spread and
+    what each group is (``group_definition``: the mean statistics of its images)."""
+    rule, target = train_cfg.threshold_rule, train_cfg.target_recall
+    stats = image_statistics(
+        val_df["path"],
+        workers=train_cfg.workers,
+        cache_dir=None if cache_dir is None else cache_dir / "image_stats",
+    )
+    groups = acquisition_groups(val_df, k=train_cfg.threshold_groups, seed=train_cfg.seed, stats=stats)
+    if rule in GROUP_RULES:
+        record = choose_threshold_across_groups(y, scores, groups, target_recall=target, rule=rule).to_dict()
+    else:
+        if rule == "fixed":
+            record = _fixed_choice(y, scores, train_cfg).to_dict()
+            record["chosen_on"] = "nothing: fixed_threshold (validation figures for information)"
+        else:
+            record = choose_threshold(y, scores, target_recall=target, rule=rule).to_dict()
+        record.update(rates_by_group(y, scores, groups, record["threshold"], target_recall=target))
+    described = describe_groups(stats, groups, y).round(4)
+    record["group_definition"] = {
+        "method": f"KMeans (k={train_cfg.threshold_groups}, seed {train_cfg.seed}) on the standardised "
+        f"{', '.join(CLUSTER_STATS)} of the raw validation images; one group per patient",
+        "groups": described.astype(object).where(described.notna(), None).to_dict(orient="index"),
+    }
+    return OperatingPoint(float(record["threshold"]), record)
+
+
+def _fixed_choice(y: np.ndarray, scores: np.ndarray, train_cfg: TrainConfig) -> ThresholdChoice:
+    """``fixed_threshold``, chosen on nothing (the seed's decision at 0.5), with its validation rates."""
+    rates = rates_at(y, scores, train_cfg.fixed_threshold)
+    return ThresholdChoice(
+        threshold=float(train_cfg.fixed_threshold),
+        target_recall=float(train_cfg.target_recall),
+        recall=rates["recall"],
+        specificity=rates["specificity"],
+        rule="fixed",
+        achievable=rates["confusion_matrix"][0][0] > 0,
+    )
 
 
 def _weights_identity(model_cfg: ModelConfig) -> str:
@@ -766,7 +904,7 @@ def _finish_run(
         }
     ).to_csv(run_dir / VAL_PREDICTIONS_FILE, index=False)
     write_json(run_dir / METRICS_VAL_FILE, metrics_val)
-    threshold = {**choice.to_dict(), "chosen_on": "validation (patient-grouped split of the training data)"}
+    threshold = {"chosen_on": "validation (patient-grouped split of the training data)", **choice.to_dict()}
     write_metadata(
         run_dir,
         preprocess_cfg=preprocess_cfg,
