@@ -44,7 +44,7 @@
     }
   }
 
-  // fetch() with the stored token, if any, in the Authorization header.
+  // The Fetch API with the stored token, if any, in the Authorization header.
   function apiFetch(url, options) {
     const headers = Object.assign({}, (options && options.headers) || {});
     const token = storedToken();
