@@ -402,6 +402,7 @@ def test_serve_loads_the_run_and_starts_uvicorn(
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    monkeypatch.setattr(serve.MicroBatcher, "warm_up", lambda batcher: None)  # seconds, tested apart
     with caplog.at_level("WARNING", logger="cxr_pneumonia.serve"):
         serve.serve(tiny_run, host=host, port=8123, max_upload_mb=max_mb)
     [call] = calls
@@ -520,8 +521,20 @@ def _concurrently(app: Any, uploads: list[tuple[str, bytes, str]]) -> list[Any]:
 PATIENT = {"max_wait_ms": 60_000}
 
 
+def _record_forward_sizes(run: Run, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every ``run.classify_preprocessed`` call from now on."""
+    original, sizes = run.classify_preprocessed, []
+
+    def recording(batch: np.ndarray, **kwargs: Any) -> Any:
+        sizes.append(len(batch))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(run, "classify_preprocessed", recording)
+    return sizes
+
+
 def test_concurrent_requests_share_a_forward_pass_and_get_the_one_by_one_answers(
-    run: Run, images: dict[str, Path], not_an_xray: bytes
+    run: Run, images: dict[str, Path], not_an_xray: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read = {kind: images[kind].read_bytes() for kind in images}
     good = [
@@ -538,6 +551,7 @@ def test_concurrent_requests_share_a_forward_pass_and_get_the_one_by_one_answers
     assert len({answer["probability"] for answer in expected}) > 3  # the answers differ: the test can fail
 
     app = serve.create_app(run, max_batch=7, **PATIENT)
+    forward_sizes = _record_forward_sizes(run, monkeypatch)
     # A broken upload among them is answered alone and does not hold up the batch.
     truncated = ("cut.jpeg", read["jpeg"][: len(read["jpeg"]) // 2], "")
     responses = _concurrently(app, [*good[:3], truncated, *good[3:]])
@@ -546,6 +560,7 @@ def test_concurrent_requests_share_a_forward_pass_and_get_the_one_by_one_answers
     assert all(r.status_code == 200 for r in responses[:3] + responses[4:])
     # The seven meet in one batch: five gated in one pass, the two with gate=false in another.
     assert list(app.state.batcher.batch_sizes) == [5, 2]
+    assert forward_sizes == [7, 2]  # padded to the allowed sizes 1, 2, 4, 7; the padding's answers dropped
     for got, want in zip(answers, expected, strict=True):
         assert (got["probability"] is None) == (want["probability"] is None)
         if want["probability"] is not None:
@@ -593,6 +608,19 @@ def test_a_failing_batch_is_retried_one_by_one(
     assert list(app.state.batcher.batch_sizes) == [3, 1, 1, 1]
     # The model thread survived: the next request is answered.
     assert [r.status_code for r in _concurrently(app, [("c.png", data, "")] * 3)] == [200] * 3
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "allowed"), [(1, [1]), (2, [1, 2]), (12, [1, 2, 4, 8, 12]), (16, [1, 2, 4, 8, 16])]
+)
+def test_batches_take_a_few_allowed_sizes(run: Run, max_batch: int, allowed: list[int]) -> None:
+    assert serve.MicroBatcher(run, max_batch=max_batch).allowed_sizes == allowed
+
+
+def test_warm_up_runs_every_allowed_size_once(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward_sizes = _record_forward_sizes(run, monkeypatch)
+    serve.MicroBatcher(run, max_batch=6).warm_up()
+    assert forward_sizes == [1, 2, 4, 6]
 
 
 @pytest.mark.parametrize(("max_batch", "max_wait_ms"), [(0, 5.0), (4, -1.0)])
@@ -723,11 +751,14 @@ def test_app_from_env_builds_the_configured_app(
 ) -> None:
     limited: list[int] = []
     monkeypatch.setattr(serve, "limit_threads", limited.append)  # the test process keeps its threads
+    warmed: list[Any] = []
+    monkeypatch.setattr(serve.MicroBatcher, "warm_up", lambda batcher: warmed.append(batcher))
     monkeypatch.setattr(serve, "available_cores", lambda: 8)
     cfg = serve.ServeConfig(run=tiny_run, max_batch=4, max_wait_ms=2.5, token_file=token_file, workers=2)
     monkeypatch.setenv(serve.SERVE_CONFIG_ENV, cfg.model_dump_json())
     app = serve.app_from_env()
     assert limited == [4]  # 8 cores / 2 workers
+    assert warmed == [app.state.batcher]  # every batch size built before the first request
     assert (app.state.batcher.max_batch, app.state.batcher.max_wait_ms) == (4, 2.5)
     with TestClient(app) as worker:
         assert worker.get("/v1/model").status_code == 401

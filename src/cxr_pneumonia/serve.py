@@ -115,6 +115,7 @@ class ServeConfig(StageConfig):
     token_file: Path | None = Field(None, description="File holding the bearer token; None: no auth.")
     workers: int = Field(1, ge=1, le=64, description="Server processes.")
     threads: int | None = Field(None, ge=1, description="Model threads per process (None: cores / workers).")
+    warm_up: bool = Field(True, description="Run each batch size once before serving.")
 
 
 # --- response schemas (also document the API at /docs) ------------------------------------
@@ -349,7 +350,9 @@ class MicroBatcher:
     that queued up during the previous pass join at once), runs ONE
     :meth:`Run.classify_preprocessed` (gate + model) on the stack and resolves each request's
     future. A forward pass of 16 images costs far less than 16 passes of one, so under load
-    throughput grows while a lone request waits at most ``max_wait_ms`` more.
+    throughput grows while a lone request waits at most ``max_wait_ms`` more. A batch is padded
+    to the next of a few allowed sizes (1, 2, 4, ..., ``max_batch``), as TF Serving's
+    ``allowed_batch_sizes`` do, so the CPU kernels built per shape are few and warmed up once.
 
     One thread also keeps the model (and Grad-CAM) single-threaded: a Keras model is not
     guaranteed to be thread-safe. Requests whose ``gate`` differs go in separate passes (the
@@ -366,7 +369,11 @@ class MicroBatcher:
         self.run = run
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
-        # The size of every forward pass lately (tests and the bench read it).
+        # 1, 2, 4, ... up to max_batch: the only batch sizes the model sees (see _forward).
+        self.allowed_sizes = sorted(
+            {*(2**k for k in range(max_batch.bit_length()) if 2**k < max_batch), max_batch}
+        )
+        # The number of requests in every forward pass lately (tests read it).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._explainer: Explainer | None = None
@@ -436,19 +443,36 @@ class MicroBatcher:
         """One forward pass for ``requests``; on an error, each again alone."""
         self.batch_sizes.append(len(requests))
         try:
-            return list(
-                self.run.classify_preprocessed(
-                    np.stack([r.image for r in requests]),
-                    gate=gate,
-                    sources=[r.source for r in requests],
-                    batch_size=len(requests),
-                )
-            )
+            return self._forward([r.image for r in requests], [r.source for r in requests], gate=gate)
         except Exception as e:
             if len(requests) == 1:
                 return [e]
             log.warning("a batch of %d failed (%s); answering its requests one by one", len(requests), e)
             return [outcome for r in requests for outcome in self._classify([r], gate=gate)]
+
+    def _forward(self, images: Sequence[np.ndarray], sources: list[str], *, gate: bool) -> list[Any]:
+        """``classify_preprocessed`` on the images, padded to the next allowed batch size.
+
+        The CPU kernels (oneDNN, OpenVINO) are built per input shape on first use, which costs
+        more than the pass itself: a handful of sizes (TF Serving's ``allowed_batch_sizes``),
+        built once by :meth:`warm_up`, keeps that out of the requests. Padding repeats the last
+        image, whose answers are dropped; every image's answer is its own (no layer mixes them).
+        """
+        n = len(images)
+        size = next(s for s in self.allowed_sizes if s >= n)
+        stack = np.stack([*images, *[images[-1]] * (size - n)])
+        padded = [*sources, *["<padding>"] * (size - n)]
+        return self.run.classify_preprocessed(stack, gate=gate, sources=padded, batch_size=size)[:n]
+
+    def warm_up(self) -> None:
+        """Run every allowed batch size once, before the first request (call before serving)."""
+        blank = np.zeros((self.run.image_size, self.run.image_size), np.uint8)
+        started = time.perf_counter()
+        for size in self.allowed_sizes:
+            self._forward([blank] * size, ["<warm-up>"] * size, gate=True)
+        log.info(
+            "model warmed up for batches of %s in %.1f s", self.allowed_sizes, time.perf_counter() - started
+        )
 
     def _cam(self, image: np.ndarray) -> np.ndarray:
         if self._explainer is None:  # built on first use: plain predictions never need it
@@ -786,7 +810,7 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         limit_threads(threads)
     token = read_token(cfg.token_file) if cfg.token_file is not None else None
     run = Run.load(cfg.run, runtime=cfg.runtime, threads=threads)
-    return create_app(
+    app = create_app(
         run,
         max_upload_bytes=cfg.max_upload_bytes,
         gate=cfg.gate,
@@ -794,6 +818,9 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         max_wait_ms=cfg.max_wait_ms,
         token=token,
     )
+    if cfg.warm_up:
+        app.state.batcher.warm_up()
+    return app
 
 
 def app_from_env() -> FastAPI:
