@@ -725,7 +725,7 @@ def serve(
     ] = True,
     workers: Annotated[int, typer.Option(help="Server processes (each loads the model).", min=1)] = 1,
     threads: Annotated[
-        int | None, typer.Option(help="Model threads per process [default: cores / workers].", min=1)
+        int | None, typer.Option(help="Model threads per process (default: cores / workers).", min=1)
     ] = None,
     max_batch: Annotated[
         int, typer.Option(help="Most concurrent images in one forward pass (1: no batching).", min=1)
