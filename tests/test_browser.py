@@ -16,8 +16,10 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,14 +87,11 @@ def gate_probes(
     }
 
 
-@pytest.fixture(scope="module")
-def server_url(gate_probes: dict[str, Path]) -> Iterator[str]:
-    """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
+@contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a background thread on a free 127.0.0.1 port; its URL."""
     import uvicorn
 
-    from cxr_pneumonia.serve import create_app
-
-    app = create_app(Run.load(gate_probes["run"]), max_upload_bytes=UPLOAD_LIMIT)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # handing uvicorn the bound socket avoids a port race
     port = sock.getsockname()[1]
@@ -118,7 +117,48 @@ def server_url(gate_probes: dict[str, Path]) -> Iterator[str]:
         sock.close()
 
 
-def _api_probability(url: str, path: Path) -> float:
+@pytest.fixture(scope="module")
+def served_run(gate_probes: dict[str, Path]) -> Run:
+    return Run.load(gate_probes["run"])
+
+
+@pytest.fixture(scope="module")
+def server_url(served_run: Run) -> Iterator[str]:
+    from cxr_pneumonia.serve import create_app
+
+    with _serving(create_app(served_run, max_upload_bytes=UPLOAD_LIMIT)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module's tests (each gets its own page)."""
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
+    """``new_page(**context options) -> (page, script errors so far)``; closed after the test."""
+    pages = []
+
+    def open_page(**options: Any) -> tuple[Any, list[str]]:
+        context = browser.new_context(**options)  # a fresh context: no sessionStorage carried over
+        pages.append(context)
+        page, errors = context.new_page(), []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        return page, errors
+
+    yield open_page
+    for context in pages:
+        context.close()
+
+
+def _api_probability(url: str, path: Path, token: str | None = None) -> float:
     """The API's answer for ``path``, posted without a browser (multipart by hand)."""
     boundary = "cxr-test-boundary"
     body = (
@@ -129,15 +169,16 @@ def _api_probability(url: str, path: Path) -> float:
         + path.read_bytes()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    request = urllib.request.Request(
-        f"{url}/v1/predict", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"{url}/v1/predict", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         return float(json.load(response)["probability"])
 
 
 def test_upload_in_the_browser_shows_probability_and_heatmap(
-    server_url: str, sample_dir: Path, tmp_path: Path
+    server_url: str, new_page: Callable[..., Any], sample_dir: Path, tmp_path: Path
 ) -> None:
     xray = sorted((sample_dir / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
     not_an_image = tmp_path / "notes.png"
@@ -148,56 +189,49 @@ def test_upload_in_the_browser_shows_probability_and_heatmap(
     error_screenshot = tmp_path / "screenshot_web_error.png"
     expected = _api_probability(server_url, xray)
 
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1000})
-            page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
-            page.goto(f"{server_url}/")
-            expect = sync_api.expect
+    page, page_errors = new_page(viewport={"width": 1100, "height": 1000})
+    page.goto(f"{server_url}/")
+    expect = sync_api.expect
 
-            notice = page.locator("#notice")
-            expect(notice).to_be_visible()
-            expect(notice).to_contain_text("Research use only")
-            expect(notice).to_contain_text("not a medical device")
-            expect(page.locator("#model-info")).to_contain_text("threshold")
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("Research use only")
+    expect(notice).to_contain_text("not a medical device")
+    expect(page.locator("#model-info")).to_contain_text("threshold")
 
-            page.set_input_files("#file-input", str(xray))
-            probability = page.locator("#probability")
-            expect(probability).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
-            probability_text = probability.inner_text()
-            assert float(probability_text) == pytest.approx(expected, abs=5e-4)
-            label = re.compile(r"^(PNEUMONIA|NORMAL) \(threshold \d\.\d{3}\)$")
-            expect(page.locator("#label")).to_have_text(label)
-            for image_id in ("#heatmap", "#preprocessed"):
-                image = page.locator(image_id)
-                expect(image).to_be_visible()
-                expect(image).to_have_attribute("src", re.compile(r"^data:image/png;base64,.+"))
-                # naturalWidth > 0: the browser decoded the PNG, not just received a src.
-                assert image.evaluate("el => el.complete && el.naturalWidth") > 0
-            expect(page.locator("#error")).to_be_hidden()
-            page.screenshot(path=str(screenshot), full_page=True)
+    page.set_input_files("#file-input", str(xray))
+    probability = page.locator("#probability")
+    expect(probability).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
+    probability_text = probability.inner_text()
+    assert float(probability_text) == pytest.approx(expected, abs=5e-4)
+    label = re.compile(r"^(PNEUMONIA|NORMAL) \(threshold \d\.\d{3}\)$")
+    expect(page.locator("#label")).to_have_text(label)
+    for image_id in ("#heatmap", "#preprocessed"):
+        image = page.locator(image_id)
+        expect(image).to_be_visible()
+        expect(image).to_have_attribute("src", re.compile(r"^data:image/png;base64,.+"))
+        # naturalWidth > 0: the browser decoded the PNG, not just received a src.
+        assert image.evaluate("el => el.complete && el.naturalWidth") > 0
+    expect(page.locator("#error")).to_be_hidden()
+    page.screenshot(path=str(screenshot), full_page=True)
 
-            page.set_input_files("#file-input", str(not_an_image))
-            error = page.locator("#error")
-            expect(error).to_be_visible(timeout=30_000)
-            expect(error).to_contain_text("415")
-            expect(error).to_contain_text("unsupported file type")
-            expect(page.locator("#result")).to_be_hidden()  # no stale result beside the error
-            page.screenshot(path=str(error_screenshot))
+    page.set_input_files("#file-input", str(not_an_image))
+    error = page.locator("#error")
+    expect(error).to_be_visible(timeout=30_000)
+    expect(error).to_contain_text("415")
+    expect(error).to_contain_text("unsupported file type")
+    expect(page.locator("#result")).to_be_hidden()  # no stale result beside the error
+    page.screenshot(path=str(error_screenshot))
 
-            page.set_input_files("#file-input", str(too_big))
-            expect(error).to_contain_text("413", timeout=30_000)
-            expect(error).to_contain_text("limit")
+    page.set_input_files("#file-input", str(too_big))
+    expect(error).to_contain_text("413", timeout=30_000)
+    expect(error).to_contain_text("limit")
 
-            # The server keeps answering after the bad uploads, and the error is cleared.
-            page.set_input_files("#file-input", str(xray))
-            expect(probability).to_have_text(probability_text, timeout=60_000)
-            expect(error).to_be_hidden()
-            assert page_errors == []
-        finally:
-            browser.close()
+    # The server keeps answering after the bad uploads, and the error is cleared.
+    page.set_input_files("#file-input", str(xray))
+    expect(probability).to_have_text(probability_text, timeout=60_000)
+    expect(error).to_be_hidden()
+    assert page_errors == []
 
     assert screenshot.stat().st_size > 10_000
     if os.environ.get(SCREENSHOT_ENV) == "1":
@@ -207,63 +241,56 @@ def test_upload_in_the_browser_shows_probability_and_heatmap(
 
 
 def test_the_page_shows_rejections_unusual_images_and_gate_off(
-    server_url: str, gate_probes: dict[str, Path], tmp_path: Path
+    server_url: str, new_page: Callable[..., Any], gate_probes: dict[str, Path], tmp_path: Path
 ) -> None:
     screenshot = tmp_path / "screenshot_rejected.png"
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
-            page.goto(f"{server_url}/")
-            expect = sync_api.expect
-            result, rejection, note = (
-                page.locator("#result"),
-                page.locator("#rejection"),
-                page.locator("#domain-note"),
-            )
+    page, page_errors = new_page(viewport={"width": 1000, "height": 900})
+    page.goto(f"{server_url}/")
+    expect = sync_api.expect
+    result, rejection, note = (
+        page.locator("#result"),
+        page.locator("#rejection"),
+        page.locator("#domain-note"),
+    )
 
-            # Not a chest X-ray: its own message, no probability, no label, no red PNEUMONIA.
-            page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
-            expect(rejection).to_be_visible(timeout=60_000)
-            expect(rejection).to_contain_text("Not analysed: this does not look like a frontal chest X-ray")
-            expect(rejection).to_contain_text("not like the frontal chest X-rays this model was trained on")
-            expect(rejection).to_contain_text("limit")
-            expect(page.locator("#scores")).to_be_hidden()
-            expect(page.locator("#heatmap-figure")).to_be_hidden()
-            expect(page.locator("#preprocessed")).to_be_visible()
-            assert "PNEUMONIA" not in result.inner_text() and page.locator(".label-pneumonia").count() == 0
-            expect(page.locator("#notice")).to_contain_text("Research use only")
-            expect(page.locator("#error")).to_be_hidden()
-            page.screenshot(path=str(screenshot), full_page=True)
+    # Not a chest X-ray: its own message, no probability, no label, no red PNEUMONIA.
+    page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
+    expect(rejection).to_be_visible(timeout=60_000)
+    expect(rejection).to_contain_text("Not analysed: this does not look like a frontal chest X-ray")
+    expect(rejection).to_contain_text("not like the frontal chest X-rays this model was trained on")
+    expect(rejection).to_contain_text("limit")
+    expect(page.locator("#scores")).to_be_hidden()
+    expect(page.locator("#heatmap-figure")).to_be_hidden()
+    expect(page.locator("#preprocessed")).to_be_visible()
+    assert "PNEUMONIA" not in result.inner_text() and page.locator(".label-pneumonia").count() == 0
+    expect(page.locator("#notice")).to_contain_text("Research use only")
+    expect(page.locator("#error")).to_be_hidden()
+    page.screenshot(path=str(screenshot), full_page=True)
 
-            # The same picture with the check off: classified, and the result says it is unreliable.
-            page.check("#gate-off")
-            page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
-            expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
-            expect(rejection).to_be_hidden()
-            expect(note).to_contain_text("Input check off")
-            expect(note).to_contain_text("classified anyway: gate off")
-            expect(note).to_contain_text("unreliable")
-            page.uncheck("#gate-off")
+    # The same picture with the check off: classified, and the result says it is unreliable.
+    page.check("#gate-off")
+    page.set_input_files("#file-input", str(gate_probes["not_an_xray"]))
+    expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
+    expect(rejection).to_be_hidden()
+    expect(note).to_contain_text("Input check off")
+    expect(note).to_contain_text("classified anyway: gate off")
+    expect(note).to_contain_text("unreliable")
+    page.uncheck("#gate-off")
 
-            # An accepted X-ray unlike most of the training population: classified, with a note.
-            page.set_input_files("#file-input", str(gate_probes["unusual"]))
-            expect(note).to_contain_text("Unusual image", timeout=60_000)
-            expect(note).to_contain_text("unlike most of the training")
-            expect(page.locator("#label")).to_have_text(re.compile(r"^(PNEUMONIA|NORMAL) \(threshold"))
+    # An accepted X-ray unlike most of the training population: classified, with a note.
+    page.set_input_files("#file-input", str(gate_probes["unusual"]))
+    expect(note).to_contain_text("Unusual image", timeout=60_000)
+    expect(note).to_contain_text("unlike most of the training")
+    expect(page.locator("#label")).to_have_text(re.compile(r"^(PNEUMONIA|NORMAL) \(threshold"))
 
-            # An ordinary X-ray: no rejection, no note.
-            page.set_input_files("#file-input", str(gate_probes["usual"]))
-            expect(note).to_be_hidden(timeout=60_000)
-            expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"))
-            expect(rejection).to_be_hidden()
-            expect(page.locator("#heatmap")).to_be_visible()
-            expect(page.locator("#notice")).to_be_visible()
-            assert page_errors == []
-        finally:
-            browser.close()
+    # An ordinary X-ray: no rejection, no note.
+    page.set_input_files("#file-input", str(gate_probes["usual"]))
+    expect(note).to_be_hidden(timeout=60_000)
+    expect(page.locator("#probability")).to_have_text(re.compile(r"^\d\.\d{3}$"))
+    expect(rejection).to_be_hidden()
+    expect(page.locator("#heatmap")).to_be_visible()
+    expect(page.locator("#notice")).to_be_visible()
+    assert page_errors == []
 
     assert 10_000 < screenshot.stat().st_size < 200_000
     if os.environ.get(SCREENSHOT_ENV) == "1":
@@ -272,23 +299,65 @@ def test_the_page_shows_rejections_unusual_images_and_gate_off(
         shutil.copyfile(screenshot, target)
 
 
-def test_swagger_docs_render_without_internet(server_url: str) -> None:
+def test_swagger_docs_render_without_internet(server_url: str, new_page: Callable[..., Any]) -> None:
     """/docs draws the operations from this server's own assets (no CDN on these machines)."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            outside: list[str] = []
-            page.on(
-                "request",
-                lambda request: (
-                    outside.append(request.url) if not request.url.startswith((server_url, "data:")) else None
-                ),
-            )
-            page.goto(f"{server_url}/docs")
-            sync_api.expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
-            paths = page.locator(".opblock-summary-path").all_inner_texts()
-            assert any("/v1/predict" in p for p in paths), paths
-            assert outside == []
-        finally:
-            browser.close()
+    page, _ = new_page()
+    outside: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            outside.append(request.url) if not request.url.startswith((server_url, "data:")) else None
+        ),
+    )
+    page.goto(f"{server_url}/docs")
+    sync_api.expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any("/v1/predict" in p for p in paths), paths
+    assert outside == []
+
+
+BROWSER_TOKEN = "browser-test-token-5f2a9c7e"
+
+
+@pytest.fixture(scope="module")
+def token_server_url(served_run: Run) -> Iterator[str]:
+    """The same run served with a bearer token (``--token-file``)."""
+    from cxr_pneumonia.serve import create_app
+
+    with _serving(create_app(served_run, token=BROWSER_TOKEN)) as url:
+        yield url
+
+
+def test_the_page_asks_for_the_token_once(
+    token_server_url: str, new_page: Callable[..., Any], sample_dir: Path
+) -> None:
+    xray = sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0]
+    expected = _api_probability(token_server_url, xray, token=BROWSER_TOKEN)
+    page, page_errors = new_page()
+    page.goto(f"{token_server_url}/")
+    expect = sync_api.expect
+    form, note, info = page.locator("#token-form"), page.locator("#token-note"), page.locator("#model-info")
+    expect(form).to_be_visible()
+    expect(note).to_contain_text("asks for an access token")
+    expect(info).to_contain_text("enter the access token")
+
+    page.fill("#token-input", "not-the-token")
+    page.click("#token-submit")
+    expect(note).to_contain_text("not accepted")
+    expect(form).to_be_visible()
+
+    page.fill("#token-input", BROWSER_TOKEN)
+    page.click("#token-submit")
+    expect(info).to_contain_text("threshold")
+    expect(form).to_be_hidden()
+    page.set_input_files("#file-input", str(xray))
+    probability = page.locator("#probability")
+    expect(probability).to_have_text(re.compile(r"^\d\.\d{3}$"), timeout=60_000)
+    assert float(probability.inner_text()) == pytest.approx(expected, abs=5e-4)
+
+    # Kept for this tab (sessionStorage): a reload does not ask again.
+    page.reload()
+    expect(info).to_contain_text("threshold")
+    expect(form).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('cxr-pneumonia-token')") == BROWSER_TOKEN
+    assert page_errors == []

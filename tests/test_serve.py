@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import struct
 import threading
@@ -369,6 +370,9 @@ def test_page_and_static_files(client: TestClient) -> None:
         assert client.get(f"/static/{name}").status_code == 200
     script = client.get("/static/app.js").text
     assert "/v1/predict?${query}" in script and '"heatmap=true"' in script and '"&gate=false"' in script
+    # Every API call goes through apiFetch, which adds the bearer token when the page has one.
+    assert script.count("fetch(") == 1 and "headers.Authorization = `Bearer ${token}`" in script
+    assert 'id="token-form"' in page.text and "sessionStorage" in script
 
 
 @pytest.mark.parametrize(
@@ -398,6 +402,7 @@ def test_serve_loads_the_run_and_starts_uvicorn(
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    monkeypatch.setattr(serve.MicroBatcher, "warm_up", lambda batcher: None)  # seconds, tested apart
     with caplog.at_level("WARNING", logger="cxr_pneumonia.serve"):
         serve.serve(tiny_run, host=host, port=8123, max_upload_mb=max_mb)
     [call] = calls
@@ -458,7 +463,7 @@ def test_concurrent_clients_get_the_single_threaded_answers(
         expected = {kind: _post(single, kind, data).json()["probability"] for kind, data in payloads.items()}
     assert len(set(expected.values())) > 1  # different images, different answers: the test can fail
 
-    # Count model calls in flight: the lock must keep them to one at a time.
+    # Count model calls in flight: the model thread must keep them to one at a time.
     original = run.classify_preprocessed
     active, peak, guard = 0, 0, threading.Lock()
 
@@ -490,8 +495,351 @@ def test_concurrent_clients_get_the_single_threaded_answers(
         results = [answer for answers in pool.map(client_thread, range(8)) for answer in answers]
 
     assert len(results) == 80
-    assert all(probability == expected[kind] for kind, probability in results)
-    assert peak == 1
+    # Batched answers equal the one-by-one ones up to float32 summation order.
+    assert all(probability == pytest.approx(expected[kind], abs=1e-6) for kind, probability in results)
+    assert peak == 1  # one model thread: never two forward passes at once
+
+
+def _concurrently(app: Any, uploads: list[tuple[str, bytes, str]]) -> list[Any]:
+    """POST every (name, bytes, query) at once from one event loop; the responses in order."""
+    import httpx2 as httpx
+
+    async def post_all() -> list[Any]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as async_client:
+            return await asyncio.gather(
+                *(
+                    async_client.post(f"/v1/predict{query}", files={"file": (name, data, "image/png")})
+                    for name, data, query in uploads
+                )
+            )
+
+    return asyncio.run(post_all())
+
+
+# A wait bound far beyond the test: a batch runs when max_batch requests are there, never early.
+PATIENT = {"max_wait_ms": 60_000}
+
+
+def _record_forward_sizes(run: Run, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every ``run.classify_preprocessed`` call from now on."""
+    original, sizes = run.classify_preprocessed, []
+
+    def recording(batch: np.ndarray, **kwargs: Any) -> Any:
+        sizes.append(len(batch))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(run, "classify_preprocessed", recording)
+    return sizes
+
+
+def test_concurrent_requests_share_a_forward_pass_and_get_the_one_by_one_answers(
+    run: Run, images: dict[str, Path], not_an_xray: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read = {kind: images[kind].read_bytes() for kind in images}
+    good = [
+        ("normal.jpeg", read["jpeg"], ""),
+        ("pneumonia.jpeg", read["jpeg_pneumonia"], ""),
+        ("scan.png", read["png"], ""),
+        ("scan16.png", read["png16"], ""),
+        ("page.png", not_an_xray, ""),  # rejected: no probability
+        ("scan.dcm", read["dicom"], "?gate=false"),  # a second pass: the gate flag differs
+        ("page-anyway.png", not_an_xray, "?gate=false"),
+    ]
+    with TestClient(serve.create_app(run, max_batch=1)) as one_by_one:
+        expected = [_post(one_by_one, name, data, query=query).json() for name, data, query in good]
+    assert len({answer["probability"] for answer in expected}) > 3  # the answers differ: the test can fail
+
+    app = serve.create_app(run, max_batch=7, **PATIENT)
+    forward_sizes = _record_forward_sizes(run, monkeypatch)
+    # A broken upload among them is answered alone and does not hold up the batch.
+    truncated = ("cut.jpeg", read["jpeg"][: len(read["jpeg"]) // 2], "")
+    responses = _concurrently(app, [*good[:3], truncated, *good[3:]])
+    assert responses[3].status_code == 422 and "cut short" in responses[3].json()["detail"]
+    answers = [r.json() for r in responses[:3] + responses[4:]]
+    assert all(r.status_code == 200 for r in responses[:3] + responses[4:])
+    # The seven meet in one batch: five gated in one pass, the two with gate=false in another.
+    assert list(app.state.batcher.batch_sizes) == [5, 2]
+    assert forward_sizes == [7, 2]  # padded to the allowed sizes 1, 2, 4, 7; the padding's answers dropped
+    for got, want in zip(answers, expected, strict=True):
+        assert (got["probability"] is None) == (want["probability"] is None)
+        if want["probability"] is not None:
+            assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+        # The domain score is a distance over float32 features: the same to 1e-5, relatively.
+        assert got["domain_score"] == pytest.approx(want["domain_score"], rel=1e-5)
+        for field in (
+            "status",
+            "label",
+            "reason",
+            "gated",
+            "unusual",
+            "threshold",
+        ):
+            assert got.get(field) == want.get(field), field
+    assert answers[4]["status"] == "rejected" and answers[4]["probability"] is None
+    assert answers[6]["gated"] is False and answers[6]["probability"] is not None
+
+
+def test_without_batching_every_request_has_its_own_pass(run: Run, images: dict[str, Path]) -> None:
+    app = serve.create_app(run, max_batch=1, **PATIENT)
+    data = images["png"].read_bytes()
+    responses = _concurrently(app, [("scan.png", data, "")] * 4)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert list(app.state.batcher.batch_sizes) == [1, 1, 1, 1]
+
+
+def test_a_failing_batch_is_retried_one_by_one(
+    run: Run, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model fails on one image: that request gets a 500, the others their answers."""
+    original = run.classify_preprocessed
+
+    def fails_on_poison(batch: np.ndarray, **kwargs: Any) -> Any:
+        if "poison.png" in kwargs["sources"]:
+            raise ValueError("the model choked")
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(run, "classify_preprocessed", fails_on_poison)
+    app = serve.create_app(run, max_batch=3, **PATIENT)
+    data = images["png"].read_bytes()
+    responses = _concurrently(app, [("a.png", data, ""), ("poison.png", data, ""), ("b.png", data, "")])
+    assert [r.status_code for r in responses] == [200, 500, 200]
+    assert responses[0].json()["probability"] == pytest.approx(_reference(run, images["png"]), abs=1e-6)
+    assert list(app.state.batcher.batch_sizes) == [3, 1, 1, 1]
+    # The model thread survived: the next request is answered.
+    assert [r.status_code for r in _concurrently(app, [("c.png", data, "")] * 3)] == [200] * 3
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "allowed"), [(1, [1]), (2, [1, 2]), (12, [1, 2, 4, 8, 12]), (16, [1, 2, 4, 8, 16])]
+)
+def test_batches_take_a_few_allowed_sizes(run: Run, max_batch: int, allowed: list[int]) -> None:
+    assert serve.MicroBatcher(run, max_batch=max_batch).allowed_sizes == allowed
+
+
+def test_warm_up_runs_every_allowed_size_once(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward_sizes = _record_forward_sizes(run, monkeypatch)
+    serve.MicroBatcher(run, max_batch=6).warm_up()
+    assert forward_sizes == [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize(("max_batch", "max_wait_ms"), [(0, 5.0), (4, -1.0)])
+def test_batcher_refuses_bad_knobs(run: Run, max_batch: int, max_wait_ms: float) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        serve.MicroBatcher(run, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+
+# --- bearer token ---------------------------------------------------------------------------
+
+TOKEN = "k3Q9-test-token-4c1e2b7a9d0f"
+
+
+@pytest.fixture(scope="module")
+def token_client(run: Run) -> Iterator[TestClient]:
+    with TestClient(serve.create_app(run, token=TOKEN), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+WRONG_CREDENTIALS = {
+    "none": {},
+    "wrong": {"Authorization": "Bearer not-the-token"},
+    "prefix": {"Authorization": f"Bearer {TOKEN[:-1]}"},
+    "longer": {"Authorization": f"Bearer {TOKEN}x"},
+    "basic": {"Authorization": f"Basic {TOKEN}"},
+    "bare": {"Authorization": TOKEN},
+}
+
+
+@pytest.mark.parametrize("credentials", list(WRONG_CREDENTIALS))
+def test_api_without_the_token_is_401(
+    token_client: TestClient, images: dict[str, Path], credentials: str
+) -> None:
+    headers = WRONG_CREDENTIALS[credentials]
+    upload = {"file": ("scan.png", images["png"].read_bytes(), "image/png")}
+    for response in (
+        token_client.get("/v1/model", headers=headers),
+        token_client.post("/v1/predict", files=upload, headers=headers),
+        token_client.post("/v1/predict", data={"other": "x"}, headers=headers),  # 401 before 422
+    ):
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in response.json()["detail"]
+
+
+def test_api_with_the_token_answers(token_client: TestClient, run: Run, images: dict[str, Path]) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert token_client.get("/v1/model", headers=headers).json()["name"] == run.name
+    upload = {"file": ("scan.png", images["png"].read_bytes(), "image/png")}
+    body = token_client.post("/v1/predict?gate=false", files=upload, headers=headers).json()
+    assert body["probability"] == pytest.approx(_reference(run, images["png"]), abs=1e-6)
+    # the scheme's name is case-insensitive (RFC 7235)
+    assert token_client.get("/v1/model", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+
+
+def test_every_api_operation_but_health_wants_the_token(token_client: TestClient, run: Run) -> None:
+    schema = token_client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The token in the server's --token-file.",
+    }
+    operations = [(path, method) for path, item in schema["paths"].items() for method in item]
+    assert ("/v1/predict", "post") in operations and ("/v1/model", "get") in operations
+    for path, method in operations:
+        response = token_client.request(method.upper(), path)
+        if path == "/health":
+            assert response.status_code == 200 and "security" not in schema["paths"][path][method]
+        else:
+            assert response.status_code == 401, (path, method)
+            assert schema["paths"][path][method]["security"] == [{"bearer": []}]
+            assert "401" in schema["paths"][path][method]["responses"]
+    # The public schema's examples do not carry the run's name or threshold (the model card is private).
+    assert run.name not in json.dumps(schema)
+    # The page, its script and the docs carry no model data and stay open, so the page can ask.
+    for public in ("/", "/static/app.js", "/docs"):
+        assert token_client.get(public).status_code == 200
+
+
+def test_without_a_token_nothing_asks_for_one(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert client.get("/v1/model").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "problem"),
+    [
+        (None, 0o600, "not found"),
+        ("", 0o600, "empty"),
+        ("  \n", 0o600, "empty"),
+        ("two words\n", 0o600, "one word"),
+        ("tök-en-with-umlaut", 0o600, "printable ASCII"),
+        (TOKEN, 0o644, "readable by every user"),
+    ],
+    ids=["missing", "empty", "blank", "two-words", "non-ascii", "world-readable"],
+)
+def test_read_token_refuses_bad_files(tmp_path: Path, content: str | None, mode: int, problem: str) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+        path.chmod(mode)
+    with pytest.raises(serve.TokenFileError, match=problem) as refused:
+        serve.read_token(path)
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_read_token_strips_the_line_end(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\n")
+    path.chmod(0o640)  # group-readable is the owner's call
+    assert serve.read_token(path) == TOKEN
+
+
+# --- workers: the factory, the environment, the threads -------------------------------------
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_app_from_env_builds_the_configured_app(
+    tiny_run: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited: list[int] = []
+    monkeypatch.setattr(serve, "limit_threads", limited.append)  # the test process keeps its threads
+    warmed: list[Any] = []
+    monkeypatch.setattr(serve.MicroBatcher, "warm_up", lambda batcher: warmed.append(batcher))
+    monkeypatch.setattr(serve, "available_cores", lambda: 8)
+    cfg = serve.ServeConfig(run=tiny_run, max_batch=4, max_wait_ms=2.5, token_file=token_file, workers=2)
+    monkeypatch.setenv(serve.SERVE_CONFIG_ENV, cfg.model_dump_json())
+    app = serve.app_from_env()
+    assert limited == [4]  # 8 cores / 2 workers
+    assert warmed == [app.state.batcher]  # every batch size built before the first request
+    assert (app.state.batcher.max_batch, app.state.batcher.max_wait_ms) == (4, 2.5)
+    with TestClient(app) as worker:
+        assert worker.get("/v1/model").status_code == 401
+        assert worker.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_app_from_env_without_the_variable_says_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(serve.SERVE_CONFIG_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="cxr-pneumonia serve"):
+        serve.app_from_env()
+
+
+def test_serve_with_workers_hands_uvicorn_the_factory(
+    tiny_run: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(serve, "build_app", lambda cfg: pytest.fail("the parent must not load the model"))
+    monkeypatch.delenv(serve.SERVE_CONFIG_ENV, raising=False)  # restored after the test
+    serve.serve(tiny_run, port=8124, workers=2, max_batch=8, token_file=token_file, threads=1)
+    [(app, kwargs)] = calls
+    assert app == "cxr_pneumonia.serve:app_from_env"
+    assert kwargs["factory"] is True and kwargs["workers"] == 2 and kwargs["port"] == 8124
+    cfg = serve.ServeConfig(**json.loads(os.environ[serve.SERVE_CONFIG_ENV]))
+    assert (cfg.run, cfg.workers, cfg.max_batch, cfg.token_file, cfg.threads) == (
+        tiny_run,
+        2,
+        8,
+        token_file,
+        1,
+    )
+    assert TOKEN not in os.environ[serve.SERVE_CONFIG_ENV]  # the secret stays in its file
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"token_file": "missing-token"}, "token file not found"),
+        ({"workers": 0}, "workers"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_wait_ms": -1}, "max_wait_ms"),
+    ],
+)
+def test_serve_refuses_bad_options_before_listening(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], problem: str
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    with pytest.raises(ValueError, match=problem):
+        serve.serve(tiny_run, **options)
+
+
+def test_cli_serve_refuses_a_missing_token_file_in_one_line(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cxr_pneumonia import cli
+
+    assert cli.main(["serve", str(tiny_run), "--token-file", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'nope'}: token file not found"
+
+
+@pytest.mark.parametrize(("workers", "cores", "threads"), [(1, 8, 8), (2, 8, 4), (3, 8, 2), (4, 2, 1)])
+def test_worker_threads_share_out_the_cores(workers: int, cores: int, threads: int) -> None:
+    assert serve.worker_threads(workers, cores) == threads
+
+
+def test_limit_threads_sets_the_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    before = cv2.getNumThreads()
+    try:
+        serve.limit_threads(1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert os.environ["TF_NUM_INTEROP_THREADS"] == "1"
 
 
 # --- the input check (gate) -----------------------------------------------------------------

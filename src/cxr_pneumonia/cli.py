@@ -837,6 +837,20 @@ def serve(
         ),
     ] = True,
     operating_point: OperatingPointOpt = None,
+    workers: Annotated[int, typer.Option(help="Server processes (each loads the model).", min=1)] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="Model threads per process (default: cores / workers).", min=1)
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="Most concurrent images in one forward pass (1: no batching).", min=1)
+    ] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="Longest a request waits for others to share its pass.", min=0)
+    ] = 5.0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File with a bearer token every API call but /health must send (chmod 600)."),
+    ] = None,
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""
     from cxr_pneumonia.rundir import RunError
@@ -845,9 +859,10 @@ def serve(
     try:
         run_server(
             run, host=host, port=port, max_upload_mb=max_upload_mb, runtime=runtime, gate=gate,
-            operating_point=operating_point,
+            operating_point=operating_point, workers=workers, threads=threads, max_batch=max_batch,
+            max_wait_ms=max_wait_ms, token_file=token_file,
         )  # fmt: skip
-    except RunError as e:
+    except (RunError, ValueError) as e:  # bad run, option or token file: one line, nothing listens
         raise CommandError(str(e)) from e
 
 

@@ -104,7 +104,12 @@ class Run:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, runtime: RuntimeKind = "auto", operating_point: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        runtime: RuntimeKind = "auto",
+        operating_point: str | None = None,
+        threads: int | None = None,
     ) -> Run:
         """Load a complete run directory (a half-written one has no model.keras and is refused).
 
@@ -115,14 +120,22 @@ class Run:
         ``runtime``: ``keras`` (float32 Keras), ``openvino`` (the run's export, see
         :mod:`cxr_pneumonia.export`; an error without one) or ``auto`` (the export when it is
         there, current and OpenVINO is installed, else Keras). The Keras model itself is loaded
-        only when needed (Keras runtime, Grad-CAM).
+        only when needed (Keras runtime, Grad-CAM). ``threads``: CPU threads for the export
+        (TensorFlow's are process-wide: see ``serve.limit_threads``).
         """
         path = Path(path)
         check_kind(runtime)
         rundir.check_complete(path)
         name = operating_point or rundir.DEFAULT_OPERATING_POINT
         config, threshold = rundir.read_config(path), rundir.read_operating_point(path, name)
-        return cls(path, None, config, threshold, runtime=load_runtime(path, runtime), operating_point=name)
+        return cls(
+            path,
+            None,
+            config,
+            threshold,
+            runtime=load_runtime(path, runtime, threads=threads),
+            operating_point=name,
+        )
 
     def with_operating_point(self, name: str | None) -> Run:
         """This run (same runtime, nothing reloaded) at the operating point ``name``."""
