@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 ORDER = (
     "config", "io", "preprocess", "augment", "batch", "preview", "data", "backbones", "model", "features",
     "gate", "rundir",
-    "evaluate", "report", "train", "export", "runtime", "predict", "evaluation", "explain",
+    "evaluate", "report", "train", "export", "runtime", "predict", "archive", "evaluation", "explain",
     "serve", "api", "cli",
 )
 # fmt: on

@@ -7,6 +7,7 @@ run = api.train("chest_xray/train", "runs/xception", backbone="xception", weight
 metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
 api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
 predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
+summary = api.score_archive("runs/xception", ["/archive"], "scores/")  # on Ray, resumable, Parquet
 api.fit_gate("runs/old-run")  # an input gate for a run trained before gates existed
 run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predict_images([img1, img2])
 ```
@@ -41,6 +42,7 @@ __all__ = [
     "fit_gate",
     "predict",
     "robustness",
+    "score_archive",
     "train",
 ]
 
@@ -165,3 +167,22 @@ def fit_gate(run_dir: str | Path, data: str | Path | None = None, **gate_overrid
 
     fit_gate_for_run(run_dir, data, **gate_overrides)
     return read_json(Path(run_dir) / GATE_DIR / GATE_JSON)
+
+
+def score_archive(
+    run: str | Path,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    address: str | None = None,
+    **settings: Any,
+) -> Any:
+    """Score files and folders on Ray Data into ``out`` (Parquet with :func:`predict`'s columns;
+    a rerun scores only what is missing), see :mod:`cxr_pneumonia.archive`; ``settings`` are
+    :class:`~cxr_pneumonia.archive.ArchiveConfig` fields (``workers=``, ``runtime=``, ``gate=`` ...).
+    Returns an :class:`~cxr_pneumonia.archive.ArchiveSummary`."""
+    from cxr_pneumonia.archive import ArchiveConfig
+    from cxr_pneumonia.archive import score_archive as _score_archive
+
+    cfg = ArchiveConfig(**{k: v for k, v in settings.items() if v is not None})
+    return _score_archive(run, inputs, out, cfg, address=address)

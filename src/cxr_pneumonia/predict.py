@@ -100,19 +100,20 @@ class Run:
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, runtime: RuntimeKind = "auto") -> Run:
+    def load(cls, path: str | Path, *, runtime: RuntimeKind = "auto", threads: int | None = None) -> Run:
         """Load a complete run directory (a half-written one has no model.keras and is refused).
 
         ``runtime``: ``keras`` (float32 Keras), ``openvino`` (the run's export, see
         :mod:`cxr_pneumonia.export`; an error without one) or ``auto`` (the export when it is
         there, current and OpenVINO is installed, else Keras). The Keras model itself is loaded
-        only when needed (Keras runtime, Grad-CAM).
+        only when needed (Keras runtime, Grad-CAM). ``threads``: CPU threads for the export
+        (TensorFlow's are process-wide: see ``serve.limit_threads``).
         """
         path = Path(path)
         check_kind(runtime)
         rundir.check_complete(path)
         config, threshold = rundir.read_config(path), rundir.read_threshold(path)
-        return cls(path, None, config, threshold, runtime=load_runtime(path, runtime))
+        return cls(path, None, config, threshold, runtime=load_runtime(path, runtime, threads=threads))
 
     @property
     def model(self) -> Any:

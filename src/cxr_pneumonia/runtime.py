@@ -88,8 +88,9 @@ class Runtime:
         return run_gated(self._gated, batch, cfg, n_layers)
 
 
-def load_runtime(path: str | Path, kind: RuntimeKind = "auto") -> Runtime:
-    """The runtime ``kind`` for the run at ``path`` (see the module docstring).
+def load_runtime(path: str | Path, kind: RuntimeKind = "auto", *, threads: int | None = None) -> Runtime:
+    """The runtime ``kind`` for the run at ``path`` (see the module docstring); ``threads``: CPU
+    threads for a compiled export (None: OpenVINO's default, every core).
 
     Raises:
         RunError: unknown ``kind``, or ``openvino`` asked for and the export is missing, stale or
@@ -98,7 +99,7 @@ def load_runtime(path: str | Path, kind: RuntimeKind = "auto") -> Runtime:
     path = Path(path)
     check_kind(kind)
     gate = load_gate(path)
-    export_model, info = _choose(path, kind, gate)
+    export_model, info = _choose(path, kind, gate, threads)
     runtime = Runtime(path, info, export_model=export_model, gate=gate)
     if export_model is None:
         runtime.keras_model  # noqa: B018 - load now, so that a broken model.keras fails at load time
@@ -125,7 +126,9 @@ def load_gate(path: Path) -> DomainModel | None:
         raise RunError(str(e)) from e
 
 
-def _choose(path: Path, kind: str, gate: DomainModel | None = None) -> tuple[Any, dict[str, Any]]:
+def _choose(
+    path: Path, kind: str, gate: DomainModel | None = None, threads: int | None = None
+) -> tuple[Any, dict[str, Any]]:
     """(compiled export or None for Keras, description of the runtime in use)."""
     from cxr_pneumonia.export import ExportError
 
@@ -143,7 +146,7 @@ def _choose(path: Path, kind: str, gate: DomainModel | None = None) -> tuple[Any
         log.warning("%s: %s; using Keras float32", path, problem)
         return None, {**KERAS_INFO, "reason": problem}
     try:
-        loaded = load_export(path, gate_tensors=(gate and _export_gate_tensors(path)) or ())
+        loaded = load_export(path, threads=threads, gate_tensors=(gate and _export_gate_tensors(path)) or ())
     except (ExportError, ImportError, RuntimeError) as e:
         if kind == "openvino":
             raise RunError(str(e)) from e
