@@ -301,23 +301,25 @@ def _local_cpus() -> int:
 def ray_session(address: str | None, cfg: ArchiveConfig) -> Iterator[int]:
     """A Ray connection for the job; yields the number of model actors.
 
-    Without ``address`` a local Ray starts with one CPU per actor thread plus one for the decoding
-    tasks (they run beside inference, as plain predict's decoding threads do), no dashboard and
-    worker logs kept out of the terminal. An already initialised Ray is used as it is.
+    Without ``address`` (nor ``RAY_ADDRESS``) a local Ray starts with one CPU per actor thread
+    plus one for the decoding tasks (they run beside inference, as plain predict's decoding
+    threads do), no dashboard and worker logs kept out of the terminal. An already initialised
+    Ray is used as it is.
     """
     try:
         import ray
     except ImportError:
         raise ArchiveError("the ray engine needs Ray: pip install 'cxr-pneumonia[ray]'") from None
-    started = False
+    started, address = False, address or os.environ.get("RAY_ADDRESS")  # Ray's own convention
     if not ray.is_initialized():
-        workers = cfg.workers or max(1, _local_cpus() // cfg.threads)
-        local = {"num_cpus": workers * cfg.threads + 1} if address is None else {}
+        options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+        if address is None:
+            workers = cfg.workers or max(1, _local_cpus() // cfg.threads)
+            options.update(num_cpus=workers * cfg.threads + 1, include_dashboard=False)
         # Ray's start-up notices and its C++ core's log lines stay in Ray's log files (the
         # session folder), not in the terminal; errors still come back as exceptions.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 **local)  # fmt: skip
+        ray.init(address=address, **options)
         started = True
     # Ray Data's own progress display would bury the job's one progress bar (and log every 10 s
     # when stdout is not a terminal).
