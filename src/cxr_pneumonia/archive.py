@@ -13,7 +13,8 @@ parts, and its decoding tasks skip a file whose bytes were scored before (under 
 nothing already written is scored again. The answer, ``OUT/predictions.parquet``, has one row
 per listed image, with plain ``predict``'s columns, and is written last.
 
-Only this module imports Ray (the ``ray`` extra); the driver never imports TensorFlow.
+Only this module imports Ray (the ``ray`` extra). It imports neither TensorFlow nor the model:
+the actors load them (the decoding tasks need neither).
 """
 
 from __future__ import annotations
