@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 ORDER = (
     "config", "io", "preprocess", "augment", "batch", "preview", "data", "backbones", "model", "features",
     "gate", "rundir",
-    "evaluate", "report", "train", "export", "runtime", "predict", "evaluation", "calibration", "explain",
+    "evaluate", "report", "train", "export", "runtime", "predict", "archive", "evaluation", "calibration",
+    "explain",
     "serve", "api", "cli",
 )
 # fmt: on

@@ -8,6 +8,7 @@ seed = api.train("chest_xray/train", "runs/seed", preset="seed", backbone="xcept
 metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
 api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
 predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
+summary = api.score_archive("runs/xception", ["/archive"], "scores/")  # on Ray, resumable, Parquet
 api.fit_gate("runs/old-run")  # an input gate for a run trained before gates existed
 api.calibrate("runs/xception", "site_a_sample", name="site-a")  # a site's own operating point
 api.evaluate("runs/xception", "site_a_rest", "eval-site-a", operating_point="site-a")
@@ -46,6 +47,7 @@ __all__ = [
     "operating_points",
     "predict",
     "robustness",
+    "score_archive",
     "train",
 ]
 
@@ -234,3 +236,22 @@ def operating_points(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     from cxr_pneumonia.calibration import operating_points as _points
 
     return _points(run_dir)
+
+
+def score_archive(
+    run: str | Path,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    address: str | None = None,
+    **settings: Any,
+) -> Any:
+    """Score files and folders on Ray Data into ``out`` (Parquet with :func:`predict`'s columns;
+    a rerun scores only what is missing), see :mod:`cxr_pneumonia.archive`; ``settings`` are
+    :class:`~cxr_pneumonia.archive.ArchiveConfig` fields (``workers=``, ``runtime=``, ``gate=`` ...).
+    Returns an :class:`~cxr_pneumonia.archive.ArchiveSummary`."""
+    from cxr_pneumonia.archive import ArchiveConfig
+    from cxr_pneumonia.archive import score_archive as _score_archive
+
+    cfg = ArchiveConfig(**{k: v for k, v in settings.items() if v is not None})
+    return _score_archive(run, inputs, out, cfg, address=address)

@@ -435,7 +435,8 @@ OperatingPointOpt = Annotated[
     ),
 ]
 PREDICT_COLUMNS = [
-    "path", "status", "probability", "label", "threshold", "domain_score", "domain_limit", "reason", "error",
+    "path", "status", "probability", "label", "threshold", "operating_point", "domain_score", "domain_limit",
+    "reason", "error",
 ]  # fmt: skip
 
 
@@ -701,9 +702,25 @@ def predict(
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,
     operating_point: OperatingPointOpt = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local, or ray: a Ray Data job writing Parquet into the folder --out, resumable "
+            "(README: Ray scoring)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: the Ray cluster (ray://HOST:10001, auto); default a local Ray."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="--engine ray: model actors.", min=1)] = None,
 ) -> None:
     """The input check's verdict, then probability and label at the run's threshold for every
     image (none for a rejected one unless --no-gate). Research use only."""
+    if engine != "local":
+        return _predict_ray(run, inputs, out, engine=engine, address=address, workers=workers,
+                            batch_size=batch_size, runtime=runtime, gate=gate, heatmaps=heatmaps,
+                            operating_point=operating_point)  # fmt: skip
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -725,7 +742,7 @@ def predict(
             _echo_err(f"error: {prediction.path}: {prediction.error}")
         predictions.append(prediction)
     table = pd.DataFrame([p.to_dict() for p in predictions], columns=PREDICT_COLUMNS)
-    table.insert(table.columns.get_loc("threshold") + 1, "operating_point", loaded.operating_point)
+    table["operating_point"] = loaded.operating_point
     text = table.to_json(orient="records", indent=2) if fmt == "json" else table.to_csv(index=False)
     if out is None:
         typer.echo(text)
@@ -739,6 +756,35 @@ def predict(
         classified = [Path(p.path) for p in predictions if p.probability is not None]
         heatmap_failures = _write_heatmaps(loaded, classified, heatmaps, gate=False)
     if table["error"].notna().any() or heatmap_failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _predict_ray(run: Path, inputs: list[Path], out: Path | None, *, engine: str, heatmaps: Path | None,
+                 **settings: Any) -> None:  # fmt: skip
+    """``predict --engine ray``: the archive job (cxr_pneumonia.archive), a summary on stderr."""
+    import pandas as pd
+
+    from cxr_pneumonia.api import score_archive
+    from cxr_pneumonia.archive import ArchiveError
+    from cxr_pneumonia.config import ConfigError
+    from cxr_pneumonia.rundir import DISCLAIMER, RunError
+
+    if engine != "ray" or out is None or heatmaps is not None:
+        raise CommandError("--engine is local or ray; ray needs --out DIR and draws no --heatmaps")
+    try:
+        summary = score_archive(run, inputs, out, **settings)
+    except (ArchiveError, ConfigError, RunError, OSError) as e:
+        raise CommandError(str(e)) from e
+    table = pd.read_parquet(summary.predictions)
+    for row in table[table["status"] == "error"].head(20).itertuples():
+        _echo_err(f"error: {row.path}: {row.error}")
+    _echo_err(
+        f"{summary.images} predictions in {summary.predictions} ({summary.scored} scored now, "
+        f"{summary.reused} already scored; {summary.rejected} rejected, {summary.errors} errors; "
+        f"{summary.workers} workers, {summary.seconds:.1f} s)"
+    )
+    _echo_err(DISCLAIMER)
+    if summary.errors:
         raise typer.Exit(EXIT_PARTIAL)
 
 

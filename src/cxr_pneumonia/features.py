@@ -108,12 +108,15 @@ def image_batches(
     seed: int,
     batch_size: int,
     raw: tuple[Sequence[str], Any] | None = None,
+    first: int = 0,
 ) -> Iterator[np.ndarray]:
     """(N, H, W, 1) float32 pixel batches of cached preprocessed images.
 
     View 0 is the plain image; view k > 0 is a seeded random draw. With ``raw`` = (original
     paths, preprocessing pipeline), an augmented view starts from the original image, changes
     its framing and intensity, and runs the pipeline again, as a different acquisition would.
+    ``first``: the position of ``paths[0]`` in the whole list (a worker's share of it), which
+    seeds the draws, so that a share's views are the whole list's.
     """
     for start in range(0, len(paths), batch_size):
         batch = []
@@ -121,7 +124,7 @@ def image_batches(
             if view == 0:
                 batch.append(load_cached_image(path))
                 continue
-            rng = np.random.default_rng([seed, view, i])
+            rng = np.random.default_rng([seed, view, first + i])
             img = None
             if raw is not None:
                 raw_paths, pipeline = raw
@@ -157,8 +160,10 @@ def compute_image_features(
     batch_size: int = 32,
     description: str = "features",
     raw: tuple[Sequence[str], Any] | None = None,
+    first: int = 0,
 ) -> FeatureStore:
-    """Run ``extractor`` once over every image (and view); reuse the file when it exists."""
+    """Run ``extractor`` once over every image (and view); reuse the file when it exists.
+    ``first``: see :func:`image_batches`."""
     if out_path.exists():
         return FeatureStore(out_path)
     size = int(extractor.input.shape[1])
@@ -169,7 +174,7 @@ def compute_image_features(
     def chunks() -> Iterator[np.ndarray]:
         for view in range(views):
             batches = _prefetched(
-                lambda v=view: image_batches(paths, v, augment, seed, batch_size, raw), size
+                lambda v=view: image_batches(paths, v, augment, seed, batch_size, raw, first), size
             )
             for batch in batches:
                 yield np.asarray(forward(batch))

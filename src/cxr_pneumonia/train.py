@@ -15,6 +15,7 @@ where an interrupted run stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +75,7 @@ from cxr_pneumonia.features import (
     map_features,
     reduced_precision_copy,
     score_images,
+    write_store,
 )
 from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateConfig, fit_gate
 from cxr_pneumonia.io import load_image
@@ -160,8 +163,10 @@ class TrainConfig(StageConfig):
     workers: int | None = Field(
         None, ge=1, description="Preprocessing worker processes (default: CPU cores)."
     )
-    strategy: Literal["default", "mirrored"] = Field(
-        "default", description="tf.distribute strategy: default or mirrored (several GPUs)."
+    strategy: Literal["default", "mirrored", "multiworker"] = Field(
+        "default",
+        description="tf.distribute strategy: default, mirrored (several GPUs) or multiworker (several "
+        "processes or machines from TF_CONFIG; README: multi-worker training).",
     )
     precision: Precision = Field(
         "auto", description="Frozen-feature pass: bf16 where the hardware has it (auto), fp32 or bf16."
@@ -505,39 +510,40 @@ def _feature_stores(
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
     folder: Path,
+    strategy: Any = None,
 ) -> dict[str, FeatureStore]:
     """Activations at the fine-tuning split ("split") and at the backbone output ("backbone").
 
     The expensive pass runs the frozen lower backbone once per image and view; the backbone
-    output is then derived from it by the (still frozen) top blocks, which is cheap.
+    output is then derived from it by the (still frozen) top blocks, which is cheap. Under
+    ``multiworker`` each worker computes its share of the images and the chief gathers the
+    shares (:func:`_sharded`): the cache folder is shared, and its files are the same as one
+    worker's.
     """
     import keras
 
+    shard = _shard_of(strategy)
     source = model
     if _feature_dtype(train_cfg) == "bfloat16":
         source = reduced_precision_copy(model_cfg, model)
     extractor, _ = split_model(source, model_cfg, at="fine_tune")
-    views = 1 + train_cfg.augment_views
+    pipeline = build_pipeline(preprocess_cfg)
+
+    def image_pass(df: pd.DataFrame, side: str, views: int, raw: bool) -> FeatureStore:
+        cached, paths = list(df["cached"]), list(df["path"])
+
+        def compute(first: int, stop: int, path: Path) -> FeatureStore:
+            return compute_image_features(
+                extractor, cached[first:stop], path, views=views, augment=train_cfg.augment,
+                seed=train_cfg.seed, description=f"backbone features ({side})", first=first,
+                raw=(paths[first:stop], pipeline) if raw else None,
+            )  # fmt: skip
+
+        return _sharded(folder / f"{side}_split.npy", len(df), shard, compute)
+
     stores = {
-        "train_split": compute_image_features(
-            extractor,
-            list(train_df["cached"]),
-            folder / "train_split.npy",
-            views=views,
-            augment=train_cfg.augment,
-            seed=train_cfg.seed,
-            description="backbone features (train)",
-            raw=(list(train_df["path"]), build_pipeline(preprocess_cfg)),
-        ),
-        "val_split": compute_image_features(
-            extractor,
-            list(val_df["cached"]),
-            folder / "val_split.npy",
-            views=1,
-            augment=train_cfg.augment,
-            seed=train_cfg.seed,
-            description="backbone features (validation)",
-        ),
+        "train_split": image_pass(train_df, "train", 1 + train_cfg.augment_views, raw=True),
+        "val_split": image_pass(val_df, "val", 1, raw=False),
     }
     if model_cfg.fine_tune_blocks == 0:
         stores["train_backbone"], stores["val_backbone"] = stores["train_split"], stores["val_split"]
@@ -547,13 +553,220 @@ def _feature_stores(
         feature_extractor.output, model.get_layer(get_backbone(model_cfg.backbone).last_conv_layer).output
     )
     for side in ("train", "val"):
-        stores[f"{side}_backbone"] = map_features(
-            top_blocks,
-            stores[f"{side}_split"],
+        split = stores[f"{side}_split"]
+        stores[f"{side}_backbone"] = _sharded(
             folder / f"{side}_backbone.npy",
-            description=f"top-block features ({side})",
+            split.n,
+            shard,
+            lambda first, stop, path, split=split, side=side: map_features(
+                top_blocks, _StoreSlice(split, first, stop), path, description=f"top-block features ({side})"
+            ),
         )
     return stores
+
+
+# --------------------------------------------------------------------------------------------
+# Several workers: MultiWorkerMirroredStrategy from TF_CONFIG, the feature pass sharded
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This process's share of the feature pass: worker ``index`` of ``count`` (the chief is 0);
+    ``barrier()`` returns when every worker has called it."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Any = None
+
+
+class _StoreSlice:
+    """Items ``[first, stop)`` of a feature store, read as :func:`features.map_features` reads a store."""
+
+    def __init__(self, store: FeatureStore, first: int, stop: int) -> None:
+        self.store, self.first, self.stop = store, first, stop
+        self.views, self.n = store.views, stop - first
+
+    def batches(self, batch_size: int, view: int = 0) -> Any:
+        for start in range(self.first, self.stop, batch_size):
+            yield self.store.read(range(start, min(start + batch_size, self.stop)), view)
+
+
+def _sharded(path: Path, n: int, shard: _Shard, compute: Any) -> FeatureStore:
+    """The store at ``path`` over ``n`` items, ``compute(first, stop, file)`` writing items
+    ``[first, stop)`` into ``file``: at once on one worker, else this worker's share, then the
+    chief gathers the shares into ``path`` while the others wait. A share already on disk (an
+    interrupted pass) is reused."""
+    if path.exists():
+        return FeatureStore(path)
+    if shard.count == 1:
+        return compute(0, n, path)
+    edges = np.linspace(0, n, shard.count + 1).astype(int)
+    first, stop = int(edges[shard.index]), int(edges[shard.index + 1])
+    parts = [path.with_name(f".{path.stem}.shard-{i}-of-{shard.count}.npy") for i in range(shard.count)]
+    log.info(
+        "%s: items [%d, %d) of %d on worker %d of %d", path.name, first, stop, n, shard.index, shard.count
+    )
+    compute(first, stop, parts[shard.index])
+    shard.barrier()  # every share is on disk
+    if shard.index == 0:
+        _gather([FeatureStore(part) for part in parts], path)
+    shard.barrier()  # the whole store is on disk
+    if shard.index == 0:
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return FeatureStore(path)
+
+
+def _gather(parts: list[FeatureStore], path: Path) -> FeatureStore:
+    """One store of the shares' items in order (view by view, as the file is laid out)."""
+    n = sum(part.n for part in parts)
+
+    def chunks() -> Any:
+        for view in range(parts[0].views):
+            for part in parts:
+                yield from part.batches(256, view)
+
+    shape = (parts[0].views, n, *parts[0].item_shape)
+    return write_store(path, shape, chunks(), total=parts[0].views * n, description="gathering features")
+
+
+def _tf_config_task() -> tuple[int, int] | None:
+    """(this worker's index, the chief first; number of workers) from TF_CONFIG; None without it."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        chiefs = len(cluster.get("chief", []))
+        count = chiefs + len(cluster.get("worker", []))
+        index = 0 if task["type"] == "chief" else chiefs + int(task["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TrainingError(f"TF_CONFIG is not a cluster and task description: {e!r}") from None
+    if not 0 <= index < count:
+        raise TrainingError(f"TF_CONFIG: task {task} is not in its cluster of {count} workers")
+    return index, count
+
+
+def _multiworker_task() -> tuple[int, int]:
+    task = _tf_config_task()
+    if task is None:
+        raise TrainingError("--strategy multiworker needs TF_CONFIG (README: multi-worker training)")
+    return task
+
+
+def _worker_dir(out: Path, train_cfg: TrainConfig, *, resume: bool) -> Path:
+    """Where this process writes the run: ``out``, except a worker other than the chief, which
+    writes its checkpoints into a scratch folder (only the chief writes the run directory),
+    seeded with the interrupted run's state when resuming."""
+    if train_cfg.strategy != "multiworker":
+        return out
+    index, _ = _multiworker_task()
+    if index == 0:
+        return out
+    if not resume and (out / MODEL_FILE).exists():
+        raise TrainingError(f"{out}: already holds a trained model; choose another --out")
+    scratch = Path(tempfile.mkdtemp(prefix=f"cxr-pneumonia-worker{index}-"))
+    if resume:
+        shutil.copy2(out / STATE_FILE, scratch / STATE_FILE)
+        if (out / CHECKPOINT_DIR).is_dir():
+            shutil.copytree(out / CHECKPOINT_DIR, scratch / CHECKPOINT_DIR)
+    return scratch
+
+
+def _shard_of(strategy: Any) -> _Shard:
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return _Shard()
+    index, count = _multiworker_task()
+    return _Shard(index, count, lambda: _barrier(strategy))
+
+
+def _barrier(strategy: Any) -> None:
+    """Return when every worker has called it: an all-reduce of a constant (collectives block)."""
+    _everyone(strategy)()
+
+
+@functools.cache
+def _everyone(strategy: Any) -> Any:
+    """The barrier's all-reduce, traced once per strategy (there is one per process)."""
+    import tensorflow as tf
+
+    @tf.function
+    def everyone() -> Any:
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    return everyone
+
+
+def _weights_digest(model: Any) -> str:
+    return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()[:16]
+
+
+def _workers_finish(strategy: Any, model: Any) -> None:
+    """Multi-worker: log the weights' digest (the same on every worker: the replicas stay in sync)
+    and wait until every worker is done, so that none leaves while the chief still writes."""
+    shard = _shard_of(strategy)
+    if shard.count > 1:
+        log.info("worker %d of %d: final weights %s", shard.index, shard.count, _weights_digest(model))
+        shard.barrier()
+
+
+def _leave_run(scratch: Path, out: Path, strategy: Any, model: Any) -> Path:
+    """The end of training on a worker other than the chief: wait for the chief to write the run
+    directory, drop the scratch folder; returns the chief's run directory."""
+    try:
+        _workers_finish(strategy, model)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _patch_keras_for_multiworker() -> None:
+    """Two fixes to Keras 3's TensorFlow trainer, which fails under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585): it asks the strategy for the mean of a whole data batch to learn the
+    input shapes (one replica's batch has them), and reduces each replica's scalar metrics along
+    an axis they lack (their mean across replicas is meant). Applied only for ``multiworker``."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_cxr_multiworker_patched", False):
+        return
+
+    def local(value: Any, strategy: Any) -> Any:
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> None:
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, batches in iterator:
+                strategy = self.distribute_strategy
+                data_batch = tf.nest.map_structure(lambda v, s=strategy: local(v, s), next(batches))
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    keras_reduce = trainer.reduce_per_replica
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return keras_reduce(values, strategy, reduction)
+
+        def mean(value: Any) -> Any:
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.reduce("MEAN", value, axis=None)
+            return value
+
+        return tf.nest.map_structure(mean, values)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer._cxr_multiworker_patched = True
 
 
 def _distribution(name: str) -> Any:
@@ -563,6 +776,14 @@ def _distribution(name: str) -> Any:
     if name == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
         log.info("MirroredStrategy over %d devices", strategy.num_replicas_in_sync)
+        return strategy
+    if name == "multiworker":
+        index, count = _multiworker_task()
+        _patch_keras_for_multiworker()
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)  # its INFO lines on every collective
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        log.info("MultiWorkerMirroredStrategy: worker %d of %d, %d replicas", index, count,
+                 strategy.num_replicas_in_sync)  # fmt: skip
         return strategy
     return tf.distribute.get_strategy()
 
@@ -586,8 +807,10 @@ def train(
     if resume:
         state = _load_state(run_dir)
         data, preprocess_cfg, model_cfg, train_cfg = _configs_from_state(run_dir, state)
+        run_dir = _worker_dir(run_dir, train_cfg, resume=True)
     else:
         preprocess_cfg, model_cfg, train_cfg = _fresh_configs(preprocess_cfg, model_cfg, train_cfg)
+        run_dir = _worker_dir(run_dir, train_cfg, resume=False)
         state = _start_run(run_dir, data, preprocess_cfg, model_cfg, train_cfg)
 
     seed_everything(train_cfg.seed)
@@ -603,13 +826,15 @@ def train(
         _, top = split_model(model, model_cfg, at="fine_tune")
     key = _feature_key(preprocess_cfg, model_cfg, train_cfg, train_df, val_df)
     stores = _feature_stores(
-        model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / key
+        model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df, cache_dir / "features" / key, strategy
     )
     with strategy.scope():
         _, head = split_model(model, model_cfg, at="backbone_output")
     fit = _Fit(run_dir, model, model_cfg, train_cfg, train_df, val_df, stores, list(state.get("history", [])))
     fit.callbacks = callbacks
     _run_stages(fit, plan_stages(model_cfg, train_cfg, head=head, top=top), state, strategy)
+    if run_dir != Path(out):  # a worker other than the chief: the chief writes the run
+        return _leave_run(run_dir, Path(out), strategy, model)
 
     choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg, cache_dir)
     if train_cfg.fit_gate:
@@ -630,6 +855,7 @@ def train(
         data=data,
         seconds=time.perf_counter() - started,
     )
+    _workers_finish(strategy, model)
     return run_dir
 
 

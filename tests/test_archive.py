@@ -1,0 +1,134 @@
+"""Archive scoring on Ray Data (`predict --engine ray`): plain predict's answers as Parquet, resumable.
+
+One local Ray (two CPUs) serves the module; each job starts its own model actor, so the
+tests run as few jobs as they can: a first job on part of a folder, then, after a simulated
+kill, the command line on the whole folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+from cxr_pneumonia import archive  # noqa: E402
+from cxr_pneumonia.archive import ArchiveConfig, ArchiveError, score_archive  # noqa: E402
+from cxr_pneumonia.cli import EXIT_PARTIAL, PREDICT_COLUMNS, main  # noqa: E402
+from cxr_pneumonia.config import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (starting one costs seconds); jobs use it as it is."""
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            break
+        except Exception:  # Ray waits 30 s for its node to start, which a loaded machine can miss
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def archive_dir(bad_inputs_dir, sample_dir) -> Path:
+    """5 readable synthetic images (JPEG, 16-bit and RGBA PNG, DICOM), 3 unreadable files and
+    4 chest X-rays of the sample."""
+    folder, _ = bad_inputs_dir
+    for path in sorted((sample_dir / "test" / "PNEUMONIA").iterdir())[:2]:
+        shutil.copy(path, folder / path.name)
+    for path in sorted((sample_dir / "test" / "NORMAL").iterdir())[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_a_killed_job_rerun_from_the_cli_scores_every_image_once_as_plain_predict_does(
+    local_ray, tiny_run, archive_dir, tmp_path, capsys
+):
+    from cxr_pneumonia.api import predict
+
+    out = tmp_path / "scores"
+    files = archive.expand_sources([archive_dir])
+    # Parts of 2 images (Ray hands an actor whole blocks until it has a forward pass's worth).
+    first = score_archive(tiny_run, files[:6], out, ArchiveConfig(workers=1, part_rows=2, batch_size=2))
+    assert (first.images, first.scored, first.reused) == (6, 6, 0)
+
+    # The kill: the last part never reached the disk and a half-written one was left behind.
+    parts = sorted((out / archive.PARTS_DIR).glob("part-*.parquet"))
+    assert len(parts) >= 3
+    lost = len(pd.read_parquet(parts[-1]))
+    parts[-1].unlink()
+    (out / archive.PARTS_DIR / ".part-99-half.parquet.tmp").write_bytes(b"PAR1 half a part")
+    kept = archive.read_parts(out)
+    kept = kept.loc[kept["status"] != "error", "path"].iloc[0]
+    shutil.copy(kept, archive_dir / "zz_copy.jpeg")  # bytes already scored, under a new name
+
+    argv = [
+        "predict",
+        str(tiny_run),
+        str(archive_dir),
+        "--engine",
+        "ray",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
+    assert main(argv) == EXIT_PARTIAL  # three unreadable files
+    err = capsys.readouterr().err
+    n = len(files) + 1
+    assert f"{n} predictions in" in err and f"({n - 6 + lost - 1} scored now, {6 - lost + 1} already" in err
+    assert err.count("error: ") == 3 and "Traceback" not in err
+
+    table = pd.read_parquet(out / archive.PREDICTIONS_FILE)
+    assert list(table.columns) == PREDICT_COLUMNS and len(table) == n == table["path"].nunique()
+    every_row = archive.read_parts(out)
+    assert every_row["path"].value_counts().max() == 1  # nothing scored twice
+    assert not list((out / archive.PARTS_DIR).glob(".part-*"))
+
+    plain = pd.DataFrame([p.to_dict() for p in predict(tiny_run, [archive_dir])]).set_index("path")
+    ours = table.set_index("path").loc[plain.index]
+    assert (ours["status"] == plain["status"]).all() and ours["status"].eq("ok").sum() >= 4
+    assert ours["error"].fillna("").tolist() == plain["error"].fillna("").tolist()
+    ok = plain["status"] != "error"
+    np.testing.assert_allclose(ours.loc[ok, "domain_score"], plain.loc[ok, "domain_score"], rtol=1e-5)
+    scored = plain["probability"].notna()
+    assert ours.loc[scored, "probability"].notna().all()
+    assert np.abs(ours.loc[scored, "probability"] - plain.loc[scored, "probability"]).max() <= 1e-6
+    assert (ours.loc[scored, "label"] == plain.loc[scored, "label"]).all()
+    assert ours.loc[str(archive_dir / "zz_copy.jpeg"), "probability"] == ours.loc[kept, "probability"]
+
+
+def test_an_output_folder_of_another_run_or_setting_is_refused(tiny_run, ungated_run, tmp_path):
+    out = tmp_path / "scores"
+    empty = score_archive(tiny_run, [], out)  # no images: no Ray job, but the folder is claimed
+    assert empty.images == 0 and pd.read_parquet(empty.predictions).columns.tolist() == PREDICT_COLUMNS
+    with pytest.raises(ArchiveError, match="another run or settings"):
+        score_archive(ungated_run, [], out)
+    with pytest.raises(ArchiveError, match="another run or settings"):
+        score_archive(tiny_run, [], out, ArchiveConfig(gate=False))
+    assert score_archive(tiny_run, [], out, ArchiveConfig(workers=3, batch_size=8)).images == 0
+
+
+def test_archive_settings_are_checked_when_made():
+    from cxr_pneumonia.runtime import RUNTIMES
+
+    with pytest.raises(ConfigError, match="workers"):
+        ArchiveConfig(workers=0)
+    with pytest.raises(ConfigError, match="runtime: must be one of"):
+        ArchiveConfig(runtime="tensorrt")
+    assert set(ArchiveConfig.model_fields["runtime"].annotation.__args__) == set(RUNTIMES)
+    assert tuple(PREDICT_COLUMNS) == archive.COLUMNS
+
+
+def test_the_ray_engine_needs_an_output_folder(tiny_run, tmp_path, capsys):
+    assert main(["predict", str(tiny_run), str(tmp_path), "--engine", "ray"]) == 1
+    assert "ray needs --out DIR" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(tmp_path), "--engine", "spark", "--out", str(tmp_path)]) == 1
