@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxr_pneumonia import evaluation
 from cxr_pneumonia.config import override
@@ -31,6 +31,9 @@ from cxr_pneumonia.preprocess import PreprocessConfig
 from cxr_pneumonia.rundir import RunError
 from cxr_pneumonia.train import TrainConfig, fit_gate_for_run, preset_configs
 from cxr_pneumonia.train import train as _train
+
+if TYPE_CHECKING:
+    from cxr_pneumonia.archive import ArchiveSummary
 
 __all__ = [
     "ExportConfig",
@@ -245,7 +248,7 @@ def score_archive(
     *,
     address: str | None = None,
     **settings: Any,
-) -> Any:
+) -> ArchiveSummary:
     """Score files and folders on Ray Data into ``out`` (Parquet with :func:`predict`'s columns;
     a rerun scores only what is missing), see :mod:`cxr_pneumonia.archive`; ``settings`` are
     :class:`~cxr_pneumonia.archive.ArchiveConfig` fields (``workers=``, ``runtime=``, ``gate=`` ...).
