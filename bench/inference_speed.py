@@ -1,20 +1,26 @@
-"""Inference speed: the project's ``predict`` against plain float32 ``model.predict`` of the same model.
+"""Inference speed: the project's ``predict`` against plain float32 ``model.predict``, and the small
+distilled student's (and an ensemble's) ``predict`` against the same plain baseline.
 
-Both sides score the same ``--n`` images (a seeded subset of ``--images``) from their files,
+Every side scores the same ``--n`` images (a seeded subset of ``--images``) from their files,
 each in its own fresh process (own peak RSS), after an untimed warm-up batch:
 
-* project: ``Run.load(RUN, runtime=...).predict_paths(paths)`` (decode, preprocessing, model,
-  as the product does; with ``--runtime auto`` that is the run's export when there is one, so
-  run ``cxr-pneumonia export RUN`` first to measure the fast path);
-* plain: OpenCV decoding, the run's preprocessing pipeline, then
-  ``keras.models.load_model(...).predict(batch, batch_size=32)`` in float32.
+* plain: OpenCV decoding, RUN's preprocessing pipeline, then
+  ``keras.models.load_model(...).predict(batch, batch_size=32)`` in float32 (the baseline);
+* project: ``Run.load(RUN, runtime=...).predict_paths(paths)`` (decode, preprocess, input gate,
+  model, as the product does; with ``--runtime auto`` that is the run's export when there is one,
+  so run ``cxr-pneumonia export RUN`` first to measure the fast path);
+* student (``--student S``): the same project ``predict_paths`` of the student run S;
+* ensemble (``--ensemble E``): the same, of a run directory ``Run.load`` opens.
 
-Reported: images/s of each, their ratio, the largest absolute probability difference (over all
-images, and over those outside the run's validation split, which the export's precision check
-never saw) and the ROC-AUC of each side against the folder labels. The run may have been
-trained on these images: the AUCs compare the two code paths, not the model's quality.
+Reported: images/s of each, each side's speed-up over plain (plain seconds / its seconds), the
+largest absolute probability difference between project and plain of RUN (over all images, and
+over those outside the run's validation split, which the export's precision check never saw),
+the ROC-AUC of each side against the folder labels, and how often the student's label agrees
+with RUN's. The runs may have been trained on these images: the AUCs compare code paths and
+models on the same files, not the models' quality.
 
     python bench/inference_speed.py runs/quality-xception --n 624
+    python bench/inference_speed.py runs/quality-xception --student runs/mobilenetv2-distilled
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from _common import (
 )
 
 NOTE = (
-    "images drawn from --images; the run may have trained on them, so the AUCs compare the "
-    "two code paths, not the model's quality"
+    "images drawn from --images; the runs may have trained on them, so the AUCs compare code paths "
+    "and models on the same files, not the models' quality"
 )
 
 
@@ -119,19 +125,22 @@ def choose_images(folder: Path, n: int, seed: int) -> pd.DataFrame:
     return images.sample(n=n, random_state=seed) if 0 < n < len(images) else images
 
 
+def auc(y: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    ok = ~np.isnan(scores)
+    return float(roc_auc_score(y[ok], scores[ok])) if ok.any() and y[ok].min() != y[ok].max() else None
+
+
 def compare(
     images: pd.DataFrame, project: np.ndarray, plain: np.ndarray, threshold: float, validation: set[str]
 ) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
-
+    """The same run through the project and through plain Keras: how far apart the probabilities are."""
     y = images["label"].to_numpy()
     ok = ~np.isnan(project) & ~np.isnan(plain)
     unseen = ok & ~images["path"].isin(validation).to_numpy()
-    both = y[ok].min() != y[ok].max() if ok.any() else False
-    auc = {
-        name: float(roc_auc_score(y[ok], s[ok])) if both else None
-        for name, s in (("project", project), ("plain", plain))
-    }
+    aucs = {name: auc(y[ok], s[ok]) for name, s in (("project", project), ("plain", plain))}
+    both = None not in aucs.values()
     return {
         "n_compared": int(ok.sum()),
         "max_abs_probability_diff": float(np.max(np.abs(project[ok] - plain[ok]))) if ok.any() else None,
@@ -139,10 +148,23 @@ def compare(
         "max_abs_probability_diff_outside_validation": (
             float(np.max(np.abs(project[unseen] - plain[unseen]))) if unseen.any() else None
         ),
-        "roc_auc_project": auc["project"],
-        "roc_auc_plain": auc["plain"],
-        "roc_auc_diff": abs(auc["project"] - auc["plain"]) if both else None,
+        "roc_auc_project": aucs["project"],
+        "roc_auc_plain": aucs["plain"],
+        "roc_auc_diff": abs(aucs["project"] - aucs["plain"]) if both else None,
         "label_agreement": float(np.mean((project[ok] >= threshold) == (plain[ok] >= threshold))),
+    }
+
+
+def other_model(
+    images: pd.DataFrame, scores: np.ndarray, threshold: float, plain: np.ndarray, plain_threshold: float
+) -> dict[str, Any]:
+    """Another run (student, ensemble) on the same images: its AUC and agreement with RUN's labels."""
+    ok = ~np.isnan(scores) & ~np.isnan(plain)
+    agree = (scores[ok] >= threshold) == (plain[ok] >= plain_threshold)
+    return {
+        "roc_auc": auc(images["label"].to_numpy(), scores),
+        "label_agreement_with_plain": float(np.mean(agree)) if ok.any() else None,
+        "n_failed": int(np.isnan(scores).sum()),
     }
 
 
@@ -154,11 +176,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run", type=Path, help="Run directory.")
+    parser.add_argument(
+        "run", type=Path, help="Run directory (the teacher: its plain fp32 Keras is the baseline)."
+    )
+    parser.add_argument(
+        "--student", type=Path, help="A student run: its project predict against the baseline."
+    )
+    parser.add_argument("--ensemble", type=Path, help="An ensemble run directory, measured as the student.")
     parser.add_argument(
         "--images", type=Path, default=KERMANY224_TRAIN, help="Labelled images (class folders)."
     )
@@ -166,15 +194,70 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the image subset.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--runtime", choices=("auto", "keras", "openvino"), default="auto", help="Project side's runtime."
+        "--runtime", choices=("auto", "keras", "openvino"), default="auto", help="Project sides' runtime."
     )
     # Internal: one side in a fresh process.
     parser.add_argument("--side", choices=("project", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--paths", type=Path, help=argparse.SUPPRESS)
     add_json_argument(parser)
-    args = parser.parse_args()
-    run = require_run(args.run)
+    return parser.parse_args()
 
+
+def measure_sides(
+    args: argparse.Namespace, images: pd.DataFrame, sides: dict[str, tuple[Path, str]]
+) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Each side (name: (run, "plain" | "project")) in its own process, on the same files."""
+    figures, scores = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        work = Path(tmp)
+        (work / "paths.txt").write_text("\n".join(images["path"]) + "\n", encoding="utf-8")
+        for name, (run, kind) in sides.items():
+            side_args = [str(run), "--side", kind, "--paths", str(work / "paths.txt")]
+            side_args += ["--batch-size", str(args.batch_size), "--runtime", args.runtime]
+            figures[name] = run_side(Path(__file__), side_args, work / f"{name}.json", label=f"{name} side")
+            figures[name]["run"] = str(run)
+            scores[name] = np.load(work / f"{name}.npy")
+    return figures, scores
+
+
+def _threshold(run: Path) -> float:
+    from cxr_pneumonia.config import read_json
+
+    return float(read_json(run / "threshold.json")["threshold"])
+
+
+def summary_lines(args: argparse.Namespace, figures: dict[str, Any], n: int) -> list[str]:
+    project, plain = figures["project"], figures["plain"]
+    lines = [
+        f"{n} images of {args.images} (seed {args.seed}); {NOTE}",
+        f"plain fp32 model.predict of {args.run}: {plain['images_per_s']} images/s ({plain['predict_s']} s, "
+        f"of which {plain['model_s']} s model), peak RSS {plain['peak_rss_mb']} MiB",
+        f"project predict_paths ({_runtime(project['runtime'])}): {project['images_per_s']} images/s "
+        f"({project['predict_s']} s), peak RSS {project['peak_rss_mb']} MiB",
+        f"speed-up {figures['speedup']}×; largest |Δp| {_fmt(figures['max_abs_probability_diff'])} "
+        f"({_fmt(figures['max_abs_probability_diff_outside_validation'])} on the "
+        f"{figures['n_outside_validation']} images outside the validation split); "
+        f"ROC-AUC project {_fmt(figures['roc_auc_project'])}, plain {_fmt(figures['roc_auc_plain'])}, "
+        f"difference {_fmt(figures['roc_auc_diff'])}; "
+        f"same label for {100 * figures['label_agreement']:.1f} %",
+    ]
+    for name in ("student", "ensemble"):
+        if name in figures:
+            side = figures[name]
+            lines.append(
+                f"{name} predict_paths of {side['run']} ({_runtime(side['runtime'])}): "
+                f"{side['images_per_s']} images/s ({side['predict_s']} s), "
+                f"peak RSS {side['peak_rss_mb']} MiB; "
+                f"{side['speedup_vs_plain']}× plain fp32 of {args.run.name}; "
+                f"ROC-AUC {_fmt(side['roc_auc'])}; "
+                f"same label as plain for {100 * (side['label_agreement_with_plain'] or 0):.1f} %"
+            )
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    run = require_run(args.run)
     if args.side is not None:
         paths = args.paths.read_text(encoding="utf-8").splitlines()
         with child_figures(args.json) as figures:
@@ -185,57 +268,36 @@ def main() -> None:
 
     if not args.images.is_dir():
         fail(f"{args.images}: image folder not found")
+    sides = {"project": (run, "project"), "plain": (run, "plain")}
+    for name in ("student", "ensemble"):
+        if getattr(args, name) is not None:
+            sides[name] = (require_run(getattr(args, name)), "project")
     images = choose_images(args.images, args.n, args.seed)
     warm_page_cache(images["path"])
-    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        work = Path(tmp)
-        (work / "paths.txt").write_text("\n".join(images["path"]) + "\n", encoding="utf-8")
-        sides, scores = {}, {}
-        for side in ("project", "plain"):
-            side_args = [
-                str(run),
-                "--side",
-                side,
-                "--paths",
-                str(work / "paths.txt"),
-                "--batch-size",
-                str(args.batch_size),
-                "--runtime",
-                args.runtime,
-            ]
-            sides[side] = run_side(Path(__file__), side_args, work / f"{side}.json", label=f"{side} side")
-            scores[side] = np.load(work / f"{side}.npy")
-    from cxr_pneumonia.config import read_json
-
-    threshold = float(read_json(run / "threshold.json")["threshold"])
+    measured, scores = measure_sides(args, images, sides)
     val_csv = run / "val_predictions.csv"
     validation = set(pd.read_csv(val_csv)["path"]) if val_csv.is_file() else set()
-    project, plain = sides["project"], sides["plain"]
+    plain_threshold = _threshold(run)
+    for name in ("student", "ensemble"):
+        if name in measured:
+            other = sides[name][0]
+            measured[name]["speedup_vs_plain"] = ratio(
+                measured["plain"]["predict_s"], measured[name]["predict_s"]
+            )
+            measured[name].update(
+                other_model(images, scores[name], _threshold(other), scores["plain"], plain_threshold)
+            )
     figures = {
         "run": str(run),
         "images": str(args.images),
         "n_images": len(images),
         "seed": args.seed,
         "note": NOTE,
-        "project": project,
-        "plain": plain,
-        "speedup": ratio(plain["predict_s"], project["predict_s"]),
-        **compare(images, scores["project"], scores["plain"], threshold, validation),
+        **measured,
+        "speedup": ratio(measured["plain"]["predict_s"], measured["project"]["predict_s"]),
+        **compare(images, scores["project"], scores["plain"], plain_threshold, validation),
     }
-    summary = [
-        f"{len(images)} images of {args.images} (seed {args.seed}); {NOTE}",
-        f"project predict_paths ({_runtime(project['runtime'])}): {project['images_per_s']} images/s "
-        f"({project['predict_s']} s), peak RSS {project['peak_rss_mb']} MiB",
-        f"plain fp32 model.predict: {plain['images_per_s']} images/s ({plain['predict_s']} s, of which "
-        f"{plain['model_s']} s model), peak RSS {plain['peak_rss_mb']} MiB",
-        f"speed-up {figures['speedup']}×; largest |Δp| {_fmt(figures['max_abs_probability_diff'])} "
-        f"({_fmt(figures['max_abs_probability_diff_outside_validation'])} on the "
-        f"{figures['n_outside_validation']} images outside the validation split); "
-        f"ROC-AUC project {_fmt(figures['roc_auc_project'])}, plain {_fmt(figures['roc_auc_plain'])}, "
-        f"difference {_fmt(figures['roc_auc_diff'])}; "
-        f"same label for {100 * figures['label_agreement']:.1f} %",
-    ]
-    emit(figures, summary, args.json)
+    emit(figures, summary_lines(args, figures, len(images)), args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # fmt: off
 ORDER = (
     "config", "io", "preprocess", "augment", "batch", "preview", "data", "backbones", "model", "features",
-    "gate", "rundir",
+    "gate", "rundir", "distill",
     "evaluate", "report", "train", "export", "runtime", "predict", "archive", "evaluation", "calibration",
     "explain",
     "serve", "api", "cli",

@@ -167,6 +167,7 @@ def test_defaults_are_unchanged():
         "fixed_threshold": 0.5, "threshold_groups": 4, "preset": None,
         "patience": 4, "class_weight": True, "augment_views": 2, "augment": None, "cache_dir": None,
         "workers": None, "strategy": "default", "precision": "auto", "fit_gate": True, "gate": None,
+        "teacher": None, "distill_weight": 0.5,
     }  # fmt: skip
     assert TrainConfig().gate == GateConfig()  # the input gate's own defaults (tests/test_gate.py)
     # "downscale" first: a no-op on the 224 px training images, so the demo's metrics stay as they were

@@ -233,9 +233,18 @@ def feature_batches(
     shuffle: bool,
     seed: int,
     sample_weights: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> Any:
-    """A Keras PyDataset over a store: shuffled per epoch with one random view per image."""
+    """A Keras PyDataset over a store: shuffled per epoch with one random view per image.
+
+    ``targets`` (views, n) are soft targets per view (distillation): a batch's targets are then
+    pairs ``(label, soft target of the view read)``, as ``model.compile_model(soft_targets=True)``
+    expects.
+    """
     import keras
+
+    if targets is not None and targets.shape != (store.views, len(labels)):
+        raise ValueError(f"targets of shape {targets.shape} for {store.views} views of {len(labels)} items")
 
     class FeatureBatches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -252,6 +261,8 @@ def feature_batches(
         def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
             idx = np.sort(self.order[index * batch_size : (index + 1) * batch_size])
             x, y = store.read(idx, self.views[idx]), self.labels[idx]
+            if targets is not None:
+                y = np.stack([y, targets[self.views[idx], idx].astype(np.float32)], axis=-1)
             return (x, y) if sample_weights is None else (x, y, sample_weights[idx])
 
         def on_epoch_end(self) -> None:

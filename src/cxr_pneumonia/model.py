@@ -289,22 +289,54 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     return model
 
 
-def compile_model(model: keras.Model, learning_rate: float, cfg: ModelConfig) -> keras.Model:
+def compile_model(
+    model: keras.Model, learning_rate: float, cfg: ModelConfig, *, soft_targets: bool = False
+) -> keras.Model:
     """(Re)compile with Adam, binary cross-entropy and the project's metrics.
 
-    Call again after changing ``trainable`` (fine-tuning) so the change takes effect.
+    Call again after changing ``trainable`` (fine-tuning) so the change takes effect. With
+    ``soft_targets`` the targets are pairs ``(label, soft target)`` (distillation): the loss is
+    the cross-entropy against the soft target, the metrics are computed against the label.
     """
+    loss_class, metric = keras.losses.BinaryCrossentropy, _metric
+    if soft_targets:
+        loss_class, metric = SoftTargetCrossentropy, _label_metric
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=loss_class(label_smoothing=cfg.label_smoothing),
         metrics=[
-            keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.Recall(name="recall"),
-            keras.metrics.Precision(name="precision"),
-            keras.metrics.AUC(name="auc"),
+            metric(keras.metrics.BinaryAccuracy, "accuracy"),
+            metric(keras.metrics.Recall, "recall"),
+            metric(keras.metrics.Precision, "precision"),
+            metric(keras.metrics.AUC, "auc"),
         ],
     )
     return model
+
+
+def _metric(cls: type, name: str) -> keras.metrics.Metric:
+    return cls(name=name)
+
+
+class SoftTargetCrossentropy(keras.losses.BinaryCrossentropy):
+    """Binary cross-entropy against column 1 of ``y_true = (label, soft target)``.
+
+    A soft target in [0, 1] is what binary cross-entropy takes as is; Keras' metrics would read
+    any non-zero target as positive, hence the label travels beside it (column 0) for them.
+    """
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return super().call(y_true[..., 1:], y_pred)
+
+
+def _label_metric(cls: type, name: str) -> keras.metrics.Metric:
+    """``cls`` updated with column 0 of ``y_true = (label, soft target)``: the label."""
+
+    class OnLabel(cls):  # type: ignore[misc, valid-type]
+        def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+            return super().update_state(y_true[..., :1], y_pred, sample_weight)
+
+    return OnLabel(name=name)
 
 
 # --- backbone parts ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cxr_pneumonia.augment import AugmentConfig
 from cxr_pneumonia.batch import cache_images, default_workers, write_failures_csv
@@ -58,6 +58,7 @@ from cxr_pneumonia.data import (
     image_statistics,
     make_splits,
 )
+from cxr_pneumonia.distill import Teacher, check_unseen, load_teacher, soft_targets, teacher_probabilities
 from cxr_pneumonia.evaluate import (
     GROUP_RULES,
     ThresholdChoice,
@@ -125,6 +126,7 @@ class TrainConfig(StageConfig):
         "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
         "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers", "fit_gate",
         "fixed_threshold", "threshold_groups", "preset",
+        "teacher", "distill_weight",
     )  # fmt: skip
 
     epochs: int = Field(15, ge=1, description="Head epochs on cached features (frozen backbone).")
@@ -175,6 +177,18 @@ class TrainConfig(StageConfig):
         True, description="Fit the input gate (is this a chest X-ray like the training images?)."
     )
     gate: GateConfig = Field(default_factory=GateConfig, description="How the input gate is fitted.")
+    teacher: str | None = Field(
+        None, description="A trained run to distil from: its probabilities on the same views are targets."
+    )
+    distill_weight: float = Field(
+        0.5, ge=0, le=1, description="With a teacher: its share of each target (the label has the rest)."
+    )
+
+    @field_validator("teacher")
+    @classmethod
+    def _absolute_teacher(cls, value: str | None) -> str | None:
+        # Recorded absolute, so that a resumed run and config.json name the same teacher.
+        return str(Path(value).expanduser().absolute()) if value else None
 
 
 def default_cache_dir() -> Path:
@@ -303,6 +317,7 @@ class _Fit:
     stores: dict[str, FeatureStore]
     history: list[dict[str, Any]]
     callbacks: Sequence[Any] = ()
+    targets: np.ndarray | None = None  # (views, n) soft targets of the training views (distillation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,15 +455,18 @@ def _stage_data(fit: _Fit, stage: Stage, initial_epoch: int) -> tuple[Any, Any]:
         shuffle=True,
         seed=cfg.seed,
         sample_weights=weights,
+        targets=fit.targets,
     )
     train_data.epoch = initial_epoch  # a resumed run continues the same shuffles
     train_data.on_epoch_end()
+    val_labels = fit.val_df["label"].to_numpy()
     val_data = feature_batches(
         fit.stores[f"val_{stage.features}"],
-        fit.val_df["label"].to_numpy(),
+        val_labels,
         batch_size=max(64, cfg.batch_size),
         shuffle=False,
         seed=cfg.seed,
+        targets=None if fit.targets is None else val_labels[None, :].astype(np.float32),  # val: the labels
     )
     return train_data, val_data
 
@@ -465,7 +483,7 @@ def _fit_stage(fit: _Fit, stage: Stage, resumed: dict[str, Any] | None) -> None:
             if stop.best_weights is not None:
                 stage.part.set_weights(stop.best_weights)
             return
-    compile_model(stage.part, stage.learning_rate, fit.model_cfg)
+    compile_model(stage.part, stage.learning_rate, fit.model_cfg, soft_targets=fit.targets is not None)
     if resumed is not None:
         _restore_optimizer(stage.part, ckpt / OPTIMIZER_FILE)
         if resumed.get("python_random"):
@@ -563,6 +581,55 @@ def _feature_stores(
             ),
         )
     return stores
+
+
+def _distill_targets(
+    teacher: Teacher,
+    preprocess_cfg: PreprocessConfig,
+    train_cfg: TrainConfig,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    cache_dir: Path,
+    key: str,
+) -> np.ndarray:
+    """(views, n) soft targets of the training views: the teacher's probabilities mixed with the
+    labels (distill.py), the teacher's probabilities cached beside the student's features."""
+    from cxr_pneumonia.rundir import model_sha256
+
+    probabilities = teacher_probabilities(
+        teacher,
+        list(train_df["cached"]),
+        cache_dir / "features" / key / f"teacher_{model_sha256(teacher.path)[:16]}.npy",
+        views=1 + train_cfg.augment_views,
+        augment=train_cfg.augment,
+        seed=train_cfg.seed,
+        raw=(list(train_df["path"]), build_pipeline(preprocess_cfg)),
+        teacher_split=_teacher_split_cache(teacher, preprocess_cfg, train_cfg, train_df, val_df, cache_dir),
+        bf16=_feature_dtype(train_cfg) == "bfloat16",
+        batch_size=train_cfg.batch_size,
+    )
+    return soft_targets(train_df["label"].to_numpy(), probabilities, train_cfg.distill_weight)
+
+
+def _teacher_split_cache(
+    teacher: Teacher,
+    preprocess_cfg: PreprocessConfig,
+    train_cfg: TrainConfig,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    cache_dir: Path,
+) -> Path | None:
+    """The teacher's own cached split activations of exactly the student's views, if any: its
+    feature key computed with the student's views, augmentation, seed and data."""
+    from cxr_pneumonia.model import WeightsUnavailableError
+
+    try:
+        key = _feature_key(preprocess_cfg, teacher.model_cfg, train_cfg, train_df, val_df)
+    except (WeightsUnavailableError, OSError):  # its backbone weights are gone: no cache to match
+        return None
+    folders = [Path(teacher.cache_dir) if teacher.cache_dir else default_cache_dir(), cache_dir]
+    found = [f / "features" / key / "train_split.npy" for f in folders]
+    return next((path for path in found if path.is_file()), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,7 +885,10 @@ def train(
     cache_dir = Path(train_cfg.cache_dir) if train_cfg.cache_dir else default_cache_dir()
     if train_cfg.workers is None:
         train_cfg = override(train_cfg, workers=default_workers())
+    teacher = load_teacher(train_cfg.teacher, preprocess_cfg) if train_cfg.teacher else None
     train_df, val_df = prepare_data(Path(data), preprocess_cfg, train_cfg, cache_dir, run_dir)
+    if teacher is not None:
+        check_unseen(teacher, val_df)
     model_cfg = _with_initial_bias(model_cfg, train_cfg, train_df)
     strategy = _distribution(train_cfg.strategy)
     with strategy.scope():
@@ -832,6 +902,8 @@ def train(
         _, head = split_model(model, model_cfg, at="backbone_output")
     fit = _Fit(run_dir, model, model_cfg, train_cfg, train_df, val_df, stores, list(state.get("history", [])))
     fit.callbacks = callbacks
+    if teacher is not None:
+        fit.targets = _distill_targets(teacher, preprocess_cfg, train_cfg, train_df, val_df, cache_dir, key)
     _run_stages(fit, plan_stages(model_cfg, train_cfg, head=head, top=top), state, strategy)
     if run_dir != Path(out):  # a worker other than the chief: the chief writes the run
         return _leave_run(run_dir, Path(out), strategy, model)
@@ -854,6 +926,7 @@ def train(
         fingerprint=data_fingerprint(train_df, val_df),
         data=data,
         seconds=time.perf_counter() - started,
+        teacher=teacher.record() if teacher is not None else None,
     )
     _workers_finish(strategy, model)
     return run_dir
@@ -1110,6 +1183,7 @@ def _finish_run(
     fingerprint: dict[str, Any],
     data: Any,
     seconds: float,
+    teacher: dict[str, Any] | None = None,
 ) -> None:
     """Write every artefact, model.keras last (by rename), then drop the checkpoints."""
     from cxr_pneumonia.report import plot_training_curves
@@ -1137,7 +1211,11 @@ def _finish_run(
         model_cfg=model_cfg,
         threshold=threshold,
         train_cfg=train_cfg,
-        extra={"data": {"source": str(data), **fingerprint}, "train_seconds": round(seconds, 1)},
+        extra={
+            "data": {"source": str(data), **fingerprint},
+            "train_seconds": round(seconds, 1),
+            **({"teacher": teacher} if teacher else {}),
+        },
     )
     tmp = run_dir / ".model.tmp.keras"
     model.save(tmp)
