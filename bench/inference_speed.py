@@ -68,7 +68,8 @@ def project_side(args: argparse.Namespace, paths: list[str], figures: dict[str, 
         load_s=round(load.seconds, 2),
         warmup_s=round(warmup.seconds, 2),
         predict_s=round(timed.seconds, 2),
-        n_failed=int(np.isnan(scores).sum()),
+        n_failed=sum(p.status == "error" for p in predictions),
+        n_rejected=sum(p.status == "rejected" for p in predictions),  # by the input gate: no probability
     )
     return scores
 
@@ -164,7 +165,6 @@ def other_model(
     return {
         "roc_auc": auc(images["label"].to_numpy(), scores),
         "label_agreement_with_plain": float(np.mean(agree)) if ok.any() else None,
-        "n_failed": int(np.isnan(scores).sum()),
     }
 
 
@@ -247,7 +247,7 @@ def summary_lines(args: argparse.Namespace, figures: dict[str, Any], n: int) -> 
             lines.append(
                 f"{name} predict_paths of {side['run']} ({_runtime(side['runtime'])}): "
                 f"{side['images_per_s']} images/s ({side['predict_s']} s), "
-                f"peak RSS {side['peak_rss_mb']} MiB; "
+                f"peak RSS {side['peak_rss_mb']} MiB, {side['n_rejected']} rejected by its gate; "
                 f"{side['speedup_vs_plain']}× plain fp32 of {args.run.name}; "
                 f"ROC-AUC {_fmt(side['roc_auc'])}; "
                 f"same label as plain for {100 * (side['label_agreement_with_plain'] or 0):.1f} %"
