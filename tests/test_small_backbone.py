@@ -2,8 +2,9 @@
 distilled from the tiny run, then its input gate, its export (OpenVINO, the checked bf16 plan)
 and Grad-CAM, as any backbone.
 
-One student is trained for the module (64 px, the sample, 3 epochs); it needs the shared PyTorch
-weights (skips without ../shared). The gate's layer choice for both ported backbones needs none.
+One student is trained for the module (64 px, the sample, a head and a fine-tuning epoch); it
+needs the shared PyTorch weights (skips without ../shared). The gate's layer choice for both
+ported backbones needs none.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def student(tiny_run: Path, sample_dir: Path, tmp_path_factory: pytest.TempPathF
         preprocess_cfg=PreprocessConfig(size=SIZE),
         model_cfg=ModelConfig(backbone="mobilenetv2", weights=str(weights), image_size=SIZE),
         train_cfg=TrainConfig(
-            epochs=2, fine_tune_epochs=1, cache_dir=str(root / "cache"), workers=1, teacher=str(tiny_run)
+            epochs=1, fine_tune_epochs=1, cache_dir=str(root / "cache"), workers=1, teacher=str(tiny_run)
         ),
     )
 
