@@ -75,7 +75,10 @@ def gate_probes(
     """The served run (the tiny run with its gate's unusual level moved so that exactly one known
     sample X-ray is unusual) and the uploads: an ordinary X-ray, the unusual one, a text page."""
     xrays = sorted((sample_dir / "test").rglob("*.jpeg"))
-    scores = [p.domain_score for p in Run.load(tiny_run).classify_images([load_image(x) for x in xrays])]
+    predictions = Run.load(tiny_run).classify_images([load_image(x) for x in xrays])
+    # only X-rays the gate accepts can be "unusual" (a tiny run's gate may refuse one outright)
+    accepted = [(x, p.domain_score) for x, p in zip(xrays, predictions, strict=True) if p.status == "ok"]
+    xrays, scores = [x for x, _ in accepted], [score for _, score in accepted]
     order = np.argsort(scores)
     level = (scores[order[-1]] + scores[order[-2]]) / 2
     folder = tmp_path_factory.mktemp("gate_probes")
