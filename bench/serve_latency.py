@@ -229,6 +229,8 @@ def measure_setting(
         "--workers",
         str(workers),
     ]
+    if args.threads is not None:
+        options += ["--threads", str(args.threads)]
     headers = {}
     if args.token_file is not None:
         options += ["--token-file", str(args.token_file)]
@@ -299,6 +301,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int_list, default=[16], help="Server --max-batch values (16,1).")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="Server --max-wait-ms.")
     parser.add_argument("--workers", type=int_list, default=[1], help="Server --workers values (1,2).")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="Server --threads (default: cores / workers)."
+    )
     parser.add_argument("--token-file", type=Path, default=None, help="Serve with this bearer token.")
     parser.add_argument("--n-heatmap", type=int, default=20, help="Sequential heatmap requests (0: none).")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="Seconds to wait for /health.")

@@ -256,8 +256,9 @@ def test_huge_streamed_body_without_length_is_cut_off(small_limit_client: TestCl
 
 def _asgi_call(
     middleware_limit: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]]
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """Drive BodyLimitMiddleware around an app that reads the whole body; (messages sent, bytes read)."""
+) -> tuple[list[dict[str, Any]], list[int], int]:
+    """Drive BodyLimitMiddleware around an app that reads the whole body; (messages sent, chunk
+    sizes the app read, chunks nobody read)."""
     read: list[int] = []
 
     async def inner_app(scope: Any, receive: Any, send: Any) -> None:
@@ -276,7 +277,8 @@ def _asgi_call(
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return pending.pop(0)
+        assert not sent, "the body is read before the answer, not after"
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -286,24 +288,27 @@ def _asgi_call(
     )
     scope = {"type": "http", "path": "/v1/predict", "headers": headers}
     asyncio.run(middleware(scope, receive, send))
-    return sent, read
+    return sent, read, len(pending)
 
 
 @pytest.mark.parametrize(
-    ("chunks", "headers", "status", "chunks_read"),
+    ("chunks", "headers", "status", "chunks_read", "left"),
     [
-        ([b"x" * 1000] * 2, [(b"content-length", b"2000")], 200, 2),
-        ([b"x" * 1000] * 10, [], 413, 2),  # chunked: cut off at the third chunk, never read
-        ([b"x" * 1000] * 10, [(b"content-length", b"10000")], 413, 0),  # refused unread
+        ([b"x" * 1000] * 2, [(b"content-length", b"2000")], 200, 2, 0),
+        # chunked: the app reads two chunks, the third is cut off; the rest is drained, then the 413
+        ([b"x" * 1000] * 10, [], 413, 2, 0),
+        ([b"x" * 1000] * 10, [(b"content-length", b"10000")], 413, 0, 0),  # refused unparsed, drained
+        ([b"x" * 1000] * 12, [], 413, 2, 2),  # drained up to 4 × the limit only
+        ([b"x" * 1000] * 12, [(b"content-length", b"12000")], 413, 0, 12),  # too big to drain
     ],
-    ids=["under-limit", "streamed-over-limit", "declared-over-limit"],
+    ids=["under-limit", "streamed-over-limit", "declared-over-limit", "streamed-huge", "declared-huge"],
 )
 def test_body_limit_middleware(
-    chunks: list[bytes], headers: list[tuple[bytes, bytes]], status: int, chunks_read: int
+    chunks: list[bytes], headers: list[tuple[bytes, bytes]], status: int, chunks_read: int, left: int
 ) -> None:
-    sent, read = _asgi_call(2500, chunks, headers)
+    sent, read, unread = _asgi_call(2500, chunks, headers)
     assert sent[0]["status"] == status
-    assert len(read) == chunks_read
+    assert len(read) == chunks_read and unread == left
     assert len([m for m in sent if m["type"] == "http.response.start"]) == 1
     if status == 413:
         assert json.loads(sent[1]["body"]) == {"detail": "too big"}

@@ -81,6 +81,8 @@ PREDICT_PATH = "/v1/predict"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # uvicorn's worker processes build their app from this variable (a ServeConfig as JSON).
 SERVE_CONFIG_ENV = "CXR_PNEUMONIA_SERVE_CONFIG"
+# An oversized body up to this many times the limit is read and dropped before the 413.
+DRAIN_FACTOR = 4
 # Room for the multipart boundary and part headers around the file itself.
 _MULTIPART_SLACK = 64 * 1024
 SUPPORTED_TYPES = "PNG, JPEG or DICOM"
@@ -239,9 +241,13 @@ def _too_large_detail(max_bytes: int) -> str:
 class BodyLimitMiddleware:
     """Refuse request bodies over ``limit`` bytes on ``paths`` with a JSON 413, before parsing.
 
-    A declared ``Content-Length`` over the limit is refused without reading the body; a body
+    A declared ``Content-Length`` over the limit is refused without parsing the body; a body
     without one (chunked) is counted as it arrives and cut off at the limit. This keeps a huge
     upload from being spooled to disk by the multipart parser before the endpoint sees it.
+
+    Before the 413 goes out, the rest of the body is read and dropped (up to ``DRAIN_FACTOR`` ×
+    the limit): a server that closes a connection with unread data resets it (TCP RST), and a
+    client still sending may then never see the 413 (nginx's "lingering close" does the same).
     """
 
     def __init__(
@@ -258,6 +264,8 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
+            if declared <= DRAIN_FACTOR * self.limit:
+                await _drain(receive, declared)
             await self._refuse(send)
             return
         received = 0
@@ -288,6 +296,7 @@ class BodyLimitMiddleware:
             if not exceeded or started:
                 raise
         if exceeded and not started:
+            await _drain(receive, DRAIN_FACTOR * self.limit - received)
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
@@ -304,6 +313,17 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop request body messages until the body ends or ``budget`` bytes are read."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
