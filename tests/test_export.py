@@ -336,3 +336,16 @@ def test_an_export_that_predates_the_gate_is_not_used(exported_run, tmp_path):
     with pytest.raises(RunError, match="re-export"):
         Run.load(run_dir, runtime="openvino")
     assert run.classify_preprocessed(np.zeros((1, 64, 64), np.uint8))[0].domain_score is not None
+
+
+@pytest.mark.parametrize(
+    ("chosen", "seconds_fp32", "seconds_plan", "precision", "kept"),
+    [
+        (frozenset({1, 2}), 1.0, 0.8, "auto", True),
+        (frozenset({1, 2}), 1.0, 1.2, "auto", False),  # the plan lost to float32: float32 it is
+        (frozenset({1, 2}), 1.0, 1.2, "bf16", True),  # bf16 everywhere was asked for
+        (frozenset(), 1.0, 1.0, "auto", True),
+    ],
+)
+def test_a_bf16_plan_slower_than_float32_is_not_kept(chosen, seconds_fp32, seconds_plan, precision, kept):
+    assert export.keep_if_faster(chosen, seconds_fp32, seconds_plan, precision) is kept

@@ -376,6 +376,33 @@ def search_plan(
     return chosen, trials
 
 
+def keep_if_faster(chosen: frozenset[int], seconds_fp32: float, seconds_plan: float, precision: str) -> bool:
+    """Whether the bf16 segments ``chosen`` by ``precision="auto"`` stay: not when their plan timed
+    slower than float32. Segments are timed one by one; together, with the conversions between
+    the parts they compile into, they can lose (a MobileNetV2 student's plan did, at 0.5×)."""
+    if chosen and precision == "auto" and seconds_plan > seconds_fp32:
+        message = "the bf16 plan ran slower than float32 (%.2f s vs %.2f s); keeping float32"
+        log.warning(message, seconds_plan, seconds_fp32)
+        return False
+    return True
+
+
+def _time_against_fp32(
+    merged: Any,
+    bounds: list[tuple[str, str]],
+    plan: list[str],
+    keep: Sequence[str],
+    x: np.ndarray,
+    batch: int,
+) -> tuple[float, float]:
+    """Seconds over ``x`` of the float32 model and of ``plan`` (the same model when all float32)."""
+    fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * len(bounds), keep))
+    seconds_fp32 = _time_plan(fp32_model, x, batch)
+    if "bf16" not in plan:
+        return seconds_fp32, seconds_fp32
+    return seconds_fp32, _time_plan(compile_parts(merged, merge_runs(bounds, plan, keep)), x, batch)
+
+
 def _time_plan(model: SegmentedModel, x: np.ndarray, batch_size: int) -> float:
     model(x[:batch_size])  # first inference allocates
     start = time.perf_counter()
@@ -623,10 +650,10 @@ def _plan_and_checks(
     del segment_bytes, segmented
     plan = plan_for(chosen)
     check = evaluate(chosen) if chosen else compare_scores(fp32_scores, fp32_scores, labels, thr)
-    fp32_model = compile_parts(merged, merge_runs(bounds, ["fp32"] * n_segments, keep))
-    seconds_fp32 = _time_plan(fp32_model, x, cfg.batch_size)
-    plan_model = compile_parts(merged, merge_runs(bounds, plan, keep)) if chosen else fp32_model
-    seconds_plan = _time_plan(plan_model, x, cfg.batch_size)
+    seconds_fp32, seconds_plan = _time_against_fp32(merged, bounds, plan, keep, x, cfg.batch_size)
+    if not keep_if_faster(chosen, seconds_fp32, seconds_plan, cfg.precision):
+        chosen, seconds_plan = frozenset(), seconds_fp32
+        plan, check = plan_for(chosen), compare_scores(fp32_scores, fp32_scores, labels, thr)
     if chosen and not within(check, cfg):
         log.warning(
             "bf16 plan exceeds the tolerance on the calibration images: max |Δp| %.3g", check["max_abs_diff"]
