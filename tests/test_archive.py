@@ -67,7 +67,7 @@ def test_a_killed_job_rerun_from_the_cli_scores_every_image_once_as_plain_predic
     parts[-1].unlink()
     (out / archive.PARTS_DIR / ".part-99-half.parquet.tmp").write_bytes(b"PAR1 half a part")
     kept = archive.read_parts(out)
-    kept = kept.loc[kept["status"] != "error", "path"].iloc[0]
+    kept = kept.loc[kept["status"] == "ok", "path"].iloc[0]  # scored: a rejected image has no probability
     shutil.copy(kept, archive_dir / "zz_copy.jpeg")  # bytes already scored, under a new name
 
     argv = [

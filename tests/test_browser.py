@@ -59,7 +59,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.browser,
-    pytest.mark.timeout(240),
+    # the test alone: fixture setup may train the session's tiny run first (minutes on a busy CPU)
+    pytest.mark.timeout(240, func_only=True),
     pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed: apt-get install chromium"),
 ]
 

@@ -116,7 +116,10 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
     out = tmp_path / "run"
     settings = dict(
         preprocess_cfg=PreprocessConfig(size=64), model_cfg=TINY_MODEL,
-        train_cfg=TrainConfig(epochs=4, patience=10, cache_dir=str(tmp_path / "cache"), workers=1),
+        # one fine-tuning epoch, no augmented views and no gate: what is checked is where the
+        # crash leaves the run and that resuming completes both stages
+        train_cfg=TrainConfig(epochs=4, fine_tune_epochs=1, patience=10, augment_views=0, fit_gate=False,
+                              cache_dir=str(tmp_path / "cache"), workers=1),
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(sample_dir / "train", out, callbacks=[CrashAfter(2)], **settings)
@@ -130,8 +133,8 @@ def test_killed_training_leaves_no_model_and_resume_completes(sample_dir, tmp_pa
     run = Run.load(train(None, out, resume=True))
     assert (out / "model.keras").is_file() and not (out / STATE_FILE).exists()
     history = pd.read_csv(out / "history.csv")
-    assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6]  # 4 head epochs, then 2 fine-tuning epochs
-    assert list(history["stage"]) == ["head"] * 4 + ["fine_tune"] * 2
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]  # 4 head epochs, then 1 fine-tuning epoch
+    assert list(history["stage"]) == ["head"] * 4 + ["fine_tune"]
     assert run.predict_images([load_image(next((sample_dir / "test" / "NORMAL").iterdir()))]).shape == (1,)
     with pytest.raises(TrainingError, match="already complete"):
         train(None, out, resume=True)
@@ -165,7 +168,8 @@ def test_resumed_fine_tuning_ends_as_an_uninterrupted_run(sample_dir, tmp_path):
         preprocess_cfg=PreprocessConfig(size=64),
         # a high fine-tuning rate, so that Adam's moments visibly matter
         model_cfg=override(TINY_MODEL, fine_tune_blocks=1, fine_tune_learning_rate=1e-3),
-        train_cfg=TrainConfig(epochs=1, fine_tune_epochs=2, augment_views=0, precision="fp32",
+        # no gate: it is fitted after the last epoch, from the final weights, and is no part of resuming
+        train_cfg=TrainConfig(epochs=1, fine_tune_epochs=2, augment_views=0, precision="fp32", fit_gate=False,
                               cache_dir=str(tmp_path / "cache"), workers=1),
     )  # fmt: skip
     train(sample_dir / "train", tmp_path / "whole", **settings)
@@ -203,16 +207,14 @@ def test_early_stopping_state_survives_the_start_of_a_fit():
     assert stop.state() == saved and stop.best_weights is best_weights
 
 
-def test_fine_tuning_stage_trains_top_blocks_from_cached_activations(sample_dir, tmp_path):
-    run_dir = train(
-        sample_dir / "train", tmp_path / "run", preprocess_cfg=PreprocessConfig(size=64),
-        model_cfg=override(TINY_MODEL, fine_tune_blocks=1),
-        train_cfg=TrainConfig(epochs=2, fine_tune_epochs=2, augment_views=1,
-                              cache_dir=str(tmp_path / "cache"), workers=1),
-    )  # fmt: skip
-    history = pd.read_csv(run_dir / "history.csv")
-    assert list(history["stage"]) == ["head", "head", "fine_tune", "fine_tune"]
-    features = list((tmp_path / "cache" / "features").rglob("*.npy"))
+def test_fine_tuning_stage_trains_top_blocks_from_cached_activations(tiny_run):
+    # The tiny run fine-tunes its top blocks (the defaults: 2 blocks, 2 epochs) after 3 head
+    # epochs; its cache (conftest: next to the run) holds what both stages were trained on.
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["fine_tune_blocks"] > 0 and config["train"]["augment_views"] > 0
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert list(history["stage"]) == ["head"] * 3 + ["fine_tune"] * 2
+    features = list((tiny_run.parent / "cache" / "features").rglob("*.npy"))
     assert {f.name for f in features} == {
         "train_split.npy",
         "val_split.npy",
@@ -236,6 +238,11 @@ def test_cli_train_evaluate_predict_end_to_end(sample_dir, bad_inputs_dir, tmp_p
                 "64",
                 "--epochs",
                 "2",
+                # no augmented views, no gate: neither is checked here (both are in test_train and
+                # test_cli's gate tests on the tiny run), and both cost seconds of CPU
+                "--augment-views",
+                "0",
+                "--no-fit-gate",
                 "--cache-dir",
                 str(tmp_path / "cache"),
             ]
@@ -310,8 +317,9 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_dir, tmp_path):
         run_dir = train({str(sample_dir / "train")!r}, {str(tmp_path / "run")!r},
                     preprocess_cfg=PreprocessConfig(size=64),
                     model_cfg=ModelConfig(backbone="resnet50v2", weights="none", image_size=64),
-                    train_cfg=TrainConfig(epochs=2, strategy="mirrored", cache_dir={str(tmp_path / "c")!r},
-                                          workers=1))
+                    train_cfg=TrainConfig(epochs=2, fine_tune_epochs=0, strategy="mirrored",
+                                          cache_dir={str(tmp_path / "c")!r}, workers=1, augment_views=0,
+                                          fit_gate=False))
         run = Run.load(run_dir)
         print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync, "threshold", run.threshold)
         """
