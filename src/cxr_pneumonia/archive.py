@@ -186,7 +186,11 @@ def _pair_digest(path: str, digest: bytes) -> bytes:
 
 def _contains(sorted_digests: np.ndarray, digest: bytes) -> bool:
     i = int(np.searchsorted(sorted_digests, digest))
-    return i < len(sorted_digests) and sorted_digests[i] == digest
+    # NumPy hands an "S32" element back without its trailing zero bytes: pad it again, or the one
+    # digest in 256 that ends in 0x00 is never found (and its file is scored a second time).
+    return (
+        i < len(sorted_digests) and bytes(sorted_digests[i]).ljust(sorted_digests.itemsize, b"\0") == digest
+    )
 
 
 # ---- the tasks and the actors ------------------------------------------------------------------
