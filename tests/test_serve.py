@@ -375,9 +375,10 @@ def test_page_and_static_files(client: TestClient) -> None:
         assert client.get(f"/static/{name}").status_code == 200
     script = client.get("/static/app.js").text
     assert "/v1/predict?${query}" in script and '"heatmap=true"' in script and '"&gate=false"' in script
-    # Every API call goes through apiFetch, which adds the bearer token when the page has one.
-    assert script.count("fetch(") == 1 and "headers.Authorization = `Bearer ${token}`" in script
-    assert 'id="token-form"' in page.text and "sessionStorage" in script
+    # The page calls the API on its own origin only, where a browser that was asked for the
+    # token (HTTP Basic) sends it again; it handles no token itself.
+    assert sorted(re.findall(r"fetch\([`\"](/[^`\"?]*)", script)) == ["/v1/model", "/v1/predict"]
+    assert "Authorization" not in script and "sessionStorage" not in script
 
 
 @pytest.mark.parametrize(
@@ -651,8 +652,12 @@ WRONG_CREDENTIALS = {
     "prefix": {"Authorization": f"Bearer {TOKEN[:-1]}"},
     "longer": {"Authorization": f"Bearer {TOKEN}x"},
     "basic": {"Authorization": f"Basic {TOKEN}"},
+    "basic-wrong": {"Authorization": "Basic " + base64.b64encode(b"anyone:not-the-token").decode()},
+    "basic-no-password": {"Authorization": "Basic " + base64.b64encode(TOKEN.encode()).decode()},
     "bare": {"Authorization": TOKEN},
 }
+BASIC = {"Authorization": "Basic " + base64.b64encode(f"radiologist:{TOKEN}".encode()).decode()}
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.mark.parametrize("credentials", list(WRONG_CREDENTIALS))
@@ -677,12 +682,13 @@ def test_api_with_the_token_answers(token_client: TestClient, run: Run, images: 
     upload = {"file": ("scan.png", images["png"].read_bytes(), "image/png")}
     body = token_client.post("/v1/predict?gate=false", files=upload, headers=headers).json()
     assert body["probability"] == pytest.approx(_reference(run, images["png"]), abs=1e-6)
-    # the scheme's name is case-insensitive (RFC 7235)
+    # the scheme's name is case-insensitive (RFC 7235); a browser's HTTP Basic (any user name) counts
     assert token_client.get("/v1/model", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    assert token_client.get("/v1/model", headers=BASIC).json()["name"] == run.name
 
 
 def test_every_api_operation_but_health_wants_the_token(token_client: TestClient, run: Run) -> None:
-    schema = token_client.get("/openapi.json").json()
+    schema = token_client.get("/openapi.json", headers=BEARER).json()
     assert schema["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
@@ -698,11 +704,28 @@ def test_every_api_operation_but_health_wants_the_token(token_client: TestClient
             assert response.status_code == 401, (path, method)
             assert schema["paths"][path][method]["security"] == [{"bearer": []}]
             assert "401" in schema["paths"][path][method]["responses"]
-    # The public schema's examples do not carry the run's name or threshold (the model card is private).
+    # The schema's examples do not carry the run's name or threshold (the model card wants the token).
     assert run.name not in json.dumps(schema)
-    # The page, its script and the docs carry no model data and stay open, so the page can ask.
-    for public in ("/", "/static/app.js", "/docs"):
-        assert token_client.get(public).status_code == 200
+
+
+@pytest.mark.parametrize("credentials", list(WRONG_CREDENTIALS))
+def test_nothing_but_health_answers_without_the_token(token_client: TestClient, credentials: str) -> None:
+    """The page, its files and the docs too: they answer an HTTP Basic challenge, which makes a
+    browser ask for the token once (password: the token) and send it with the page's API calls."""
+    pages = ("/", "/static/app.js", "/static/style.css", "/docs", "/redoc", "/openapi.json", "/no-such-page")
+    for path in pages:
+        refused = token_client.get(path, headers=WRONG_CREDENTIALS[credentials])
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"].startswith('Basic realm="cxr-pneumonia')
+        assert "access token" in refused.text
+    assert token_client.get("/health", headers=WRONG_CREDENTIALS[credentials]).status_code == 200
+
+
+def test_the_page_and_docs_answer_with_the_token(token_client: TestClient) -> None:
+    for headers in (BASIC, BEARER):
+        for path in ("/", "/static/app.js", "/docs", "/openapi.json"):
+            assert token_client.get(path, headers=headers).status_code == 200, (path, headers)
+        assert token_client.get("/no-such-page", headers=headers).status_code == 404
 
 
 def test_without_a_token_nothing_asks_for_one(client: TestClient) -> None:
@@ -835,7 +858,8 @@ def test_worker_threads_share_out_the_cores(workers: int, cores: int, threads: i
 
 
 def test_limit_threads_sets_the_pools(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                 "TF_NUM_INTEROP_THREADS"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)  # restored after the test
     before = cv2.getNumThreads()
     try:

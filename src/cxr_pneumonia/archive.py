@@ -46,6 +46,7 @@ from cxr_pneumonia.config import (
     to_dict,
     write_json,
 )
+from cxr_pneumonia.cores import available_cores, limit_threads
 from cxr_pneumonia.io import ImageReadError, list_image_files, load_image, load_image_bytes
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
@@ -251,19 +252,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, preprocess: str, size: int, kn
     return columns
 
 
-def limit_threads(threads: int) -> None:
-    """Hold this process's numeric libraries to ``threads`` threads; call before TensorFlow starts
-    (its thread pools are process-wide and fixed when it first runs)."""
-    for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    import tensorflow as tf
-
-    with contextlib.suppress(RuntimeError):  # TensorFlow already running: its pools stay
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-
-
 class Scorer:
     """A Ray Data actor: the run loaded once (runtime, threshold, gate), scoring decoded batches."""
 
@@ -305,10 +293,6 @@ class Scorer:
 # ---- the job -----------------------------------------------------------------------------------
 
 
-def _local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def ray_session(address: str | None, cfg: ArchiveConfig) -> Iterator[int]:
     """A Ray connection for the job; yields the number of model actors.
@@ -326,7 +310,7 @@ def ray_session(address: str | None, cfg: ArchiveConfig) -> Iterator[int]:
     if not ray.is_initialized():
         options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         if address is None:
-            workers = cfg.workers or max(1, _local_cpus() // cfg.threads)
+            workers = cfg.workers or max(1, available_cores() // cfg.threads)
             options.update(num_cpus=workers * cfg.threads + 1, include_dashboard=False)
         # Ray's start-up notices and its C++ core's log lines stay in Ray's log files (the
         # session folder), not in the terminal; errors still come back as exceptions.

@@ -895,7 +895,10 @@ def serve(
     ] = 5.0,
     token_file: Annotated[
         Path | None,
-        typer.Option(help="File with a bearer token every API call but /health must send (chmod 600)."),
+        typer.Option(
+            help="File with an access token (chmod 600): nothing but /health answers without it "
+            "(API: Bearer; the page and docs: the browser asks once)."
+        ),
     ] = None,
 ) -> None:
     """REST API and web page (http://HOST:PORT/) for a trained run. Research use only."""

@@ -292,7 +292,10 @@ def compile_segments(
     core = ov.Core()
     options: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
-        options["INFERENCE_NUM_THREADS"] = threads
+        # Pinning puts the threads of every process that asks for fewer threads than the machine
+        # has cores on the same first cores: two one-thread processes (Ray actors, serve workers)
+        # then share one core and leave the other idle. The OS spreads unpinned threads.
+        options.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
     requests = []
     for data, wanted in zip(segment_bytes, precisions, strict=True):
         model = core.read_model(data)

@@ -121,7 +121,7 @@ class Run:
         :mod:`cxr_pneumonia.export`; an error without one) or ``auto`` (the export when it is
         there, current and OpenVINO is installed, else Keras). The Keras model itself is loaded
         only when needed (Keras runtime, Grad-CAM). ``threads``: CPU threads for the export
-        (TensorFlow's are process-wide: see ``serve.limit_threads``).
+        (TensorFlow's are process-wide: see ``cores.limit_threads``).
         """
         path = Path(path)
         check_kind(runtime)

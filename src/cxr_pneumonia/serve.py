@@ -19,8 +19,9 @@ Under load: decoding and preprocessing run in a thread pool beside the model; th
 in one thread (:class:`MicroBatcher`), which stacks the images of concurrent requests into one
 forward pass (dynamic micro-batching, ``max_batch`` / ``max_wait_ms``). ``serve(workers=N)``
 runs N such processes on one port (uvicorn's workers, built by :func:`app_from_env`), each held
-to cores / N threads. With a token (``--token-file``) every API operation but ``/health`` wants
-``Authorization: Bearer <token>`` and answers 401 without it.
+to cores / N threads. With a token (``--token-file``) everything but ``/health`` answers 401
+without it: the API wants ``Authorization: Bearer <token>``; the page and the docs ask the browser
+for it once (HTTP Basic, the token as password), and its later calls carry it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Security, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi.params import Depends as DependsParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -55,6 +56,7 @@ from pydantic import BaseModel, Field
 
 from cxr_pneumonia import __version__, rundir
 from cxr_pneumonia.config import StageConfig, from_dict
+from cxr_pneumonia.cores import available_cores, limit_threads
 from cxr_pneumonia.explain import Explainer, encode_png, overlay
 from cxr_pneumonia.io import (
     DEFAULT_MAX_PIXELS,
@@ -554,24 +556,69 @@ def read_token(path: str | Path) -> str:
     return token
 
 
+API_PREFIX = "/v1/"
+BASIC_REALM = 'Basic realm="cxr-pneumonia: user name anything, password the access token", charset="UTF-8"'
+
+
+def token_matches(authorization: str | None, expected: str) -> bool:
+    """Whether an ``Authorization`` header carries the token: ``Bearer <token>`` (API clients) or
+    HTTP Basic with the token as password, any user name (what a browser sends after asking once).
+    The comparison takes the same time however much of the token is right."""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    given = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return secrets.compare_digest(given.encode(), expected.encode())
+
+
 def _auth(token: str | None) -> list[DependsParam]:
-    """The dependency that answers 401 unless ``Authorization: Bearer <token>`` comes (none
+    """The dependency of every API operation that answers 401 unless the token comes (none
     without a token). HTTPBearer puts the scheme into the OpenAPI schema, so /docs offers an
-    'Authorize' button; the comparison takes the same time however much of the token is right."""
+    'Authorize' button."""
     if token is None:
         return []
     bearer = HTTPBearer(
         scheme_name="bearer", description="The token in the server's --token-file.", auto_error=False
     )
-    expected = token.encode()
 
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not secrets.compare_digest(given, expected):
-            detail = "missing bearer token" if credentials is None else "wrong bearer token"
+    def require_token(request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        authorization = request.headers.get("authorization")
+        if not token_matches(authorization, token):
+            detail = "missing bearer token" if not authorization else "wrong bearer token"
             raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
     return [Depends(require_token)]
+
+
+class PageAuthMiddleware:
+    """With a token, everything but the API (which checks it in :func:`_auth`) and ``/health``
+    (the page, its files, /docs, /redoc, /openapi.json) answers 401 with an HTTP Basic challenge
+    unless the token comes. A browser then asks for it once (password: the token) and sends it
+    with every later request to this server, the page's API calls included."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path == "/health" or path.startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if token_matches(headers.get("authorization"), self.token):
+            await self.app(scope, receive, send)
+            return
+        refusal = PlainTextResponse(
+            "This server wants its access token (user name: anything; password: the token).\n",
+            status_code=401,
+            headers={"WWW-Authenticate": BASIC_REALM},
+        )
+        await refusal(scope, receive, send)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -617,8 +664,9 @@ def create_app(
 
     ``gate``: whether the input check refuses images by default (a request's ``?gate=`` wins).
     ``max_batch``, ``max_wait_ms``: see :class:`MicroBatcher` (``app.state.batcher``).
-    ``token``: when given, every API operation but ``/health`` answers 401 without
-    ``Authorization: Bearer <token>``; the page and the docs (no model data) stay public.
+    ``token``: when given, everything but ``/health`` answers 401 without it: the API wants
+    ``Authorization: Bearer <token>`` (or HTTP Basic with the token as password), the page and
+    the docs HTTP Basic (:class:`PageAuthMiddleware`), which a browser asks for once.
     """
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
@@ -635,6 +683,8 @@ def create_app(
         paths=frozenset({PREDICT_PATH}),
         detail=_too_large_detail(max_upload_bytes),
     )
+    if token is not None:
+        app.add_middleware(PageAuthMiddleware, token=token)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     auth = _auth(token)
 
@@ -786,44 +836,9 @@ def is_loopback(host: str) -> bool:
 # --- processes and threads -----------------------------------------------------------------
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def worker_threads(workers: int, cores: int | None = None) -> int:
     """Model threads for each of ``workers`` processes: the cores shared out, at least one."""
     return max(1, (cores or available_cores()) // max(1, workers))
-
-
-def limit_threads(threads: int) -> None:
-    """Hold this process's model and image code to ``threads`` CPU threads; call before loading.
-
-    N processes that each spread every operation over all cores fight for them
-    (oversubscription: more threads than cores, each slowed by the others), so each worker gets
-    cores / N. TensorFlow's pools are process-wide and fixed once it has run an op (hence the
-    environment too); OpenVINO takes its count when the export is compiled (``Run.load(threads=)``);
-    OpenCV's pool serves decoding and preprocessing.
-    """
-    import cv2
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    # Inference is one chain of ops: a second inter-op thread would only compete for a core.
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    cv2.setNumThreads(threads)
-    try:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except ImportError:
-        pass
-    except RuntimeError as e:  # TensorFlow already ran something in this process
-        log.warning("TensorFlow's thread pools are already set up and stay as they are (%s)", e)
 
 
 def build_app(cfg: ServeConfig) -> FastAPI:

@@ -1,9 +1,9 @@
 // Web page for the cxr-pneumonia API: upload an X-ray, show probability, label and Grad-CAM.
 // An image the input check rejects gets its own message (no probability, no label); an accepted
 // but unusual one, or one classified with the check off, gets a visible note.
-// A server started with --token-file wants "Authorization: Bearer <token>" on its API: the page
-// asks for the token once (when the API first answers 401), keeps it for this tab only
-// (sessionStorage: gone when the tab closes) and sends it with every API call.
+// A server started with --token-file serves this page only to a browser that gave the token
+// (HTTP Basic: the browser asks once, before the page loads, and sends it with every call the
+// page makes), so the page itself handles no token; a 401 means the server's token changed.
 // Plain script, no build step. Everything from the server is inserted as text, never as HTML.
 "use strict";
 
@@ -30,42 +30,8 @@
     heatmap: $("heatmap"),
     heatmapFigure: $("heatmap-figure"),
     heatmapNote: $("heatmap-note"),
-    tokenForm: $("token-form"),
-    tokenInput: $("token-input"),
-    tokenNote: $("token-note"),
   };
-  const TOKEN_KEY = "cxr-pneumonia-token";
-
-  function storedToken() {
-    try {
-      return sessionStorage.getItem(TOKEN_KEY) || "";
-    } catch (_) {
-      return ""; // storage disabled: the page then works only without a token
-    }
-  }
-
-  // The Fetch API with the stored token, if any, in the Authorization header.
-  function apiFetch(url, options) {
-    const headers = Object.assign({}, (options && options.headers) || {});
-    const token = storedToken();
-    if (token) headers.Authorization = `Bearer ${token}`;
-    return fetch(url, Object.assign({}, options || {}, { headers }));
-  }
-
-  // The API said 401: forget a token it refused and show the field.
-  function askForToken() {
-    const refused = storedToken() !== "";
-    try {
-      sessionStorage.removeItem(TOKEN_KEY);
-    } catch (_) {
-      // nothing stored
-    }
-    els.tokenNote.textContent = refused
-      ? "That token was not accepted; enter it again."
-      : "This server asks for an access token.";
-    els.tokenForm.hidden = false;
-    els.tokenInput.focus();
-  }
+  const TOKEN_CHANGED = "The server did not accept this page's access token: reload the page to enter it again.";
 
   // FastAPI errors carry `detail` as a string, or as a list of validation problems.
   function describeDetail(detail) {
@@ -170,8 +136,11 @@
     setBusy(true);
     try {
       const query = "heatmap=true" + (els.gateOff.checked ? "&gate=false" : "");
-      const response = await apiFetch(`/v1/predict?${query}`, { method: "POST", body: form });
-      if (response.status === 401) askForToken();
+      const response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form });
+      if (response.status === 401) {
+        showError(TOKEN_CHANGED);
+        return;
+      }
       if (!response.ok) {
         showError(await errorMessage(response));
         return;
@@ -187,10 +156,9 @@
 
   async function loadModelInfo() {
     try {
-      const response = await apiFetch("/v1/model");
+      const response = await fetch("/v1/model");
       if (response.status === 401) {
-        askForToken();
-        els.modelInfo.textContent = "Model information: enter the access token.";
+        els.modelInfo.textContent = TOKEN_CHANGED;
         return;
       }
       if (!response.ok) {
@@ -205,22 +173,6 @@
       els.modelInfo.textContent = `Model information unavailable: ${err && err.message ? err.message : err}`;
     }
   }
-
-  els.tokenForm.addEventListener("submit", (event) => {
-    event.preventDefault();
-    const token = els.tokenInput.value.trim();
-    if (!token) return;
-    try {
-      sessionStorage.setItem(TOKEN_KEY, token);
-    } catch (err) {
-      els.tokenNote.textContent = `Could not keep the token in this tab: ${err && err.message ? err.message : err}`;
-      return;
-    }
-    els.tokenInput.value = "";
-    els.tokenForm.hidden = true;
-    clearError();
-    loadModelInfo();
-  });
 
   els.input.addEventListener("change", () => {
     if (els.input.files && els.input.files.length > 0) analyse(els.input.files[0]);
