@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
+# pytest workers for `make test`. Most tests keep one core busy, so two workers use a 2-core
+# machine; each file stays on one worker (--dist loadfile) so that its module fixtures (an
+# export, a trained student) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint clean
 
@@ -20,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

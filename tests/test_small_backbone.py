@@ -98,7 +98,7 @@ def test_teacher_probabilities_are_the_teachers_outputs_on_the_students_views(st
     )
     np.testing.assert_array_equal(from_split, stored)
 
-    n = 8
+    n = 16
     route["raw"] = (images[:n], route["raw"][1])
     by_running = distill.teacher_probabilities(teacher, cached[:n], tmp_path / "b.npy", **route)
     for view in range(views):
@@ -107,7 +107,10 @@ def test_teacher_probabilities_are_the_teachers_outputs_on_the_students_views(st
         np.testing.assert_allclose(by_running[view], direct, atol=1e-3)  # float16 on disk
         # from bfloat16 activations where the CPU has them: about 1e-2 at worst
         np.testing.assert_allclose(stored[view, :n], direct, atol=0.02)
-    assert np.ptp(stored[:, :n]) > 0.05  # the teacher is not constant: a real comparison
+    # The teacher is not constant, so the 1e-3 comparison above is a real one. (The tiny teacher's
+    # spread depends on the CPU's kernels: 0.02-0.1 over these images, so the bound is the
+    # exact route's tolerance times ten, not a share of the bfloat16 one.)
+    assert np.ptp(stored[:, :n]) > 10 * 1e-3
 
 
 @pytest.mark.parametrize(
