@@ -53,6 +53,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
 
 from cxr_pneumonia import __version__, rundir
 from cxr_pneumonia.config import StageConfig, from_dict
@@ -609,8 +610,7 @@ class PageAuthMiddleware:
         if scope["type"] != "http" or path == "/health" or path.startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if token_matches(headers.get("authorization"), self.token):
+        if token_matches(Headers(scope=scope).get("authorization"), self.token):
             await self.app(scope, receive, send)
             return
         refusal = PlainTextResponse(
