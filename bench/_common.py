@@ -148,3 +148,30 @@ def child_figures(json_path: Path | None) -> Iterator[dict[str, Any]]:
     yield figures
     figures.update(peak_rss_mb=round(peak_rss_mb("self"), 1), cpu_s=round(cpu_seconds(), 1))
     emit(figures, [], json_path)
+
+
+def paired_patient_bootstrap(
+    y: np.ndarray,
+    patients: np.ndarray,
+    columns: dict[str, np.ndarray],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """ROC-AUC of every column on the same patient resamples (rows: resamples)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    ids, rows_of = np.unique(patients, return_inverse=True)
+    members = [np.flatnonzero(rows_of == i) for i in range(len(ids))]
+    samples: dict[str, list[float]] = {name: [] for name in columns}
+    while len(next(iter(samples.values()))) < n_bootstrap:
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+        if np.unique(y[rows]).size < 2:
+            continue  # a resample without both classes has no AUC
+        for name, scores in columns.items():
+            samples[name].append(roc_auc_score(y[rows], scores[rows]))
+    return {name: np.asarray(values) for name, values in samples.items()}
+
+
+def interval95(values: np.ndarray) -> list[float]:
+    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]

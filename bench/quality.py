@@ -46,6 +46,7 @@ TRAIN_OVERRIDES: dict[str, type] = {
     "threshold_rule": str,
     "fixed_threshold": float,
     "threshold_groups": int,
+    "threshold_margin_percentile": float,
     "image_size": int,
     "head": str,
     "batch_size": int,

@@ -193,7 +193,7 @@ def test_train_options_are_the_config_fields_with_their_descriptions():
             param = options[f"--{name.replace('_', '-')}"]
             assert param.default is None  # unset: the config's value is kept
             assert param.help.startswith(cls.model_fields[name].description)
-    rules = "One of: group_median, group_min, max_specificity, midpoint, fixed."
+    rules = "One of: group_median, group_min, max_specificity, midpoint, bootstrap_margin, fixed."
     assert rules in options["--threshold-rule"].help
 
 
@@ -203,7 +203,7 @@ def test_train_options_are_the_config_fields_with_their_descriptions():
         (
             ["--threshold-rule", "max_spec"],
             "error: threshold_rule: must be one of 'group_median', 'group_min', 'max_specificity', "
-            "'midpoint', 'fixed' (got 'max_spec')",
+            "'midpoint', 'bootstrap_margin', 'fixed' (got 'max_spec')",
         ),
         (["--backbone", "resnet"], "error: backbone: must be one of 'resnet50v2', "),
         (
@@ -232,7 +232,7 @@ def test_a_typo_in_a_config_file_or_a_resume_state_names_the_field(tmp_path, cap
     )
     expected = (
         "threshold_rule: must be one of 'group_median', 'group_min', 'max_specificity', 'midpoint', "
-        "'fixed' (got 'max_spec')"
+        "'bootstrap_margin', 'fixed' (got 'max_spec')"
     )
     assert capsys.readouterr().err.strip() == f"error: {config}: {expected}"
 

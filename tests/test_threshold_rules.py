@@ -1,4 +1,5 @@
-"""The operating point taken across acquisition groups (evaluate.choose_threshold_across_groups)."""
+"""Operating points meant to transfer: across acquisition groups (evaluate.choose_threshold_across_groups)
+and with a patient-bootstrap margin (evaluate.choose_threshold_with_margin)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from cxr_pneumonia.evaluate import (
     POOLED_GROUP,
     apply_threshold,
+    bootstrap_thresholds,
     choose_threshold,
     choose_threshold_across_groups,
+    choose_threshold_with_margin,
     rates_by_group,
 )
 
@@ -127,6 +130,60 @@ def test_bad_inputs_say_what_is_wrong(kwargs, message):
         choose_threshold_across_groups(args.pop("y_true"), args.pop("scores"), args.pop("groups"), **args)
 
 
+# ---- the bootstrap margin ------------------------------------------------------------------------
+
+
+def _uniform_draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """300 positives ~ U[0.2, 1] and 100 negatives ~ U[0, 0.4]: a positive's score is above t with
+    probability (1 - t) / 0.8, so the threshold of true recall 0.98 is 0.216."""
+    scores = np.r_[rng.uniform(0.2, 1.0, 300), rng.uniform(0.0, 0.4, 100)]
+    return np.r_[np.ones(300, int), np.zeros(100, int)], scores
+
+
+def _true_recall(threshold: float) -> float:
+    return min(1.0, (1.0 - threshold) / 0.8)
+
+
+def test_the_margin_keeps_the_target_recall_on_new_patients_where_the_pooled_threshold_does_not():
+    # 30 validation sets drawn from one known population: the pooled target-recall threshold is
+    # fitted to each set's own lowest positives and holds the population's recall about half the
+    # time; the 5th percentile of the resampled thresholds is meant to hold it about 95 % of the time.
+    rng = np.random.default_rng(1)
+    pooled_holds, margin_holds = 0, 0
+    for draw in range(30):
+        y, s = _uniform_draw(rng)
+        pooled = choose_threshold(y, s, target_recall=0.98).threshold
+        choice, margin = choose_threshold_with_margin(
+            y, s, None, target_recall=0.98, n_bootstrap=200, seed=draw
+        )
+        assert choice.threshold <= pooled == margin["pooled_threshold"]
+        assert choice.recall >= 0.98 and choice.rule == "bootstrap_margin"
+        pooled_holds += _true_recall(pooled) >= 0.98
+        margin_holds += _true_recall(choice.threshold) >= 0.98
+    assert pooled_holds <= 20 and margin_holds >= 25, (pooled_holds, margin_holds)
+
+
+def test_the_margin_is_the_percentile_of_the_patient_resampled_thresholds():
+    y, s = _uniform_draw(np.random.default_rng(7))
+    patients = np.repeat(np.arange(200), 2)  # two images per patient
+    resampled = bootstrap_thresholds(y, s, target_recall=0.98, groups=patients, n_bootstrap=300, seed=3)
+    choice, margin = choose_threshold_with_margin(
+        y, s, patients, target_recall=0.98, percentile=10, n_bootstrap=300, seed=3
+    )
+    expected = min(np.percentile(resampled, 10), choose_threshold(y, s, target_recall=0.98).threshold)
+    assert choice.threshold == pytest.approx(expected)
+    assert margin["resampled"] == "patients" and margin["percentile"] == 10
+    assert margin["resampled_thresholds"]["p2.5"] <= margin["resampled_thresholds"]["p97.5"]
+    json.dumps(margin)
+
+
+@pytest.mark.parametrize("percentile", [0, 50, -1])
+def test_a_margin_percentile_outside_0_50_is_refused(percentile):
+    y, s = _uniform_draw(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="percentile must be in"):
+        choose_threshold_with_margin(y, s, None, percentile=percentile)
+
+
 # ---- training's operating point: the rule of TrainConfig, the groups of the validation images ----
 
 
@@ -160,7 +217,13 @@ def two_acquisitions(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize(
     ("rule", "threshold"),
-    [("group_median", 0.26), ("group_min", 0.11), ("fixed", 0.5), ("max_specificity", 0.10)],
+    [
+        ("group_median", 0.26),
+        ("group_min", 0.11),
+        ("fixed", 0.5),
+        ("max_specificity", 0.10),
+        ("bootstrap_margin", 0.10),
+    ],
 )
 def test_training_records_the_rule_and_every_group(two_acquisitions, rule, threshold):
     from cxr_pneumonia.train import TrainConfig, choose_operating_point
@@ -178,4 +241,7 @@ def test_training_records_the_rule_and_every_group(two_acquisitions, rule, thres
     assert max(g["mean"] for g in definition.values()) > min(g["mean"] for g in definition.values()) + 80
     if rule == "fixed":
         assert record["chosen_on"].startswith("nothing")
+    if rule == "bootstrap_margin":  # the negatives all score below the positives: no margin needed
+        assert record["margin"]["pooled_threshold"] == pytest.approx(0.10)
+        assert record["margin"]["resampled"] == "patients"
     json.dumps(record)

@@ -61,9 +61,11 @@ from cxr_pneumonia.data import (
 from cxr_pneumonia.distill import Teacher, check_unseen, load_teacher, soft_targets, teacher_probabilities
 from cxr_pneumonia.evaluate import (
     GROUP_RULES,
+    MARGIN_RULE,
     ThresholdChoice,
     choose_threshold,
     choose_threshold_across_groups,
+    choose_threshold_with_margin,
     compute_metrics,
     rates_at,
     rates_by_group,
@@ -125,7 +127,7 @@ class TrainConfig(StageConfig):
     cli_fields: ClassVar[tuple[str, ...]] = (
         "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
         "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers", "fit_gate",
-        "fixed_threshold", "threshold_groups", "preset",
+        "fixed_threshold", "threshold_groups", "threshold_margin_percentile", "preset",
         "teacher", "distill_weight",
     )  # fmt: skip
 
@@ -142,11 +144,20 @@ class TrainConfig(StageConfig):
     target_recall: float = Field(0.98, gt=0, le=1, description="Validation recall the threshold must keep.")
     # group_median: the median of the acquisition groups' target-recall thresholds (evaluate.
     # choose_threshold_across_groups says why); the pooled rules ignore the groups.
-    threshold_rule: Literal["group_median", "group_min", "max_specificity", "midpoint", "fixed"] = Field(
+    threshold_rule: Literal[
+        "group_median", "group_min", "max_specificity", "midpoint", "bootstrap_margin", "fixed"
+    ] = Field(
         "group_median",
         description="Operating point: median (group_median) or minimum (group_min) of the validation "
         "acquisition groups' target-recall thresholds, the pooled one (max_specificity, midpoint), "
-        "or fixed_threshold (fixed).",
+        "the pooled one lowered to a patient-bootstrap percentile (bootstrap_margin), or "
+        "fixed_threshold (fixed).",
+    )
+    threshold_margin_percentile: float = Field(
+        5.0,
+        gt=0,
+        lt=50,
+        description="bootstrap_margin: the percentile of the resampled target-recall thresholds.",
     )
     fixed_threshold: float = Field(0.5, gt=0, le=1, description="The threshold of threshold_rule fixed.")
     threshold_groups: int = Field(
@@ -1132,6 +1143,16 @@ def choose_operating_point(
         if rule == "fixed":
             record = _fixed_choice(y, scores, train_cfg).to_dict()
             record["chosen_on"] = "nothing: fixed_threshold (validation figures for information)"
+        elif rule == MARGIN_RULE:
+            choice, margin = choose_threshold_with_margin(
+                y,
+                scores,
+                val_df["patient_id"].astype(str).to_numpy(),
+                target_recall=target,
+                percentile=train_cfg.threshold_margin_percentile,
+                seed=train_cfg.seed,
+            )
+            record = {**choice.to_dict(), "margin": margin}
         else:
             record = choose_threshold(y, scores, target_recall=target, rule=rule).to_dict()
         record.update(rates_by_group(y, scores, groups, record["threshold"], target_recall=target))
