@@ -157,20 +157,15 @@ def paired_patient_bootstrap(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """ROC-AUC of every column on the same patient resamples (rows: resamples)."""
-    from sklearn.metrics import roc_auc_score
+    """ROC-AUC of every column on the same patient resamples, from the package's bootstrap
+    (``evaluate.bootstrap_auc``, the one behind every interval ``evaluate`` reports): its
+    resamples depend on labels, patients and seed only, so the columns' values are paired."""
+    from cxr_pneumonia.evaluate import bootstrap_auc
 
-    rng = np.random.default_rng(seed)
-    ids, rows_of = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(rows_of == i) for i in range(len(ids))]
-    samples: dict[str, list[float]] = {name: [] for name in columns}
-    while len(next(iter(samples.values()))) < n_bootstrap:
-        rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
-        if np.unique(y[rows]).size < 2:
-            continue  # a resample without both classes has no AUC
-        for name, scores in columns.items():
-            samples[name].append(roc_auc_score(y[rows], scores[rows]))
-    return {name: np.asarray(values) for name, values in samples.items()}
+    return {
+        name: bootstrap_auc(y, scores, groups=patients, n_bootstrap=n_bootstrap, seed=seed)
+        for name, scores in columns.items()
+    }
 
 
 def interval95(values: np.ndarray) -> list[float]:

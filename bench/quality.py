@@ -47,6 +47,7 @@ TRAIN_OVERRIDES: dict[str, type] = {
     "fixed_threshold": float,
     "threshold_groups": int,
     "threshold_margin_percentile": float,
+    "test_time_views": str,
     "image_size": int,
     "head": str,
     "batch_size": int,

@@ -2,11 +2,14 @@
 
 For a run made by ``bench/quality.py``, the images of ``OUT/eval`` (in-distribution holdout) and
 ``OUT/eval-shift`` (held-out acquisition group, when there is one) are preprocessed by the run's
-pipeline, then scored under each fixed view of the preprocessed image: zoom 0.92 and 1.08,
+pipeline, then scored under each fixed view of the package's test-time view sets
+(``augment.TEST_TIME_VIEWS``, what ``train --test-time-views`` switches on): zoom 0.92 and 1.08,
 rotation +4° and −4° (within the training augmentation's ±15 % zoom and ±7°; never a flip).
-The original view's probability is the evaluation's own. Reported per side: ROC-AUC of each view,
-of the mean of the original and the two zooms, and of the mean of all five, with 95 % intervals
-that resample patients, and each mean's gain over the original view bootstrapped paired.
+The original view's probability is the evaluation's own (so the run itself must have no views).
+Reported per side: ROC-AUC of each view and of each set's mean (``mean_zoom``: the image and the
+two zooms; ``mean_zoom_rotate``: all five), with 95 % intervals that resample patients, and each
+mean's gain over the original view bootstrapped paired. The per-view probabilities are saved as
+``views.csv`` in each side's folder and reused by the next call on the same images.
 
 Cost: one forward pass per view and image (Keras float32), e.g. about 3 min per view for 1,091
 images at 6 img/s. ``--limit N`` scores only the first N/2 images of each class on each side (a smoke test).
@@ -17,7 +20,6 @@ images at 6 img/s. ``--limit N`` scores only the first N/2 images of each class 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +29,62 @@ import pandas as pd
 from _common import add_json_argument, emit, fail, interval95, paired_patient_bootstrap, require_run
 
 SIDES = {"in_distribution": "eval", "held_out_group": "eval-shift"}
-MEANS = {"mean_orig_zooms": ("orig", "zoom_0.92", "zoom_1.08"), "mean_all": None}
+VIEWS_FILE = "views.csv"  # per side folder: the probability under every view, for rescoring-free reruns
 
 
-def views() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    from cxr_pneumonia.augment import affine
+def view_name(scale: float, degrees: float) -> str:
+    return f"zoom_{scale:g}" if degrees == 0 else f"rot_{degrees:+g}"
+
+
+def view_names() -> list[str]:
+    """The extra views of the package's largest set, "zoom_rotate" (augment.TEST_TIME_VIEWS), named."""
+    from cxr_pneumonia.augment import TEST_TIME_VIEWS
+
+    return [view_name(*view) for view in TEST_TIME_VIEWS["zoom_rotate"]]
+
+
+def means() -> dict[str, list[str]]:
+    """Each test-time view set a run can choose (train --test-time-views), as the columns it averages."""
+    from cxr_pneumonia.augment import TEST_TIME_VIEWS
 
     return {
-        "zoom_0.92": lambda img: affine(img, scale=0.92),
-        "zoom_1.08": lambda img: affine(img, scale=1.08),
-        "rot_+4": lambda img: affine(img, degrees=4.0),
-        "rot_-4": lambda img: affine(img, degrees=-4.0),
+        f"mean_{name}": ["orig", *(view_name(*view) for view in extra)]
+        for name, extra in TEST_TIME_VIEWS.items()
+        if extra
     }
 
 
 def scored_views(run: Any, table: pd.DataFrame) -> pd.DataFrame:
     """``table`` (an evaluation's predictions) with one probability column per view."""
+    from cxr_pneumonia.augment import extra_views
     from cxr_pneumonia.io import load_image
 
     preprocessed = np.stack([run.preprocess(load_image(path), source=path) for path in table["path"]])
     table = table.rename(columns={"probability": "orig"})
-    for name, view in views().items():
-        table[name] = run.predict_preprocessed(np.stack([view(img) for img in preprocessed]))
+    for name, batch in zip(view_names(), extra_views(preprocessed, "zoom_rotate"), strict=True):
+        table[name] = run.predict_preprocessed(batch)
     return table
+
+
+def views_table(run: Any, table: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """The per-view probabilities of ``table``'s images: read from ``csv`` when it holds exactly
+    these images, else scored and saved there."""
+    if csv.is_file():
+        saved = pd.read_csv(csv)
+        if list(saved["path"]) == list(table["path"]) and {"orig", *view_names()} <= set(saved.columns):
+            return saved
+    scored = scored_views(run, table)
+    scored.to_csv(csv, index=False)
+    return scored
 
 
 def side_figures(table: pd.DataFrame, n_bootstrap: int) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     y, patients = table["label"].to_numpy(), table["patient_id"].astype(str).to_numpy()
-    columns = {name: table[name].to_numpy() for name in ("orig", *views())}
-    for mean, members in MEANS.items():
-        columns[mean] = table[list(members or ("orig", *views()))].mean(axis=1).to_numpy()
+    columns = {name: table[name].to_numpy() for name in ("orig", *view_names())}
+    for mean, members in means().items():
+        columns[mean] = table[members].mean(axis=1).to_numpy()
     samples = paired_patient_bootstrap(y, patients, columns, n_bootstrap)
     return {
         "n_images": len(table),
@@ -71,7 +97,7 @@ def side_figures(table: pd.DataFrame, n_bootstrap: int) -> dict[str, Any]:
                 "value": round(float(roc_auc_score(y, columns[mean]) - roc_auc_score(y, columns["orig"])), 4),
                 "ci95_patient": interval95(samples[mean] - samples["orig"]),
             }
-            for mean in MEANS
+            for mean in means()
         },
     }
 
@@ -91,7 +117,9 @@ def main() -> None:
     from cxr_pneumonia.predict import Run
 
     run = Run.load(args.run, runtime="keras")  # the evaluation's own probabilities are Keras float32
-    figures: dict[str, Any] = {"run": str(args.run), "views": ["orig", *views()]}
+    if run.test_time_views != "none":
+        fail(f"{args.run}: the run already averages over test-time views ({run.test_time_views})")
+    figures: dict[str, Any] = {"run": str(args.run), "views": ["orig", *view_names()]}
     summary = []
     for side, folder in SIDES.items():
         csv = args.run / folder / "predictions.csv"
@@ -102,7 +130,8 @@ def main() -> None:
             table = table.groupby("label").head(max(1, args.limit // 2))
         if table["label"].nunique() < 2:
             fail(f"{csv}: needs images of both classes")
-        figures[side] = side_figures(scored_views(run, table), args.bootstrap)
+        views_csv = csv.parent / (VIEWS_FILE if not args.limit else f"views-limit{args.limit}.csv")
+        figures[side] = side_figures(views_table(run, table, views_csv), args.bootstrap)
         aucs = figures[side]["roc_auc"]
         summary.append(f"{side}: " + ", ".join(f"{name} {cell['value']}" for name, cell in aucs.items()))
     if len(figures) == 2:

@@ -164,7 +164,8 @@ def test_defaults_are_unchanged():
     assert to_dict(TrainConfig()) | {"augment": None, "gate": None} == {
         "epochs": 15, "fine_tune_epochs": 2, "batch_size": 32, "seed": 42, "val_fraction": 1 / 6,
         "use_official_val": False, "target_recall": 0.98, "threshold_rule": "group_median",
-        "fixed_threshold": 0.5, "threshold_groups": 4, "threshold_margin_percentile": 5.0, "preset": None,
+        "fixed_threshold": 0.5, "threshold_groups": 4, "threshold_margin_percentile": 5.0,
+        "test_time_views": "none", "preset": None,
         "patience": 4, "class_weight": True, "augment_views": 2, "augment": None, "cache_dir": None,
         "workers": None, "strategy": "default", "precision": "auto", "fit_gate": True, "gate": None,
         "teacher": None, "distill_weight": 0.5,

@@ -348,6 +348,23 @@ def test_bootstrap_thresholds_are_the_rule_applied_to_each_resample() -> None:
     assert np.array_equal(thresholds, again)  # seeded
 
 
+def test_bootstrap_auc_is_compute_metrics_interval_and_paired_across_scores() -> None:
+    y, s, patients = _patients(600, seed=2)
+    aucs = evaluate.bootstrap_auc(y, s, groups=patients, n_bootstrap=400, seed=3)
+    interval = compute_metrics(y, s, 0.5, groups=patients, n_bootstrap=400, seed=3)["ci95"]["roc_auc"]
+    assert list(np.percentile(aucs, [2.5, 97.5])) == pytest.approx(interval, abs=1e-12)
+    # the resamples do not depend on the scores: the same ranks give the same AUC in every one ...
+    assert np.array_equal(
+        evaluate.bootstrap_auc(y, np.exp(s), groups=patients, n_bootstrap=400, seed=3), aucs
+    )
+    # ... and positives scored a little higher can only win pairs, in every resample: the gain
+    # (about 0.005) is positive in all 400, where unpaired draws (another seed) lose in 43 %
+    better = evaluate.bootstrap_auc(y, s + 0.005 * y, groups=patients, n_bootstrap=400, seed=3)
+    assert (better >= aucs).all() and (better - aucs).mean() > 0.003
+    with pytest.raises(ValueError, match="both classes"):
+        evaluate.bootstrap_auc(np.ones(5), s[:5])
+
+
 # ----------------------------------------------------------------------------- sweep
 
 

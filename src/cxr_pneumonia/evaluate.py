@@ -396,6 +396,26 @@ def bootstrap_rates(
     )
 
 
+def bootstrap_auc(
+    y_true: Any, scores: Any, *, groups: Any | None = None, n_bootstrap: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """ROC-AUC in each of ``n_bootstrap`` resamples, from the bootstrap :func:`compute_metrics`
+    uses (patients when ``groups`` is given, else images): its ``ci95["roc_auc"]`` is these
+    values' 2.5th and 97.5th percentiles.
+
+    The resamples depend on ``y_true``, ``groups`` and ``seed`` only, never on the scores, so two
+    models' (or two views') scores of the same images give paired values: the percentiles of
+    their difference are the interval of one's gain over the other.
+    """
+    y, s = check_inputs(y_true, scores)
+    if y.min() == y.max():
+        raise ValueError("ROC-AUC needs both classes")
+    samples = _bootstrap(
+        y, s, 0.5, clusters=_clusters(y, groups), n_bootstrap=n_bootstrap, seed=seed, with_curves=True
+    )
+    return samples["roc_auc"]
+
+
 def bootstrap_thresholds(
     y_true: Any,
     scores: Any,

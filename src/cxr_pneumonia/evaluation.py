@@ -132,6 +132,7 @@ def evaluate(
         domain=domain,
         leakage=leakage,
         runtime=run.runtime,
+        test_time_views=run.test_time_views,
     )
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / PREDICTIONS_FILE, index=False)
@@ -295,6 +296,7 @@ def run_info(run: Run) -> dict[str, Any]:
         "validation metrics": _short_metrics(run.metrics_val),
         "package version": run.config.get("package_version"),
         "runtime": f"{run.runtime['backend']}, {run.runtime['precision']}",
+        "test-time views": run.test_time_views,
     }
 
 

@@ -323,7 +323,8 @@ class Explainer:
     """A run's preprocessing, model, threshold and Grad-CAM, built once.
 
     The probability comes from :meth:`Run.predict_preprocessed`, so it equals what ``predict``
-    and the API report for the same image. Not thread-safe.
+    and the API report for the same image (with test-time views, their mean); the heat map is of
+    the image as it is. Not thread-safe.
     """
 
     def __init__(self, run: Run, *, layer_name: str | None = None) -> None:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from cxr_pneumonia.augment import AugmentConfig, random_augment, random_raw_augment
+from cxr_pneumonia.augment import AugmentConfig, extra_views, random_augment, random_raw_augment
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.model import inference_function
 from cxr_pneumonia.preprocess import PreprocessError
@@ -212,15 +212,19 @@ def map_features(
     )
 
 
-def score_images(model: Any, paths: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-    """Probabilities of the whole model over cached preprocessed images (no augmentation)."""
+def score_images(
+    model: Any, paths: Sequence[str], *, batch_size: int = 32, views: str = "none"
+) -> np.ndarray:
+    """Probabilities of the whole model over cached preprocessed images, averaged over the
+    fixed test-time ``views`` (``augment.TEST_TIME_VIEWS``; "none": the image alone)."""
     forward = inference_function(model)
     size = int(model.input.shape[1])
     batches = _prefetched(lambda: image_batches(paths, 0, AugmentConfig(), 0, batch_size), size)
     scores = []
     with tqdm(total=len(paths), desc="scoring", unit="img") as bar:
         for batch in batches:
-            scores.append(np.asarray(forward(batch), dtype=np.float32).reshape(-1))
+            per_view = [forward(view) for view in (batch, *extra_views(batch, views))]
+            scores.append(np.mean([np.asarray(p, np.float32).reshape(-1) for p in per_view], axis=0))
             bar.update(len(batch))
     return np.concatenate(scores)
 

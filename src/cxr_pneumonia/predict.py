@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cxr_pneumonia import rundir
+from cxr_pneumonia.augment import extra_views
 from cxr_pneumonia.config import from_dict
 from cxr_pneumonia.data import CLASS_NAMES
 from cxr_pneumonia.evaluate import apply_threshold
@@ -92,6 +93,9 @@ class Run:
         self.preprocess_config = from_dict(PreprocessConfig, config["preprocess"])
         self.pipeline: Pipeline = build_pipeline(self.preprocess_config)
         self.image_size = int(config["model"]["image_size"])
+        # The views the run's threshold was chosen on (train.TrainConfig.test_time_views); a run
+        # from before the setting existed has none.
+        self.test_time_views = str(config.get("train", {}).get("test_time_views", "none"))
         # Without a runtime, ``model`` (or model.keras, loaded on first use) answers in float32.
         self._runtime = runtime or Runtime(self.path, dict(KERAS_INFO), keras_model=model)
 
@@ -178,6 +182,7 @@ class Run:
             "config": self.config,
             "metrics_val": self.metrics_val,
             "runtime": self.runtime,
+            "test_time_views": self.test_time_views,
             "disclaimer": DISCLAIMER,
         }
 
@@ -197,12 +202,21 @@ class Run:
             )
         return x
 
+    def _mean_over_views(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """``p`` (the runtime's probabilities for ``x`` as it is) averaged with those of the run's
+        test-time views of ``x``; ``p`` itself when the run has none."""
+        views = extra_views(x, self.test_time_views)
+        others = [np.asarray(self._runtime(view), np.float32) for view in views]
+        return np.mean([np.asarray(p, np.float32), *others], axis=0) if others else p
+
     def predict_preprocessed(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for preprocessed images (N×H×W uint8 or float); no gate."""
+        """Probabilities for preprocessed images (N×H×W uint8 or float); no gate. With test-time
+        views, each is the mean over the image and its views."""
         x = self._model_input(batch)
-        probabilities = [
-            self._runtime(x[start : start + batch_size]) for start in range(0, len(x), batch_size)
-        ]
+        probabilities = []
+        for start in range(0, len(x), batch_size):
+            part = x[start : start + batch_size]
+            probabilities.append(self._mean_over_views(part, self._runtime(part)))
         return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
 
     def predict_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
@@ -240,8 +254,10 @@ class Run:
             return []
         probabilities, scores = [], []
         for start in range(0, len(x), batch_size):
-            p, features = self._runtime.features(x[start : start + batch_size])
-            probabilities.append(p)
+            part = x[start : start + batch_size]
+            # The gate judges the image as it is; only the probability is averaged over views.
+            p, features = self._runtime.features(part)
+            probabilities.append(self._mean_over_views(part, p))
             scores.append(self.gate.score(features))
         decisions = self.gate.decide(np.concatenate(scores))
         return [

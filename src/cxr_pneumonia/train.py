@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from cxr_pneumonia.augment import AugmentConfig
+from cxr_pneumonia.augment import TEST_TIME_VIEWS, AugmentConfig
 from cxr_pneumonia.batch import cache_images, default_workers, write_failures_csv
 from cxr_pneumonia.config import (
     ConfigError,
@@ -119,6 +119,7 @@ class TrainingError(RuntimeError):
 
 # Shipped settings (src/cxr_pneumonia/presets/<name>.json, also usable as `train --config FILE`).
 PRESETS: tuple[str, ...] = ("seed",)
+TEST_TIME_VIEW_SETS: tuple[str, ...] = tuple(TEST_TIME_VIEWS)
 
 
 class TrainConfig(StageConfig):
@@ -127,8 +128,8 @@ class TrainConfig(StageConfig):
     cli_fields: ClassVar[tuple[str, ...]] = (
         "epochs", "fine_tune_epochs", "augment_views", "batch_size", "target_recall", "threshold_rule",
         "val_fraction", "seed", "strategy", "precision", "cache_dir", "workers", "fit_gate",
-        "fixed_threshold", "threshold_groups", "threshold_margin_percentile", "preset",
-        "teacher", "distill_weight",
+        "fixed_threshold", "threshold_groups", "threshold_margin_percentile", "test_time_views",
+        "preset", "teacher", "distill_weight",
     )  # fmt: skip
 
     epochs: int = Field(15, ge=1, description="Head epochs on cached features (frozen backbone).")
@@ -160,6 +161,13 @@ class TrainConfig(StageConfig):
         description="bootstrap_margin: the percentile of the resampled target-recall thresholds.",
     )
     fixed_threshold: float = Field(0.5, gt=0, le=1, description="The threshold of threshold_rule fixed.")
+    # Chosen at training time, because the threshold must be chosen on the scores the run will
+    # give: with views, validation is scored as the mean over them too, and so is every prediction.
+    test_time_views: Literal[TEST_TIME_VIEW_SETS] = Field(  # type: ignore[valid-type]
+        "none",
+        description="Average each probability over fixed views (augment.TEST_TIME_VIEWS): none, zoom "
+        "(×0.92, ×1.08) or zoom_rotate (and ±4°); predictions cost 1, 3 or 5 forward passes.",
+    )
     threshold_groups: int = Field(
         4, ge=1, description="Acquisition groups the validation images are clustered into (data.py)."
     )
@@ -1101,9 +1109,12 @@ def _feature_key(
 def _operating_point(
     model: Any, val_df: pd.DataFrame, train_cfg: TrainConfig, cache_dir: Path | None = None
 ) -> tuple[Any, dict, np.ndarray]:
-    """The threshold and validation metrics, on exactly what the saved model will output: a full
-    float32 forward pass over the validation images (cached features may be bfloat16/float16)."""
-    val_scores = score_images(model, list(val_df["cached"]), batch_size=train_cfg.batch_size)
+    """The threshold and validation metrics, on exactly what the saved run will output: full
+    float32 forward passes over the validation images (cached features may be bfloat16/float16),
+    averaged over the run's test-time views."""
+    val_scores = score_images(
+        model, list(val_df["cached"]), batch_size=train_cfg.batch_size, views=train_cfg.test_time_views
+    )
     y_val = val_df["label"].to_numpy()
     choice = choose_operating_point(y_val, val_scores, val_df, train_cfg, cache_dir=cache_dir)
     metrics = compute_metrics(
