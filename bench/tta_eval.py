@@ -68,10 +68,12 @@ def scored_views(run: Any, table: pd.DataFrame) -> pd.DataFrame:
 
 def views_table(run: Any, table: pd.DataFrame, csv: Path) -> pd.DataFrame:
     """The per-view probabilities of ``table``'s images: read from ``csv`` when it holds exactly
-    these images, else scored and saved there."""
+    these images with these original probabilities (not a run retrained in the same folder since),
+    else scored and saved there."""
     if csv.is_file():
         saved = pd.read_csv(csv)
-        if list(saved["path"]) == list(table["path"]) and {"orig", *view_names()} <= set(saved.columns):
+        same = list(saved["path"]) == list(table["path"]) and {"orig", *view_names()} <= set(saved.columns)
+        if same and np.allclose(saved["orig"], table["probability"], atol=1e-7):
             return saved
     scored = scored_views(run, table)
     scored.to_csv(csv, index=False)

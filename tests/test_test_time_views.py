@@ -96,3 +96,11 @@ def test_training_with_views_chooses_the_threshold_on_the_averaged_scores(tiny_r
     saved = json.loads((out / "threshold.json").read_text())
     rechosen = choose_threshold(val["label"], val["probability"], target_recall=saved["target_recall"])
     assert saved["threshold"] == pytest.approx(rechosen.threshold)
+
+
+def test_a_run_with_unknown_views_is_refused_at_load_naming_its_config(tiny_run, tmp_path, make_run_copy):
+    from cxr_pneumonia.rundir import RunError
+
+    broken = _with_views(tiny_run, tmp_path / "run", "flip", make_run_copy)
+    with pytest.raises(RunError, match=r"config\.json: unknown test_time_views 'flip'; valid: none, zoom"):
+        Run.load(broken)

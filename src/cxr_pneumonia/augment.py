@@ -142,11 +142,14 @@ TEST_TIME_VIEWS: dict[str, tuple[tuple[float, float], ...]] = {
 def extra_views(images: np.ndarray, name: str) -> list[np.ndarray]:
     """``images`` (N×H×W or N×H×W×1) under each view of ``TEST_TIME_VIEWS[name]`` (the image
     itself not included), one batch of the same shape and dtype per view."""
+    views = TEST_TIME_VIEWS[name]
+    if not views:  # most runs: nothing to copy on the prediction path
+        return []
     images = np.asarray(images)  # a batch may come as a tensor (features.score_images)
     flat = images.reshape(images.shape[:3])
     return [
         np.stack([affine(img, scale=scale, degrees=degrees) for img in flat]).reshape(images.shape)
-        for scale, degrees in TEST_TIME_VIEWS[name]
+        for scale, degrees in views
     ]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cxr_pneumonia import rundir
-from cxr_pneumonia.augment import extra_views
+from cxr_pneumonia.augment import TEST_TIME_VIEWS, extra_views
 from cxr_pneumonia.config import from_dict
 from cxr_pneumonia.data import CLASS_NAMES
 from cxr_pneumonia.evaluate import apply_threshold
@@ -96,6 +96,11 @@ class Run:
         # The views the run's threshold was chosen on (train.TrainConfig.test_time_views); a run
         # from before the setting existed has none.
         self.test_time_views = str(config.get("train", {}).get("test_time_views", "none"))
+        if self.test_time_views not in TEST_TIME_VIEWS:
+            raise RunError(
+                f"{self.path / rundir.CONFIG_FILE}: unknown test_time_views {self.test_time_views!r}; "
+                f"valid: {', '.join(TEST_TIME_VIEWS)}"
+            )
         # Without a runtime, ``model`` (or model.keras, loaded on first use) answers in float32.
         self._runtime = runtime or Runtime(self.path, dict(KERAS_INFO), keras_model=model)
 
