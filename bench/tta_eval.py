@@ -1,15 +1,19 @@
 """Would test-time augmentation rank better? Score a run's holdouts again under fixed views, average.
 
-For a run made by ``bench/quality.py``, the images of ``OUT/eval`` (in-distribution holdout) and
-``OUT/eval-shift`` (held-out acquisition group, when there is one) are preprocessed by the run's
-pipeline, then scored under each fixed view of the package's test-time view sets
+For a run made by ``bench/quality.py``, the images of its own validation split
+(``val_predictions.csv``, what its threshold was chosen on), of ``OUT/eval`` (in-distribution
+holdout) and of ``OUT/eval-shift`` (held-out acquisition group, when there is one) are
+preprocessed by the run's pipeline, then scored under each fixed view of the package's test-time view sets
 (``augment.TEST_TIME_VIEWS``, what ``train --test-time-views`` switches on): zoom 0.92 and 1.08,
 rotation +4° and −4° (within the training augmentation's ±15 % zoom and ±7°; never a flip).
 The original view's probability is the evaluation's own (so the run itself must have no views).
 Reported per side: ROC-AUC of each view and of each set's mean (``mean_zoom``: the image and the
 two zooms; ``mean_zoom_rotate``: all five), with 95 % intervals that resample patients, and each
-mean's gain over the original view bootstrapped paired. The per-view probabilities are saved as
-``views.csv`` in each side's folder and reused by the next call on the same images.
+mean's gain over the original view bootstrapped paired. The per-view probabilities are saved
+(:func:`views_csv_path`: ``views.csv`` beside each holdout's predictions, ``val_views.csv`` in the
+run) and reused by the next call on the same images; ``bench/threshold_transfer.py --views``
+chooses each threshold rule on the averaged validation scores from them, as a run trained with
+``--test-time-views`` would.
 
 Cost: one forward pass per view and image (Keras float32), e.g. about 3 min per view for 1,091
 images at 6 img/s. ``--limit N`` scores only the first N/2 images of each class on each side (a smoke test).
@@ -28,8 +32,18 @@ import pandas as pd
 
 from _common import add_json_argument, emit, fail, interval95, paired_patient_bootstrap, require_run
 
-SIDES = {"in_distribution": "eval", "held_out_group": "eval-shift"}
-VIEWS_FILE = "views.csv"  # per side folder: the probability under every view, for rescoring-free reruns
+# Each side's predictions, relative to the run directory.
+SIDES = {
+    "validation": "val_predictions.csv",
+    "in_distribution": "eval/predictions.csv",
+    "held_out_group": "eval-shift/predictions.csv",
+}
+
+
+def views_csv_path(predictions_csv: Path, limit: int | None = None) -> Path:
+    """Where the per-view probabilities of ``predictions_csv``'s images are kept."""
+    stem = "val_views" if predictions_csv.name == "val_predictions.csv" else "views"
+    return predictions_csv.with_name(f"{stem}-limit{limit}.csv" if limit else f"{stem}.csv")
 
 
 def view_name(scale: float, degrees: float) -> str:
@@ -121,10 +135,12 @@ def main() -> None:
     run = Run.load(args.run, runtime="keras")  # the evaluation's own probabilities are Keras float32
     if run.test_time_views != "none":
         fail(f"{args.run}: the run already averages over test-time views ({run.test_time_views})")
+    if not any((args.run / SIDES[side]).is_file() for side in ("in_distribution", "held_out_group")):
+        fail(f"{args.run}: no eval/ or eval-shift/ predictions (not a bench/quality.py run)")
     figures: dict[str, Any] = {"run": str(args.run), "views": ["orig", *view_names()]}
     summary = []
-    for side, folder in SIDES.items():
-        csv = args.run / folder / "predictions.csv"
+    for side, relative in SIDES.items():
+        csv = args.run / relative
         if not csv.is_file():
             continue
         table = pd.read_csv(csv).dropna(subset=["probability"])
@@ -132,12 +148,9 @@ def main() -> None:
             table = table.groupby("label").head(max(1, args.limit // 2))
         if table["label"].nunique() < 2:
             fail(f"{csv}: needs images of both classes")
-        views_csv = csv.parent / (VIEWS_FILE if not args.limit else f"views-limit{args.limit}.csv")
-        figures[side] = side_figures(views_table(run, table, views_csv), args.bootstrap)
+        figures[side] = side_figures(views_table(run, table, views_csv_path(csv, args.limit)), args.bootstrap)
         aucs = figures[side]["roc_auc"]
         summary.append(f"{side}: " + ", ".join(f"{name} {cell['value']}" for name, cell in aucs.items()))
-    if len(figures) == 2:
-        fail(f"{args.run}: no eval/ or eval-shift/ predictions (not a bench/quality.py run)")
     emit(figures, summary, args.json)
 
 
