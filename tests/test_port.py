@@ -351,3 +351,29 @@ def test_cli_imports_weights(tmp_path, capsys):
     assert backbones.main(["import-weights", str(shared_weights("mobilenetv2")), str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "mobilenetv2_imagenet_notop.weights.h5")
     assert backbones.main(["import-weights", str(tmp_path / "missing.pt"), str(tmp_path)]) == 1
+
+
+def test_a_weights_folder_with_only_the_pytorch_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    source = shared_weights("mobilenetv2")
+    folder = tmp_path / "weights"  # like ../shared/weights: the PyTorch file, no Keras one
+    folder.mkdir()
+    (folder / source.name).symlink_to(source)
+    monkeypatch.setenv(cm.WEIGHTS_DIR_ENV, str(folder))
+    monkeypatch.setenv("CXR_PNEUMONIA_CACHE_DIR", str(tmp_path / "cache"))
+
+    converted = Path(cm.resolve_weights("mobilenetv2", "imagenet"))
+    assert converted.is_file() and converted.is_relative_to(tmp_path / "cache")
+    assert converted.name == backbones.weights_file_name("mobilenetv2")
+    assert sorted(p.name for p in converted.parent.iterdir()) == [converted.name]  # no partial file left
+    assert sorted(p.name for p in folder.iterdir()) == [source.name]  # the folder is only read
+    written = converted.stat().st_mtime_ns
+    assert Path(cm.resolve_weights("mobilenetv2", "imagenet")) == converted  # reused, not converted again
+    assert converted.stat().st_mtime_ns == written
+
+    explicit = backbones.import_torch_weights(source, tmp_path / "explicit")
+    built = [backbones.PORTED["mobilenetv2"].constructor(include_top=False, weights=str(path))
+             for path in (converted, explicit)]  # fmt: skip
+    for mine, theirs in zip(built[0].get_weights(), built[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert cm.resolve_weights("xception", "imagenet") == "imagenet"  # not ported: the Keras download
+    assert cm.resolve_weights("efficientnet_lite0", "imagenet") == "imagenet"  # no file of its own here

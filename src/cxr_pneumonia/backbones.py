@@ -214,9 +214,9 @@ def _check_args(name: str, include_top: bool, weights: str | None) -> None:
     if weights == "imagenet":
         # Not a ValueError: model._build_backbone turns this into its offline help.
         raise RuntimeError(
-            f"{name} ImageNet weights cannot be downloaded; convert the PyTorch file once with "
-            f"'python -m cxr_pneumonia.backbones import-weights SRC.pt DIR' and point "
-            f"CXR_PNEUMONIA_WEIGHTS_DIR at DIR"
+            f"{name} ImageNet weights cannot be downloaded; point CXR_PNEUMONIA_WEIGHTS_DIR at a folder "
+            f"holding its PyTorch file ({name}_imagenet*torch.pt*, converted on first use), or convert "
+            f"it once with 'python -m cxr_pneumonia.backbones import-weights SRC.pt DIR'"
         )
 
 

@@ -194,3 +194,10 @@ def _precision_alias(value: Any) -> Any:
 
 
 Precision = Annotated[Literal["auto", "fp32", "bf16"], BeforeValidator(_precision_alias)]
+
+
+def default_cache_dir() -> Path:
+    """Where caches live unless a stage is given one: $CXR_PNEUMONIA_CACHE_DIR, else $XDG_CACHE_HOME,
+    else ~/.cache (each with a cxr-pneumonia folder)."""
+    base = os.environ.get("CXR_PNEUMONIA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    return Path(base) / "cxr-pneumonia" if base else Path.home() / ".cache" / "cxr-pneumonia"

@@ -9,6 +9,7 @@ layer is a direct layer of the model and Grad-CAM can find ``BACKBONES[name].las
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import weakref
@@ -21,7 +22,7 @@ import keras
 from pydantic import Field, model_validator
 
 from cxr_pneumonia import backbones
-from cxr_pneumonia.config import StageConfig
+from cxr_pneumonia.config import StageConfig, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ def resolve_weights(backbone: str, weights: str) -> str | None:
             if candidate.is_file():
                 logger.info("using local ImageNet weights %s", candidate)
                 return str(candidate)
+            converted = _converted_torch_weights(backbone, Path(folder).expanduser())
+            if converted is not None:
+                return str(converted)
             logger.info("%s not found; trying the Keras download", candidate)
         return "imagenet"
     path = Path(weights).expanduser()
@@ -212,6 +216,26 @@ def resolve_weights(backbone: str, weights: str) -> str | None:
     if not path.name.endswith(WEIGHTS_SUFFIX):
         raise WeightsUnavailableError(f"{path}: Keras 3 backbone weights must be a '{WEIGHTS_SUFFIX}' file")
     return str(path)
+
+
+def _converted_torch_weights(backbone: str, folder: Path) -> Path | None:
+    """A ported backbone's PyTorch file in the weights folder (``<backbone>_imagenet*torch.pt*``,
+    as ``../shared/weights`` names them), converted once into the cache and reused: the folder may
+    be read-only, and no step before ``train`` is needed. None when there is no such file."""
+    if backbone not in backbones.PORTED:
+        return None
+    sources = sorted(folder.glob(f"{backbone}_imagenet*torch.pt*"))
+    if not sources:
+        return None
+    # Keyed by the file's content, so a replaced file is converted again.
+    digest = hashlib.sha256(sources[0].read_bytes()).hexdigest()[:16]
+    target = default_cache_dir() / "weights" / digest / backbones.weights_file_name(backbone)
+    if not target.is_file():
+        partial = target.with_name(f".{os.getpid()}.{target.name}")  # never a half-written target
+        backbones.import_torch_weights(sources[0], partial, backbone)
+        os.replace(partial, target)
+        logger.info("converted %s into %s", sources[0], target)
+    return target
 
 
 def _build_backbone(spec: BackboneSpec, cfg: ModelConfig, input_tensor: Any) -> keras.Model:

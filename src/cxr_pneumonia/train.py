@@ -43,6 +43,7 @@ from cxr_pneumonia.config import (
     StageConfig,
     atomic_write_bytes,
     config_hash,
+    default_cache_dir,
     from_dict,
     override,
     read_json,
@@ -208,11 +209,6 @@ class TrainConfig(StageConfig):
     def _absolute_teacher(cls, value: str | None) -> str | None:
         # Recorded absolute, so that a resumed run and config.json name the same teacher.
         return str(Path(value).expanduser().absolute()) if value else None
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("CXR_PNEUMONIA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    return Path(base) / "cxr-pneumonia" if base else Path.home() / ".cache" / "cxr-pneumonia"
 
 
 def seed_everything(seed: int) -> None:
