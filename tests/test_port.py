@@ -377,3 +377,15 @@ def test_a_weights_folder_with_only_the_pytorch_file_is_converted_once_into_the_
         np.testing.assert_array_equal(mine, theirs)
     assert cm.resolve_weights("xception", "imagenet") == "imagenet"  # not ported: the Keras download
     assert cm.resolve_weights("efficientnet_lite0", "imagenet") == "imagenet"  # no file of its own here
+
+
+def test_a_pytorch_file_that_cannot_be_converted_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    broken = folder / "mobilenetv2_imagenet_features_torch.pt"
+    broken.write_bytes(b"not a state dict")
+    monkeypatch.setenv(cm.WEIGHTS_DIR_ENV, str(folder))
+    monkeypatch.setenv("CXR_PNEUMONIA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(cm.WeightsUnavailableError, match=f"^{broken}: cannot be converted to mobilenetv2"):
+        cm.resolve_weights("mobilenetv2", "imagenet")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial weights file

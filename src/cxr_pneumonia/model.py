@@ -232,7 +232,13 @@ def _converted_torch_weights(backbone: str, folder: Path) -> Path | None:
     target = default_cache_dir() / "weights" / digest / backbones.weights_file_name(backbone)
     if not target.is_file():
         partial = target.with_name(f".{os.getpid()}.{target.name}")  # never a half-written target
-        backbones.import_torch_weights(sources[0], partial, backbone)
+        try:
+            backbones.import_torch_weights(sources[0], partial, backbone)
+        except (OSError, ValueError) as e:  # unreadable file, wrong state dict, full disk
+            partial.unlink(missing_ok=True)
+            reason = str(e).removeprefix(f"{sources[0]}: ")  # the reader's errors name the file already
+            message = f"{sources[0]}: cannot be converted to {backbone} weights: {reason}"
+            raise WeightsUnavailableError(message) from e
         os.replace(partial, target)
         logger.info("converted %s into %s", sources[0], target)
     return target
