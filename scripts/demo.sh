@@ -20,10 +20,11 @@ echo "== 2/7 preprocess (CLAHE, largest-contour crop, refined mask, resize) with
 $CLI preprocess "$SAMPLE" "$OUT/preprocessed" --preview "$OUT/preprocessing_preview.png"
 
 echo "== 3/7 train (patient-grouped validation split, cached features, recall-first threshold)"
-if [ -f "$SHARED_WEIGHTS/xception_imagenet_notop.weights.h5" ]; then
-  # No internet here: ImageNet Xception weights come from ../shared (see README, "Weights").
+if [ -f "$SHARED_WEIGHTS/mobilenetv2_imagenet_features_torch.pt" ]; then
+  # No internet here: the default backbone's ImageNet weights (MobileNetV2, PyTorch original)
+  # come from ../shared and are converted on first use (see README, "Weights").
   export CXR_PNEUMONIA_WEIGHTS_DIR=${CXR_PNEUMONIA_WEIGHTS_DIR:-$(cd "$SHARED_WEIGHTS" && pwd)}
-  TRAIN_ARGS=(--backbone xception --weights imagenet)
+  TRAIN_ARGS=(--weights imagenet)
 else
   echo "   (no local ImageNet weights: the seed's ResNet50V2 with random weights, for a quick demo only)"
   TRAIN_ARGS=(--backbone resnet50v2 --weights none --image-size 96)

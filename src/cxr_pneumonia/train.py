@@ -1048,7 +1048,8 @@ def check_weights_available(model_cfg: ModelConfig, train_cfg: TrainConfig | Non
         raise WeightsUnavailableError(
             f"ImageNet weights for {model_cfg.backbone} are not available: none in ${WEIGHTS_DIR_ENV} and "
             f"the download failed ({reason}); train a backbone whose weights you have{preset}, e.g. "
-            "--backbone xception with its weights in that folder, or pass --weights PATH or --weights none"
+            "the default mobilenetv2 or --backbone xception with its weights in that folder, or pass "
+            "--weights PATH or --weights none"
         ) from None
     finally:
         keras.backend.clear_session()  # the probe's layers must not rename the real model's
