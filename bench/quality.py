@@ -185,7 +185,9 @@ def parse_args() -> argparse.Namespace:
         help="--holdout-group auto: images of each class a group needs to be held out.",
     )
     parser.add_argument("--preset", default=None, help="Start from a shipped preset (seed).")
-    parser.add_argument("--backbone", default="xception")
+    parser.add_argument(
+        "--backbone", default=None, help="Default: the package's (mobilenetv2), or the preset's."
+    )
     parser.add_argument("--weights", default="imagenet", help="imagenet, none, or a .weights.h5 path.")
     parser.add_argument("--out", type=Path, default=None, help="Run directory to create.")
     for name, kind in TRAIN_OVERRIDES.items():
@@ -211,7 +213,8 @@ def _check_args(args: argparse.Namespace) -> Path:
         fail("--holdout-group holds out part of --train: it does not go with --eval")
     if args.eval is not None and not args.eval.exists():
         fail(f"{args.eval}: evaluation data not found")
-    out = args.out or REPO_ROOT / "runs" / f"quality-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"quality-{args.backbone or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or REPO_ROOT / "runs" / name
     if (out / "model.keras").exists():
         fail(f"{out}: already holds a trained model; choose another --out")
     return out
@@ -301,9 +304,9 @@ def main() -> None:
                 train_source,
                 out,
                 preset=args.preset,
-                backbone=args.backbone,
                 weights=args.weights,
                 **overrides,
+                **({"backbone": args.backbone} if args.backbone else {}),
             )
         train_rss = peak_rss_mb("self")
         with Timer() as eval_timer:
@@ -320,7 +323,7 @@ def main() -> None:
 
     main_result, *shift_result = results.values()
     figures = {
-        "backbone": args.backbone,
+        "backbone": run.config["model"]["backbone"],  # what was trained, default or preset included
         "weights": args.weights,
         "preset": args.preset,
         "overrides": overrides,

@@ -230,7 +230,7 @@ def _local_weights(backbone: str, folder: Path) -> Path | None:
     sources = sorted(folder.glob(f"{backbone}_imagenet*torch.pt*"))
     if backbone in backbones.PORTED and sources:
         return _converted_torch_weights(backbone, sources[0])
-    logger.info("%s not found; trying the download", candidate)
+    logger.info("%s not found in the weights folder", candidate)
     return None
 
 
