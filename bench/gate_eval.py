@@ -17,6 +17,7 @@ variants' layers, and each variant reads its own columns.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,12 @@ def main() -> None:
         sets["dev"] = features([img for _, _, img in dev])
         if args.cache is not None:
             np.savez(args.cache, **{f"{k}|{i:02d}": x for k, v in sets.items() for i, x in enumerate(v)})
+    if "train_turned" not in sets:
+        # The orientation check's other class, as fit_gate makes it (one turned copy per image).
+        turned, _ = g._turned_copies(prep(train_raw), list(range(len(train_raw))), g.GateConfig())
+        sets["train_turned"] = g.extract(
+            gated, turned, union_cfg, len(union_layers), batch_size=args.batch_size
+        )[1]
     if "fullres_at_224" not in sets:
         # The originals brought to the training copy's history first (stretched to 224, JPEG):
         # separates "full resolution" from "another population".
@@ -186,17 +193,20 @@ def main() -> None:
             chosen.append(part[len(union_layers)])
         return chosen
 
+    # The depth variants without the orientation check, then the default (with it).
+    plain = functools.partial(g.GateConfig, orientation_check=False)
     variants = {
-        "fit_clean_limit_clean": g.GateConfig(fit_augmented_views=0, limit_perturbations=()),
-        "fit_clean_limit_perturbed": g.GateConfig(fit_augmented_views=0),
-        "fit_augmented_limit_clean": g.GateConfig(limit_perturbations=()),
-        "fit_augmented_limit_perturbed": g.GateConfig(),
-        "fit_augmented_blocks_4_8_12": g.GateConfig(block_fractions=frac(4, 8, 12)),
-        "fit_augmented_blocks_2_4_8_12_14": g.GateConfig(block_fractions=frac(2, 4, 8, 12, 14)),
-        "fit_augmented_mean_only": g.GateConfig(pooling="mean"),
-        "fit_augmented_thumbnail": g.GateConfig(thumbnail=8),
-        "fit_augmented_combine_mean": g.GateConfig(combine="mean"),
-        "fit_augmented_blocks_8_12_14": g.GateConfig(block_fractions=frac(8, 12, 14)),
+        "fit_clean_limit_clean": plain(fit_augmented_views=0, limit_perturbations=()),
+        "fit_clean_limit_perturbed": plain(fit_augmented_views=0),
+        "fit_augmented_limit_clean": plain(limit_perturbations=()),
+        "fit_augmented_limit_perturbed": plain(),
+        "fit_augmented_blocks_4_8_12": plain(block_fractions=frac(4, 8, 12)),
+        "fit_augmented_blocks_2_4_8_12_14": plain(block_fractions=frac(2, 4, 8, 12, 14)),
+        "fit_augmented_mean_only": plain(pooling="mean"),
+        "fit_augmented_thumbnail": plain(thumbnail=8),
+        "fit_augmented_combine_mean": plain(combine="mean"),
+        "fit_augmented_blocks_8_12_14": plain(block_fractions=frac(8, 12, 14)),
+        "default_orientation_check": g.GateConfig(),
     }
     results: dict[str, Any] = {}
     for vname, cfg in variants.items():
@@ -207,7 +217,11 @@ def main() -> None:
         if cfg.fit_augmented_views:
             fit = [np.concatenate([x, y]) for x, y in zip(fit, columns(cfg, sets["train_aug"]), strict=True)]
             groups = np.r_[groups, groups]
-        dm = g.DomainModel.fit(fit, cfg, layers, backbone="xception", image_size=224, groups=groups)
+        n_train = len(sets["train"][0])
+        dm = g.DomainModel.fit(
+            fit, cfg, layers, backbone="xception", image_size=224, groups=groups,
+            turned=columns(cfg, sets["train_turned"]), turned_groups=np.arange(n_train),
+        )  # fmt: skip
         score = {k: dm.score(columns(cfg, v)) for k, v in sets.items()}
         val_perturbed = {}
         if cfg.limit_perturbations:
@@ -257,7 +271,7 @@ def main() -> None:
             "per_depth_dev_auroc": {
                 name: round(_auroc(zh, zd), 4)
                 for name, zh, zd in zip(
-                    [*layers, "thumbnail"][: len(dm.depths)],
+                    [*[*layers, "thumbnail"][: len(dm.depths)], *(["orientation"] if dm.orientation else [])],
                     dm.depth_scores(columns(cfg, sets["holdout"])).T,
                     dm.depth_scores(columns(cfg, sets["dev"])).T,
                     strict=True,
@@ -267,7 +281,7 @@ def main() -> None:
             "score_ms_per_image": round(score_ms, 4),
         }
 
-    default = "fit_augmented_limit_perturbed"
+    default = "default_orientation_check"
     figures = {
         "default_variant": default,
         "n": {

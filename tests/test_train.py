@@ -364,6 +364,8 @@ def test_training_fits_a_gate_and_saves_its_config(tiny_run):
 
 
 def test_cli_gate_fits_one_for_an_old_run_and_predict_applies_it(tiny_run, sample_dir, tmp_path, capsys):
+    from cxr_pneumonia.gate import DomainModel
+
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old, ignore=shutil.ignore_patterns("gate"))
     assert Run.load(old).gate is None
@@ -373,6 +375,10 @@ def test_cli_gate_fits_one_for_an_old_run_and_predict_applies_it(tiny_run, sampl
     code = main(["gate", str(old), "--max-fit-images", "40", "--fit-augmented-views", "0"])
     out = capsys.readouterr().out
     assert code == EXIT_OK and "40 training images" in out and "limit" in out
+    assert DomainModel.load(old).orientation is not None  # on by default
+    assert main(["gate", str(old), "--max-fit-images", "40", "--no-orientation-check"]) == EXIT_OK
+    assert DomainModel.load(old).orientation is None and not DomainModel.load(old).cfg.orientation_check
+    capsys.readouterr()
     gated = api.predict(old, [sample_dir / "test"])
     assert all(p.status in ("ok", "rejected") and p.domain_score is not None for p in gated)
     by_path = {p.path: p.probability for p in no_gate}

@@ -371,7 +371,8 @@ def _gate_configs() -> tuple[Any, ...]:
 
     class GateOptions(GateConfig):
         cli_fields: typing.ClassVar[tuple[str, ...]] = (
-            "accept_quantile", "max_fit_images", "fit_augmented_views", "pca_components", "seed",
+            "accept_quantile", "max_fit_images", "fit_augmented_views", "pca_components", "orientation_check",
+            "seed",
         )  # fmt: skip
 
     return (GateOptions,)

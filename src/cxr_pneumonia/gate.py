@@ -12,7 +12,12 @@ marks an accepted image as unlike the training population. :func:`batch_shift` t
 whether a batch as a whole differs from validation.
 
 The method follows FRODO (Çallı et al., MIDL 2019): Mahalanobis distances on intermediate
-CNN features separate wrong anatomy and orientation from chest X-rays.
+CNN features separate wrong anatomy and orientation from chest X-rays. Pooled activations of
+some backbones (MobileNetV2) hardly change when an image is turned upside down, so an
+*orientation check* adds one more column to the score: a logistic regression on the same
+features, fitted to tell the upright training images from copies turned by 90, 180 or 270
+degrees (rotation as a self-supervised task: Gidaris et al., ICLR 2018; as an out-of-distribution
+signal: Hendrycks et al., NeurIPS 2019).
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ class GateConfig(BaseModel):
     # training image added to the fit: the classifier was trained to take blur, JPEG, framing
     # and contrast changes, so the gate's notion of "like the training images" includes them.
     fit_augmented_views: int = Field(default=1, ge=0)
+    # The orientation check (module docstring): one turned copy of each training image is fitted
+    # against the upright ones; its standardised logit is one more column of the domain score.
+    orientation_check: bool = Field(
+        default=True, description="Also reject images turned by 90, 180 or 270 degrees."
+    )
+    # Inverse L2 strength of that logistic regression on standardised features.
+    orientation_c: float = Field(default=0.1, gt=0.0)
     # Held-out folds of the training images that standardise each depth's distance.
     folds: int = Field(default=2, ge=2)
     accept_quantile: float = Field(default=0.99, gt=0.5, lt=1.0)
@@ -332,6 +344,71 @@ class _Depth:
         )
 
 
+class _Orientation:
+    """Logit that an image is turned (90, 180 or 270 degrees) rather than upright, from the
+    gate's features of every depth: a logistic regression on standardised features, kept as
+    plain arrays so that a saved gate needs no pickles."""
+
+    PREFIX = "orientation_"
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, weights: np.ndarray, bias: np.ndarray):
+        self.mean, self.scale, self.weights, self.bias = mean, scale, weights, bias
+
+    @classmethod
+    def fit(cls, upright: np.ndarray, turned: np.ndarray, c: float) -> _Orientation:
+        """Fit on (n, d) upright and (m, d) turned rows; the two classes weigh alike."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.concatenate([upright, turned])
+        y = np.r_[np.zeros(len(upright)), np.ones(len(turned))]
+        scaler = StandardScaler().fit(x)
+        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y)
+        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        return cls(scaler.mean_, scale, lr.coef_.reshape(-1), np.asarray(lr.intercept_, dtype=np.float64))
+
+    @classmethod
+    def cross_fit(
+        cls,
+        upright: np.ndarray,
+        turned: np.ndarray,
+        fold: np.ndarray,
+        turned_fold: np.ndarray,
+        cfg: GateConfig,
+    ) -> tuple[_Orientation, float, float]:
+        """The check fitted on all rows, and the median and scale of the upright rows' logits
+        from fits that left their fold out (as each depth's distance is standardised)."""
+        held_out = np.empty(len(upright))
+        for k in range(cfg.folds):
+            part = cls.fit(upright[fold != k], turned[turned_fold != k], cfg.orientation_c)
+            held_out[fold == k] = part.logit(upright[fold == k])
+        return cls.fit(upright, turned, cfg.orientation_c), *_robust_standardisation(held_out)
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale) @ self.weights + float(self.bias[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        values = {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias}
+        return {f"{self.PREFIX}{k}": v for k, v in values.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> _Orientation | None:
+        if f"{cls.PREFIX}weights" not in arrays:
+            return None
+        return cls(*(np.asarray(arrays[f"{cls.PREFIX}{k}"]) for k in ("mean", "scale", "weights", "bias")))
+
+
+def _stacked(features: Sequence[np.ndarray]) -> np.ndarray:
+    """Every depth's features side by side: the orientation check's input."""
+    return np.concatenate([np.asarray(f, dtype=np.float64) for f in features], axis=1)
+
+
+def _robust_standardisation(held_out: np.ndarray) -> tuple[float, float]:
+    """(median, MAD scaled to a normal's standard deviation) of held-out scores."""
+    centre = float(np.median(held_out))
+    return centre, float(np.median(np.abs(held_out - centre))) * 1.4826 or 1.0
+
+
 class DomainModel:
     """Scores how unlike the training images an image's gate features are; decides accept/reject.
 
@@ -350,10 +427,13 @@ class DomainModel:
         n_fit: int = 0,
         backbone: str = "",
         image_size: int = 0,
+        orientation: _Orientation | None = None,
     ) -> None:
         self.cfg = cfg
         self.layers = list(layers)
         self.depths = list(depths)
+        # With an orientation check, ``centres`` and ``scales`` have one more (last) entry.
+        self.orientation = orientation
         self.centres = np.asarray(centres, dtype=np.float64)
         self.scales = np.asarray(scales, dtype=np.float64)
         self.n_fit = n_fit
@@ -376,12 +456,16 @@ class DomainModel:
         backbone: str = "",
         image_size: int = 0,
         groups: np.ndarray | None = None,
+        turned: Sequence[np.ndarray] | None = None,
+        turned_groups: np.ndarray | None = None,
     ) -> DomainModel:
         """Fit on the training images' per-depth features (a list of (n, d_k) arrays).
 
         Each depth's distance is standardised (median, MAD) on images held out of its fit
         (``cfg.folds`` folds), so depths of different dimension weigh alike. ``groups`` keeps
-        rows of one group (an image and its augmented views) in the same fold.
+        rows of one group (an image and its augmented views) in the same fold. ``turned``: the
+        per-depth features of turned copies of training images (``turned_groups``: the group
+        each comes from), for the orientation check when ``cfg.orientation_check``.
         """
         n = len(features[0])
         if any(len(f) != n for f in features):
@@ -394,30 +478,44 @@ class DomainModel:
             raise GateError(
                 f"need at least {2 * cfg.folds + 2} training images to fit a gate, got {len(unique)}"
             )
-        fold = (np.random.default_rng(cfg.seed).permutation(len(unique)) % cfg.folds)[inverse]
+        permuted = np.random.default_rng(cfg.seed).permutation(len(unique)) % cfg.folds
+        fold = permuted[inverse]
         centres, scales, depths = [], [], []
         for x in features:
             held_out = np.empty(n)
             for k in range(cfg.folds):
                 part = _Depth.fit(x[fold != k], cfg.pca_components)
                 held_out[fold == k] = part.distance(x[fold == k])
-            centre = float(np.median(held_out))
-            scale = float(np.median(np.abs(held_out - centre))) * 1.4826 or 1.0
+            centre, scale = _robust_standardisation(held_out)
             centres.append(centre)
             scales.append(scale)
             depths.append(_Depth.fit(x, cfg.pca_components))
+        orientation = None
+        if cfg.orientation_check:
+            if turned is None or turned_groups is None or len(turned[0]) != len(turned_groups):
+                raise GateError("the orientation check needs turned copies of the training images")
+            # A turned copy sits in the fold of the image it was turned from.
+            turned_fold = permuted[np.searchsorted(unique, np.asarray(turned_groups))]
+            orientation, centre, scale = _Orientation.cross_fit(
+                _stacked(features), _stacked(turned), fold, turned_fold, cfg
+            )
+            centres.append(centre)
+            scales.append(scale)
         return cls(
             cfg, layers, depths, np.array(centres), np.array(scales), n_fit=len(unique), backbone=backbone,
-            image_size=image_size,
+            image_size=image_size, orientation=orientation,
         )  # fmt: skip
 
     def depth_scores(self, features: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, k) standardised distances, one column per depth."""
+        """(n, k) standardised distances, one column per depth (and last, with the orientation
+        check, the standardised logit that the image is turned)."""
         if len(features) != len(self.depths):
             raise GateError(f"expected features of {len(self.depths)} depths, got {len(features)}")
         columns = [
             d.distance(np.asarray(f, dtype=np.float64)) for d, f in zip(self.depths, features, strict=True)
         ]
+        if self.orientation is not None:
+            columns.append(self.orientation.logit(_stacked(features)))
         return (np.stack(columns, axis=1) - self.centres) / self.scales
 
     def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
@@ -508,6 +606,8 @@ class DomainModel:
         }
         for i, depth in enumerate(self.depths):
             arrays.update(depth.arrays(f"depth{i}_"))
+        if self.orientation is not None:
+            arrays.update(self.orientation.arrays())
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write_bytes(folder / GATE_NPZ, buffer.getvalue())
@@ -536,14 +636,20 @@ class DomainModel:
         try:
             meta = read_json(folder / GATE_JSON)
             with np.load(folder / GATE_NPZ) as arrays:
-                depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(len(arrays["centres"]))]
+                orientation = _Orientation.from_arrays(arrays)
+                n_depths = len(arrays["centres"]) - (orientation is not None)
+                depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(n_depths)]
                 centres, scales, val_scores = arrays["centres"], arrays["scales"], arrays["val_scores"]
         except (OSError, KeyError, ValueError) as e:
             raise GateError(f"{folder}: no readable gate ({e}); fit one for this run") from e
         if meta.get("format_version") != FORMAT_VERSION:
             raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
+        # Gates saved before the orientation check existed have none.
+        cfg = GateConfig.model_validate({"orientation_check": False, **meta["config"]})
+        if cfg.orientation_check != (orientation is not None):
+            raise GateError(f"{folder}: the gate's config and arrays disagree on the orientation check")
         gate = cls(
-            GateConfig.model_validate(meta["config"]),
+            cfg,
             meta["layers"],
             depths,
             centres,
@@ -551,6 +657,7 @@ class DomainModel:
             n_fit=int(meta["n_fit"]),
             backbone=meta.get("backbone", ""),
             image_size=int(meta.get("image_size", 0)),
+            orientation=orientation,
         )
         gate.limit = float(meta["limit"])
         gate.unusual_level = float(meta["unusual_level"])
@@ -681,6 +788,17 @@ def _fit_views(
     return fit_images, groups
 
 
+def _turned_copies(
+    fit_images: Sequence[np.ndarray], groups: Sequence[int], cfg: GateConfig
+) -> tuple[list[np.ndarray], list[int]]:
+    """One copy of each training image's unaugmented view turned by 90, 180 or 270 degrees (at
+    random), and the group it comes from: the orientation check's other class."""
+    firsts = [j for j in range(len(groups)) if j == 0 or groups[j] != groups[j - 1]]
+    turns = np.random.default_rng([cfg.seed, 90]).integers(1, 4, size=len(firsts))
+    turned = [np.ascontiguousarray(np.rot90(fit_images[j], k)) for j, k in zip(firsts, turns, strict=True)]
+    return turned, [groups[j] for j in firsts]
+
+
 def fit_gate(
     model: Any,
     model_cfg: ModelConfig,
@@ -717,6 +835,7 @@ def fit_gate(
         return extract(gated, images, cfg, len(layers), batch_size=batch_size)[1]
 
     fit_images, groups = _fit_views(train_images, cfg, augment_cfg, pipeline)
+    turned, turned_groups = _turned_copies(fit_images, groups, cfg) if cfg.orientation_check else ([], [])
     gate = DomainModel.fit(
         features(fit_images, ready=True),
         cfg,
@@ -724,6 +843,8 @@ def fit_gate(
         backbone=model_cfg.backbone,
         image_size=model_cfg.image_size,
         groups=np.array(groups),
+        turned=features(turned, ready=True) if turned else None,
+        turned_groups=np.array(turned_groups),
     )
     val_scores = gate.score(features(val_images))
     perturbed = {}
@@ -739,9 +860,10 @@ def fit_gate(
         log.info("preprocessed validation images: the limit is set without perturbations")
     gate.set_limit(val_scores, perturbed)
     log.info(
-        "gate fitted on %d images (+%d augmented views) at %s; limit %.2f (%d validation images)",
+        "gate fitted on %d images (+%d augmented views, %d turned) at %s; limit %.2f (%d validation images)",
         gate.n_fit,
         len(fit_images) - gate.n_fit,
+        len(turned),
         layers,
         gate.limit,
         len(val_scores),
