@@ -188,6 +188,8 @@ DICOM_CASES = [
     ("mono1.dcm", _expected_mono1, "MONOCHROME1"),
     ("multiframe.dcm", _expected_first_frame, "2 frames"),
     ("rgb.dcm", _expected_rgb, None),
+    # the same dataset as mono2_rescale.dcm, JPEG Lossless compressed: decoded by python-gdcm
+    ("jpeg_lossless.dcm", _expected_mono2_rescale, None),
 ]
 
 
@@ -333,13 +335,62 @@ def test_bad_input_raises_a_specific_error(
     assert message.startswith(f"{path}: ") and "\n" not in message
 
 
-def test_missing_dicom_decoder_names_the_packages() -> None:
+def _fixture_builder():
+    """``tests/data/io/make_fixtures.py`` (a script, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", DATA / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rgb_dicom_with_32_bit_samples_is_read_as_gray(tmp_path: Path) -> None:
+    """OpenCV's colour conversion refuses 32-bit samples; such a file once ended a whole batch."""
+    value = 2**31
+    pixels = np.zeros((8, 12, 3), np.uint32)
+    pixels[:, 4:8, 0] = value  # red
+    pixels[:, 8:, 1] = value  # green
+    path = tmp_path / "rgb32.dcm"
+    _fixture_builder().build_dataset(pixels, photometric="RGB").save_as(path, enforce_file_format=True)
+    image = load_image(path)
+    # luminance 0, 0.299 and 0.587 of the value, min-max scaled: black, 0.299 / 0.587 of 255, 255
+    expected = np.repeat([[0, round(0.299 / 0.587 * 255), 255]], 4, axis=1).repeat(8, axis=0)
+    assert image.dtype == np.uint8 and image.shape == (8, 12)
+    np.testing.assert_allclose(image, expected, atol=1)
+
+
+def test_an_unforeseen_opencv_failure_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch) -> None:
+    def failing_decoder(data, name, max_pixels):
+        return cv2.cvtColor(np.zeros((2, 2, 3), np.uint32), cv2.COLOR_RGB2GRAY)  # a real cv2.error
+
+    monkeypatch.setattr(io, "_decode_png", failing_decoder)
+    path = _write(tmp_path / "odd.png", PNG)
+    with pytest.raises(ImageReadError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: could not be decoded (Unsupported depth of input image")
+    assert "\n" not in message and "cv::" not in message
+
+
+def test_missing_dicom_decoder_names_the_packages(monkeypatch) -> None:
+    """python-gdcm is a dependency; where it is missing (or broken), a compressed file says so."""
+    from types import SimpleNamespace
+
+    real = io._pydicom
+
+    def without_decoders() -> SimpleNamespace:
+        def first_frame(ds):
+            raise RuntimeError("no plugin can decode it")
+
+        unavailable = lambda syntax: SimpleNamespace(is_available=False)  # noqa: E731
+        return SimpleNamespace(**{**vars(real()), "first_frame": first_frame, "get_decoder": unavailable})
+
+    monkeypatch.setattr(io, "_pydicom", without_decoders)
     with pytest.raises(UnsupportedDicomError) as info:
-        load_image(DATA / "jpegls_garbage.dcm")
+        load_image(DATA / "jpeg_lossless.dcm")
     reason = info.value.reason
-    if "needs a decoder" not in reason:
-        pytest.skip("a JPEG-LS decoder is installed here; the message then quotes its error")
-    assert "1.2.840.10008.1.2.4.80" in reason and "pylibjpeg" in reason and "gdcm" in reason
+    assert "1.2.840.10008.1.2.4.70" in reason and "needs a decoder: pip install python-gdcm" in reason
 
 
 @pytest.mark.parametrize("target", [lambda p: p, str], ids=["path", "str"])

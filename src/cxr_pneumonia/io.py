@@ -129,14 +129,20 @@ def load_image_bytes(
     if not data:
         raise EmptyFileError(name, "empty file (0 bytes)")
     kind = sniff_format(data)
-    if kind == "png":
-        image = _decode_png(data, name, max_pixels)
-    elif kind == "jpeg":
-        image = _decode_jpeg(data, name, max_pixels)
-    elif kind == "dicom" or Path(name).suffix.lower() in DICOM_SUFFIXES:
-        image = _decode_dicom(data, name, max_pixels)
-    else:
-        raise NotAnImageError(name, _not_an_image_reason(data))
+    try:
+        if kind == "png":
+            image = _decode_png(data, name, max_pixels)
+        elif kind == "jpeg":
+            image = _decode_jpeg(data, name, max_pixels)
+        elif kind == "dicom" or Path(name).suffix.lower() in DICOM_SUFFIXES:
+            image = _decode_dicom(data, name, max_pixels)
+        else:
+            raise NotAnImageError(name, _not_an_image_reason(data))
+    except cv2.error as err:
+        # A case the decoders above do not foresee must still name the file, in one line, and
+        # not end a batch: OpenCV's own message spans several lines of C++ signatures.
+        detail = " ".join(line.strip("> ").strip() for line in (getattr(err, "err", "") or "").splitlines())
+        raise ImageReadError(name, f"could not be decoded ({detail or 'OpenCV error'})") from err
     logger.debug("read %s: %dx%d", name, image.shape[1], image.shape[0])
     return np.ascontiguousarray(image)
 
@@ -376,8 +382,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
     pixels = _dicom_first_frame(ds, dicom, transfer_syntax, name)
     if photometric == "RGB":
-        gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-        return gray if gray.dtype == np.uint8 else _scale_to_uint8(gray)
+        return _rgb_to_gray(pixels, name)
     if pixels.ndim != 2:
         raise UnsupportedDicomError(name, f"unexpected pixel array shape {pixels.shape}")
 
@@ -386,6 +391,17 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         warnings.warn(f"{name}: MONOCHROME1 (white = low values) inverted to MONOCHROME2", stacklevel=3)
         image = 255 - image
     return image
+
+
+def _rgb_to_gray(pixels: np.ndarray, name: str) -> np.ndarray:
+    """An RGB DICOM's pixels (H×W×3, 8 to 32 bits a sample) as uint8 gray."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise UnsupportedDicomError(name, f"unexpected RGB pixel array shape {pixels.shape}")
+    if pixels.dtype == np.uint8:
+        return cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    # OpenCV converts 8-bit, 16-bit and float32 samples only; DICOM also allows 32-bit ones.
+    # The weights are OpenCV's (ITU-R BT.601), so 8-bit and deeper files agree.
+    return _scale_to_uint8(pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
 
 
 def _has_pixel_data(ds: Any) -> bool:
@@ -439,7 +455,9 @@ def _compressed_reason(transfer_syntax: Any, dicom: SimpleNamespace, err: Except
             available = False
     if available:
         return f"cannot decode {syntax} pixel data: {err}"
-    return f"compressed transfer syntax {syntax} needs a decoder: pip install 'pylibjpeg[all]' or python-gdcm"
+    # python-gdcm is a dependency (JPEG baseline, lossless and LS, JPEG 2000, RLE); this is a
+    # broken or partial install.
+    return f"compressed transfer syntax {syntax} needs a decoder: pip install python-gdcm"
 
 
 def _dicom_values_to_uint8(pixels: np.ndarray, ds: Any, dicom: SimpleNamespace, name: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 
     python tests/data/io/make_fixtures.py
 
-Needs pydicom >= 3 (``save_as(enforce_file_format=...)``). Every file is a few KB at most.
+Needs pydicom >= 3 (``save_as(enforce_file_format=...)``) and python-gdcm (the JPEG Lossless
+file). Every file is a few KB at most.
 The pixel contents are documented here because the tests compute the expected output from
 the stored values and these attributes independently of ``cxr_pneumonia.io``:
 
@@ -18,10 +19,13 @@ the stored values and these attributes independently of ``cxr_pneumonia.io``:
   a VOI LUT Sequence item with descriptor [256, 0, 8] and data ``clip(2 * v - 100, 0, 255)``.
 - ``jpeg2000_garbage.dcm``: transfer syntax JPEG 2000 Lossless with encapsulated garbage,
   which no decoder can read.
-- ``jpegls_garbage.dcm``: transfer syntax JPEG-LS Lossless with encapsulated garbage (a syntax
-  pydicom decodes only with pylibjpeg-libjpeg or python-gdcm installed).
+- ``jpegls_garbage.dcm``: transfer syntax JPEG-LS Lossless with encapsulated garbage, which no
+  decoder can read either.
 - ``no_preamble.dcm``: the ``mono2_rescale`` dataset written without preamble or file meta
   (implicit VR little endian), recognised only through its ``.dcm`` suffix.
+- ``jpeg_lossless.dcm``: the ``mono2_rescale`` dataset recompressed by GDCM (python-gdcm) to
+  JPEG Lossless, Process 14, Selection Value 1 (1.2.840.10008.1.2.4.70), the syntax most
+  computed and digital radiography archives store; the same pixels after decoding.
 """
 
 from __future__ import annotations
@@ -103,6 +107,27 @@ def write(ds: Dataset, name: str) -> Path:
     return path
 
 
+def jpeg_lossless(source: Path, target: Path) -> None:
+    """``source`` recompressed to JPEG Lossless (Process 14, SV1) by GDCM."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    if not reader.Read():
+        raise RuntimeError(f"GDCM cannot read {source}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise RuntimeError("GDCM could not compress to JPEG Lossless")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise RuntimeError(f"GDCM cannot write {target}")
+
+
 def main() -> None:
     """Write every fixture listed in the module docstring."""
     write(mono2_rescale(), "mono2_rescale.dcm")
@@ -146,6 +171,8 @@ def main() -> None:
     item["LUTData"].VR = "US"
     voi.VOILUTSequence = [item]
     write(voi, "mono2_voilut.dcm")
+
+    jpeg_lossless(HERE / "mono2_rescale.dcm", HERE / "jpeg_lossless.dcm")
 
     # A raw dataset: no 128-byte preamble, no "DICM", no file meta.
     raw = mono2_rescale()
