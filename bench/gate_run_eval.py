@@ -9,8 +9,9 @@ backbone is not made the default before its gate is measured. It classifies thro
   synthetic images, and transformations of held-out chest X-rays), rejection per category;
 - held-out chest X-rays: ``holdout_eval.csv`` and ``shift_eval.csv`` of a ``bench/quality.py``
   run (patients the run neither trained nor validated on), accepted and marked unusual;
-- the full-resolution originals of ``kermany-fullres``, and held-out images under each fixed
-  robustness perturbation (``augment.PERTURBATIONS``).
+- the full-resolution originals of ``kermany-fullres``, an adult frontal chest radiograph in
+  DICOM (pydicom-data's RG1, another population that should pass), and held-out images under
+  each fixed robustness perturbation (``augment.PERTURBATIONS``).
 
 The AUROC of each category's domain scores against the held-out chest X-rays says how well the
 score separates them at any limit, not only at the run's.
@@ -30,7 +31,7 @@ import pandas as pd
 
 from _common import FULLRES_DIR, add_json_argument, emit, fail, require_run
 from gate_eval import _auroc
-from ood_devset import devset
+from ood_devset import adult_frontal_cxr, devset
 
 
 def _args() -> argparse.Namespace:
@@ -106,6 +107,11 @@ def main() -> None:
     fullres = [load_image(p) for p in sorted(Path(args.fullres).rglob("*.jpeg"))]
     if fullres:
         cxr["fullres"] = acceptance(*scores(fullres)[1:])
+    # An adult frontal chest radiograph from another population (pydicom-data's RG1, DICOM).
+    adult_score, adult_rejected, adult_unusual = scores([img for _, img in adult_frontal_cxr()])
+    cxr["adult_dicom"] = acceptance(adult_rejected, adult_unusual) | {
+        "domain_scores": [round(float(v), 2) for v in adult_score]
+    }
     picked = [pool[i] for i in rng.choice(len(pool), min(args.n_perturbed, len(pool)), replace=False)]
     perturbed = {
         name: round(1 - scores([fn(img) for img in picked])[1].mean(), 3)

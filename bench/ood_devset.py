@@ -1,14 +1,17 @@
 """A development set of inputs that are not frontal chest X-rays, built from installed packages.
 
 Every image comes from files bundled inside PyPI packages (no download: scikit-image's
-``skimage/data`` folder, scikit-learn's sample images, matplotlib's sample data and icons) or
-is drawn here (text pages, charts, noise, blank images, checkerboards), plus transformed
-chest X-rays that are no longer frontal chest X-rays as a reader would take them (rotated,
-grey levels inverted, a corner crop, a one-sided "lateral-like" proxy). Left-right flips are
-not included: a flipped frontal chest X-ray is still one.
+``skimage/data`` folder, scikit-learn's sample images, matplotlib's sample data and icons, and
+the DICOM test files of pydicom and pydicom-data: CT, MR, nuclear-medicine and ultrasound
+images and a radiograph of a lower leg, read through the project's DICOM decoder) or is drawn
+here (text pages, charts, noise, blank images, checkerboards), plus transformed chest X-rays
+that are no longer frontal chest X-rays as a reader would take them (rotated, grey levels
+inverted, a corner crop, a one-sided "lateral-like" proxy). Left-right flips are not included:
+a flipped frontal chest X-ray is still one.
 
 Each image goes through the project's own decoder (encoded to PNG, then
-``io.load_image_bytes``), so it reaches the gate exactly as an upload would: uint8 grayscale.
+``io.load_image_bytes``; DICOM files as they are), so it reaches the gate exactly as an upload
+would: uint8 grayscale.
 
 ``devset(cxr_images)`` yields ``(category, name, image)``. The CXR-derived categories need
 chest X-rays that the gate was NOT fitted or calibrated on.
@@ -27,7 +30,10 @@ import numpy as np
 from cxr_pneumonia.io import load_image_bytes
 
 # Categories in the order they are produced; CXR-derived ones last.
-PACKAGE_CATEGORIES = ("photo", "texture", "medical_other", "document", "chart", "synthetic")
+PACKAGE_CATEGORIES = (
+    "photo", "texture", "medical_other", "dicom_other_modality", "xray_other_anatomy", "document", "chart",
+    "synthetic",
+)  # fmt: skip
 CXR_CATEGORIES = ("cxr_rotated", "cxr_inverted", "cxr_corner_crop", "lateral_proxy")
 CATEGORIES = PACKAGE_CATEGORIES + CXR_CATEGORIES
 
@@ -118,6 +124,62 @@ def medical_other() -> Iterator[tuple[str, np.ndarray]]:
     yield "cell_microscopy", _skimage("cell.png")
     yield "brain_mri_s1045", _decode(_brain_mri(), "mri")
     yield "shepp_logan_phantom", _skimage("phantom.png")
+
+
+def _pydicom_test_file(name: str) -> Path:
+    """A DICOM test file of pydicom or of pydicom-data (the ``dev`` extra), never downloaded."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(f"{name}: not installed (pip install pydicom-data, in the dev extra)")
+    return Path(path)
+
+
+def _read_dicom(name: str) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():  # MONOCHROME1 inverted, first of several frames: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        return _read_file(_pydicom_test_file(name))
+
+
+# One file per image (the packages hold several encodings of some); a segmentation mask and
+# 3×3 or 100×100 colour test patterns are left out, they are not pictures of anything.
+DICOM_OTHER_MODALITY = {
+    "ct_small": "CT_small.dcm",
+    "ct_head": "J2K_pixelrep_mismatch.dcm",
+    "ct_abdomen": "693_UNCR.dcm",
+    "ct_pancreas": "explicit_VR-UN.dcm",
+    "mr_small": "MR_small.dcm",
+    "mr_head": "emri_small.dcm",
+    "mr_abdomen": "examples_overlay.dcm",
+    "mr_shoulder": "MR2_UNCR.dcm",
+    "nm_whole_body_bone": "JPEG2000_UNC.dcm",
+    "us_lymph_node": "US1_UNCR.dcm",
+    "us_echocardiogram": "color-pl.dcm",
+}
+# A computed radiograph of a lower leg (tibia), pydicom-data's RG3: X-ray, wrong anatomy.
+XRAY_OTHER_ANATOMY = {"cr_lower_leg": "RG3_UNCR.dcm"}
+# pydicom-data's RG1 is an adult frontal chest radiograph (computed radiography, DICOM): a chest
+# X-ray from another population, which the gate should accept (bench/gate_run_eval.py reports it).
+ADULT_FRONTAL_CXR = {"cr_adult_chest_pa": "RG1_UNCR.dcm"}
+
+
+def dicom_other_modality() -> Iterator[tuple[str, np.ndarray]]:
+    for name, filename in DICOM_OTHER_MODALITY.items():
+        yield name, _read_dicom(filename)
+
+
+def xray_other_anatomy() -> Iterator[tuple[str, np.ndarray]]:
+    for name, filename in XRAY_OTHER_ANATOMY.items():
+        yield name, _read_dicom(filename)
+
+
+def adult_frontal_cxr() -> Iterator[tuple[str, np.ndarray]]:
+    """Chest X-rays, not part of the dev set: images the gate should accept."""
+    for name, filename in ADULT_FRONTAL_CXR.items():
+        yield name, _read_dicom(filename)
 
 
 def _text_page(seed: int, size: tuple[int, int] = (1100, 850)) -> np.ndarray:
@@ -252,6 +314,8 @@ _PACKAGE_SOURCES = {
     "photo": photos,
     "texture": textures,
     "medical_other": medical_other,
+    "dicom_other_modality": dicom_other_modality,
+    "xray_other_anatomy": xray_other_anatomy,
     "document": documents,
     "chart": charts,
     "synthetic": synthetic,
