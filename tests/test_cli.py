@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,26 @@ def test_console_script_exit_codes_and_one_line_errors(bad_inputs_dir, tmp_path)
     )
     assert missing.returncode == EXIT_USAGE and "Traceback" not in missing.stderr
     assert "nope" in missing.stderr
+
+
+def test_dicom_files_no_decoder_can_read_are_one_line_errors_without_tracebacks(tmp_path):
+    """pydicom's own test files: JPEG Extended at 12 bits (no installed plugin decodes it; pydicom
+    logs each plugin's failure with a traceback) and NumberOfFrames '1A' (once a crash)."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("JPEG-lossy.dcm", "badVR.dcm"):
+        shutil.copy(get_testdata_file(name, download=False), folder / name)
+    run = subprocess.run(
+        [CLI, "preprocess", folder, tmp_path / "o", "--workers", "1"], capture_output=True, text=True
+    )
+    assert run.returncode == EXIT_PARTIAL
+    assert "Traceback" not in run.stderr and "ERROR pydicom" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2
+    assert f"error: {folder / 'JPEG-lossy.dcm'}: cannot decode JPEG Extended" in errors[0]
+    assert errors[1] == f"error: {folder / 'badVR.dcm'}: invalid NumberOfFrames '1A'"
 
 
 @pytest.mark.parametrize(

@@ -373,6 +373,26 @@ def test_an_unforeseen_opencv_failure_is_a_one_line_error_naming_the_file(tmp_pa
     assert "\n" not in message and "cv::" not in message
 
 
+def test_malformed_dicom_attribute_is_an_error_not_a_crash() -> None:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("badVR.dcm", download=False)  # NumberOfFrames '1A'
+    with pytest.raises(UnsupportedDicomError) as info:
+        load_image(path)
+    assert str(info.value) == f"{path}: invalid NumberOfFrames '1A'"
+
+
+def test_an_unforeseen_decoder_exception_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    def failing_decoder(data, name, max_pixels):
+        return {}["PixelSpacing"]  # as pydicom's lazy parsing of a malformed header may raise
+
+    monkeypatch.setattr(io, "_decode_png", failing_decoder)
+    path = _write(tmp_path / "odd.png", PNG)
+    with pytest.raises(ImageReadError) as info:
+        load_image(path)
+    assert str(info.value) == f"{path}: could not be decoded (KeyError: 'PixelSpacing')"
+
+
 def test_missing_dicom_decoder_names_the_packages(monkeypatch) -> None:
     """python-gdcm is a dependency; where it is missing (or broken), a compressed file says so."""
     from types import SimpleNamespace

@@ -65,6 +65,16 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # pydicom logs a traceback at ERROR for every decoder plugin that fails on a file; the
+        # file's one-line error already quotes each plugin's reason. A filter on our handlers,
+        # since importing pydicom resets its logger's level.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_pydicom)
+
+
+def _not_pydicom(record: logging.LogRecord) -> bool:
+    return not (record.name == "pydicom" or record.name.startswith("pydicom."))
 
 
 def _echo_err(message: str) -> None:

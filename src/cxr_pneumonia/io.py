@@ -112,6 +112,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     return load_image_bytes(data, name=str(path), max_pixels=max_pixels)
 
 
+_MALFORMED_INPUT_ERRORS = (
+    ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, NotImplementedError,
+)  # fmt: skip
+
+
 def load_image_bytes(
     data: bytes, *, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
@@ -138,11 +143,16 @@ def load_image_bytes(
             image = _decode_dicom(data, name, max_pixels)
         else:
             raise NotAnImageError(name, _not_an_image_reason(data))
+    except ImageReadError:
+        raise
+    # A case the decoders above do not foresee must still name the file, in one line, and not
+    # end a batch. OpenCV's own message spans several lines of C++ signatures.
     except cv2.error as err:
-        # A case the decoders above do not foresee must still name the file, in one line, and
-        # not end a batch: OpenCV's own message spans several lines of C++ signatures.
         detail = " ".join(line.strip("> ").strip() for line in (getattr(err, "err", "") or "").splitlines())
         raise ImageReadError(name, f"could not be decoded ({detail or 'OpenCV error'})") from err
+    except _MALFORMED_INPUT_ERRORS as err:
+        # Malformed headers surface from pydicom's lazy element parsing as any of these.
+        raise ImageReadError(name, f"could not be decoded ({type(err).__name__}: {err})") from err
     logger.debug("read %s: %dx%d", name, image.shape[1], image.shape[0])
     return np.ascontiguousarray(image)
 
@@ -366,7 +376,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     if not _has_pixel_data(ds):
         raise UnsupportedDicomError(name, "no pixel data")
 
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, columns = _int_attribute(ds, "Rows", 0, name), _int_attribute(ds, "Columns", 0, name)
     _check_size(columns, rows, name, "DICOM", max_pixels)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     if photometric not in _SUPPORTED_PHOTOMETRIC:
@@ -376,7 +386,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             f"(expected one of {', '.join(_SUPPORTED_PHOTOMETRIC)})",
         )
     transfer_syntax = _ensure_transfer_syntax(ds, dicom)
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _int_attribute(ds, "NumberOfFrames", 1, name)
     if frames > 1:
         warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=3)
 
@@ -404,6 +414,16 @@ def _rgb_to_gray(pixels: np.ndarray, name: str) -> np.ndarray:
     return _scale_to_uint8(pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
 
 
+def _int_attribute(ds: Any, keyword: str, default: int, name: str) -> int:
+    """An integer attribute of ``ds`` (``default`` when absent or empty); a malformed value (e.g.
+    NumberOfFrames ``'1A'``) is an :class:`UnsupportedDicomError`, not a crash."""
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise UnsupportedDicomError(name, f"invalid {keyword} {ds.get(keyword, '?')!r}") from err
+
+
 def _has_pixel_data(ds: Any) -> bool:
     return any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
@@ -428,9 +448,10 @@ def _ensure_transfer_syntax(ds: Any, dicom: SimpleNamespace) -> Any:
 def _dicom_first_frame(ds: Any, dicom: SimpleNamespace, transfer_syntax: Any, name: str) -> np.ndarray:
     if not transfer_syntax.is_compressed and "PixelData" in ds:
         # Checked here because pydicom's own message does not say the file is truncated.
-        bits = int(ds.get("BitsAllocated") or 8)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * bits // 8)
+        bits = _int_attribute(ds, "BitsAllocated", 8, name)
+        samples = _int_attribute(ds, "SamplesPerPixel", 1, name)
+        rows, columns = _int_attribute(ds, "Rows", 0, name), _int_attribute(ds, "Columns", 0, name)
+        expected = -(-rows * columns * samples * bits // 8)
         if len(ds.PixelData) < expected:
             raise TruncatedImageError(
                 name,
