@@ -377,7 +377,7 @@ def test_malformed_dicom_attribute_is_an_error_not_a_crash() -> None:
     from pydicom.data import get_testdata_file
 
     path = get_testdata_file("badVR.dcm", download=False)  # NumberOfFrames '1A'
-    with pytest.raises(UnsupportedDicomError) as info:
+    with pytest.raises(UnsupportedDicomError) as info, pytest.warns(UserWarning, match="VR IS: '1A'"):
         load_image(path)
     assert str(info.value) == f"{path}: invalid NumberOfFrames '1A'"
 
