@@ -166,20 +166,14 @@ XRAY_OTHER_ANATOMY = {"cr_lower_leg": "RG3_UNCR.dcm"}
 ADULT_FRONTAL_CXR = {"cr_adult_chest_pa": "RG1_UNCR.dcm"}
 
 
-def dicom_other_modality() -> Iterator[tuple[str, np.ndarray]]:
-    for name, filename in DICOM_OTHER_MODALITY.items():
-        yield name, _read_dicom(filename)
-
-
-def xray_other_anatomy() -> Iterator[tuple[str, np.ndarray]]:
-    for name, filename in XRAY_OTHER_ANATOMY.items():
+def _dicom_images(files: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
+    for name, filename in files.items():
         yield name, _read_dicom(filename)
 
 
 def adult_frontal_cxr() -> Iterator[tuple[str, np.ndarray]]:
     """Chest X-rays, not part of the dev set: images the gate should accept."""
-    for name, filename in ADULT_FRONTAL_CXR.items():
-        yield name, _read_dicom(filename)
+    return _dicom_images(ADULT_FRONTAL_CXR)
 
 
 def _text_page(seed: int, size: tuple[int, int] = (1100, 850)) -> np.ndarray:
@@ -314,8 +308,8 @@ _PACKAGE_SOURCES = {
     "photo": photos,
     "texture": textures,
     "medical_other": medical_other,
-    "dicom_other_modality": dicom_other_modality,
-    "xray_other_anatomy": xray_other_anatomy,
+    "dicom_other_modality": lambda: _dicom_images(DICOM_OTHER_MODALITY),
+    "xray_other_anatomy": lambda: _dicom_images(XRAY_OTHER_ANATOMY),
     "document": documents,
     "chart": charts,
     "synthetic": synthetic,

@@ -417,11 +417,12 @@ def _rgb_to_gray(pixels: np.ndarray, name: str) -> np.ndarray:
 def _int_attribute(ds: Any, keyword: str, default: int, name: str) -> int:
     """An integer attribute of ``ds`` (``default`` when absent or empty); a malformed value (e.g.
     NumberOfFrames ``'1A'``) is an :class:`UnsupportedDicomError`, not a crash."""
+    value = None
     try:
-        value = ds.get(keyword)
+        value = ds.get(keyword)  # may itself raise: pydicom converts the raw value here
         return default if value is None or value == "" else int(value)
     except (TypeError, ValueError, OverflowError) as err:
-        raise UnsupportedDicomError(name, f"invalid {keyword} {ds.get(keyword, '?')!r}") from err
+        raise UnsupportedDicomError(name, f"invalid {keyword} {value!r}") from err
 
 
 def _has_pixel_data(ds: Any) -> bool:
