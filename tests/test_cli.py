@@ -87,6 +87,23 @@ def test_console_script_exit_codes_and_one_line_errors(bad_inputs_dir, tmp_path)
     assert "nope" in missing.stderr
 
 
+def test_the_command_list_names_every_command_without_importing_tensorflow():
+    """``--help`` lists each command with its docstring's first line, without building the
+    commands whose options come from config models (which import Keras: five seconds)."""
+    listing = subprocess.run(
+        [sys.executable, "-c", "import sys; from cxr_pneumonia.cli import main; code = main(['--help']); "
+         "print('tensorflow' in sys.modules, code)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert listing.stdout.splitlines()[-1] == "False 0"
+    for name in ("preprocess", "train", "gate", "export", "predict", "serve", "calibrate"):
+        assert f"│ {name} " in listing.stdout
+    assert "Fit (or refit) the run's input gate on its own training images" in listing.stdout
+    # the deferred command itself is still built, with its config options, when asked for
+    gate_help = subprocess.run([CLI, "gate", "--help"], capture_output=True, text=True)
+    assert "--orientation-check" in gate_help.stdout
+
+
 def test_dicom_files_no_decoder_can_read_are_one_line_errors_without_tracebacks(tmp_path):
     """pydicom's own test files: JPEG Extended at 12 bits (no installed plugin decodes it; pydicom
     logs each plugin's failure with a traceback) and NumberOfFrames '1A' (once a crash)."""

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from cxr_pneumonia import __version__
 
 # Commands whose options come from config models, built when first used: the models' modules
 # import Keras, which `preprocess`, `inspect` or `--version` should not pay for.
 _DEFERRED: dict[str, Callable[[], Any]] = {}
+_DEFERRED_HELP: dict[str, str] = {}  # each deferred command's docstring, for the command list
 _ORDER = (
     "preprocess", "inspect", "train", "gate", "export", "evaluate", "robustness", "predict", "explain",
     "serve",
@@ -31,14 +32,27 @@ _ORDER = (
 class _Commands(TyperGroup):
     """The command group, building deferred commands on first use."""
 
+    _listing = False
+
     def list_commands(self, ctx: Any) -> list[str]:
         names = {*super().list_commands(ctx), *_DEFERRED}
         return sorted(names, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER))
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name in _DEFERRED and cmd_name not in self.commands:
+            if self._listing:
+                # The command list shows one line per command: its docstring is enough, and
+                # building the command would import Keras (seconds, and TensorFlow's log lines).
+                return TyperCommand(name=cmd_name, help=_DEFERRED_HELP[cmd_name])
             self.add_command(_DEFERRED[cmd_name](), cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
 
 app = typer.Typer(
@@ -149,6 +163,7 @@ def _deferred_command(name: str, configs: Callable[[], tuple[Any, ...]], skip: t
             return typer.main.get_command(single)
 
         _DEFERRED[name] = build
+        _DEFERRED_HELP[name] = pyinspect.getdoc(command) or ""
         return command
 
     return register
