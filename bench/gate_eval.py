@@ -191,10 +191,12 @@ def main() -> None:
             if cfg.thumbnail != union_cfg.thumbnail:
                 raise ValueError("the bench extracts one thumbnail size")
             chosen.append(part[len(union_layers)])
+        if cfg.symmetry_check:
+            chosen.append(part[-1])  # the union's last output: the symmetry grid
         return chosen
 
-    # The depth variants without the orientation check, then the default (with it).
-    plain = functools.partial(g.GateConfig, orientation_check=False)
+    # The depth variants without the orientation and symmetry checks, then each check added.
+    plain = functools.partial(g.GateConfig, orientation_check=False, symmetry_check=False)
     variants = {
         "fit_clean_limit_clean": plain(fit_augmented_views=0, limit_perturbations=()),
         "fit_clean_limit_perturbed": plain(fit_augmented_views=0),
@@ -206,7 +208,8 @@ def main() -> None:
         "fit_augmented_thumbnail": plain(thumbnail=8),
         "fit_augmented_combine_mean": plain(combine="mean"),
         "fit_augmented_blocks_8_12_14": plain(block_fractions=frac(8, 12, 14)),
-        "default_orientation_check": g.GateConfig(),
+        "orientation_check": g.GateConfig(symmetry_check=False),
+        "default_orientation_and_symmetry_checks": g.GateConfig(),
     }
     results: dict[str, Any] = {}
     for vname, cfg in variants.items():
@@ -271,7 +274,11 @@ def main() -> None:
             "per_depth_dev_auroc": {
                 name: round(_auroc(zh, zd), 4)
                 for name, zh, zd in zip(
-                    [*[*layers, "thumbnail"][: len(dm.depths)], *(["orientation"] if dm.orientation else [])],
+                    [
+                        *[*layers, "thumbnail"][: len(dm.depths)],
+                        *(["orientation"] if dm.orientation else []),
+                        *(["symmetry"] if cfg.symmetry_check else []),
+                    ],
                     dm.depth_scores(columns(cfg, sets["holdout"])).T,
                     dm.depth_scores(columns(cfg, sets["dev"])).T,
                     strict=True,
@@ -281,7 +288,7 @@ def main() -> None:
             "score_ms_per_image": round(score_ms, 4),
         }
 
-    default = "default_orientation_check"
+    default = "default_orientation_and_symmetry_checks"
     figures = {
         "default_variant": default,
         "n": {

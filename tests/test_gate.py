@@ -24,6 +24,8 @@ SHARED_MOBILENETV2 = REPO.parent / "shared" / "weights" / "mobilenetv2_imagenet_
 pytestmark = pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 
 DIMS = (12, 40, 6)  # three "depths" of different width
+# Synthetic features carry no symmetry grid: the gates fitted on them have the check off.
+NO_SYMMETRY = {"symmetry_check": False}
 
 
 def gaussian_features(n: int, seed: int, shift: float = 0.0) -> list[np.ndarray]:
@@ -40,7 +42,9 @@ def gaussian_features(n: int, seed: int, shift: float = 0.0) -> list[np.ndarray]
 def fitted(combine: str = "max", orientation_check: bool = False) -> g.DomainModel:
     """A gate on Gaussian features; with the orientation check, its "turned" class is the same
     distribution moved by TURN_SHIFT in every coordinate."""
-    cfg = g.GateConfig(limit_perturbations=(), combine=combine, orientation_check=orientation_check)
+    cfg = g.GateConfig(
+        limit_perturbations=(), combine=combine, orientation_check=orientation_check, **NO_SYMMETRY
+    )
     turned = gaussian_features(600, seed=3, shift=TURN_SHIFT) if orientation_check else None
     gate = g.DomainModel.fit(
         gaussian_features(600, seed=1), cfg, ["a", "b", "c"], turned=turned, turned_groups=np.arange(600)
@@ -117,7 +121,7 @@ def test_decide_levels_and_non_finite_scores():
 
 def test_a_gate_without_limit_refuses_to_decide():
     gate = g.DomainModel.fit(
-        gaussian_features(100, seed=1), g.GateConfig(orientation_check=False), ["a", "b", "c"]
+        gaussian_features(100, seed=1), g.GateConfig(orientation_check=False, **NO_SYMMETRY), ["a", "b", "c"]
     )
     with pytest.raises(g.GateError, match="set_limit"):
         gate.decide([0.0])
@@ -125,11 +129,11 @@ def test_a_gate_without_limit_refuses_to_decide():
 
 def test_fit_checks_its_input():
     with pytest.raises(g.GateError, match="at least"):
-        g.DomainModel.fit(gaussian_features(3, seed=1), g.GateConfig(), ["a", "b", "c"])
+        g.DomainModel.fit(gaussian_features(3, seed=1), g.GateConfig(**NO_SYMMETRY), ["a", "b", "c"])
     features = gaussian_features(50, seed=1)
     features[1] = features[1][:-1]
     with pytest.raises(g.GateError, match="one row per training image"):
-        g.DomainModel.fit(features, g.GateConfig(), ["a", "b", "c"])
+        g.DomainModel.fit(features, g.GateConfig(**NO_SYMMETRY), ["a", "b", "c"])
 
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path):
@@ -161,7 +165,7 @@ def test_orientation_check_rejects_the_turned_class_that_the_distances_let_throu
 
 def test_orientation_check_needs_turned_copies():
     with pytest.raises(g.GateError, match="turned copies"):
-        g.DomainModel.fit(gaussian_features(50, seed=1), g.GateConfig(), ["a", "b", "c"])
+        g.DomainModel.fit(gaussian_features(50, seed=1), g.GateConfig(**NO_SYMMETRY), ["a", "b", "c"])
 
 
 def test_turned_copies_turn_each_training_images_first_view_by_a_quarter_turn_or_more():
@@ -191,7 +195,7 @@ def test_orientation_check_round_trips_and_a_gate_saved_before_it_loads_without(
     # A gate saved before the check existed: its config has no such field, its arrays none.
     folder = fitted().save(tmp_path / "old")
     meta = json.loads((folder / g.GATE_JSON).read_text())
-    for key in ("orientation_check", "orientation_c"):
+    for key in ("orientation_check", "orientation_c", "symmetry_check", "symmetry_grid"):
         del meta["config"][key]
     (folder / g.GATE_JSON).write_text(json.dumps(meta))
     old = g.DomainModel.load(folder)
@@ -204,6 +208,50 @@ def test_orientation_check_round_trips_and_a_gate_saved_before_it_loads_without(
         g.DomainModel.load(folder)
 
 
+def test_asymmetry_known_answers():
+    half = np.random.default_rng(0).uniform(0, 255, (16, 8))
+    symmetric = np.concatenate([half, half[:, ::-1]], axis=1)
+    ramp = np.tile(np.arange(16.0), (16, 1))  # its mirror image is its negative, centred
+    constant = np.full((16, 16), 7.0)
+    got = g.asymmetry(np.stack([symmetric, ramp, constant]).reshape(3, -1))
+    np.testing.assert_allclose(got, [0.0, 2.0, 1.0], atol=1e-6)
+    with pytest.raises(g.GateError, match="square"):
+        g.asymmetry(np.ones((1, 60)))
+
+
+def symmetry_grids(n: int, seed: int, *, symmetric: bool) -> np.ndarray:
+    """(n, 256) 16 x 16 grids in [0, 1]: mirror images of a random half plus noise, or random."""
+    rng = np.random.default_rng(seed)
+    half = rng.uniform(0.2, 0.8, (n, 16, 8))
+    other = half[:, :, ::-1] if symmetric else rng.uniform(0.2, 0.8, (n, 16, 8))
+    grids = np.concatenate([half, other], axis=2) + rng.normal(0, 0.03, (n, 16, 16))
+    return grids.reshape(n, -1)
+
+
+def test_symmetry_check_rejects_one_sided_images_that_the_distances_let_through(tmp_path):
+    cfg = g.GateConfig(limit_perturbations=(), orientation_check=False)
+    train = [*gaussian_features(600, seed=1), symmetry_grids(600, 1, symmetric=True)]
+    checked = g.DomainModel.fit(train, cfg, ["a", "b", "c"])
+    checked.set_limit(
+        checked.score([*gaussian_features(3000, seed=2), symmetry_grids(3000, 2, symmetric=True)])
+    )
+    assert len(checked.centres) == len(checked.depths) + 1 == 4
+    frontal = [*gaussian_features(2000, seed=4), symmetry_grids(2000, 4, symmetric=True)]
+    lateral = [*gaussian_features(2000, seed=5), symmetry_grids(2000, 5, symmetric=False)]
+    assert 0.98 <= np.mean(checked.score(frontal) <= checked.limit) <= 1.0
+    assert np.mean(checked.score(lateral) > checked.limit) >= 0.95
+    # the distances alone (the same depths, no symmetry column) accept them as usual
+    plain = fitted()
+    assert np.mean(plain.score(lateral[:3]) > plain.limit) < 0.05
+    np.testing.assert_allclose(checked.depth_scores(lateral)[:, :3], plain.depth_scores(lateral[:3]))
+    # saved and loaded, it scores the same; without its grid it refuses to score
+    loaded = g.DomainModel.load(checked.save(tmp_path))
+    assert loaded.cfg.symmetry_check
+    np.testing.assert_array_equal(loaded.score(lateral), checked.score(lateral))
+    with pytest.raises(g.GateError, match="symmetry grid"):
+        loaded.score(lateral[:3])
+
+
 def test_load_of_a_missing_gate_says_so(tmp_path):
     with pytest.raises(g.GateError, match="no readable gate"):
         g.DomainModel.load(tmp_path)
@@ -211,7 +259,7 @@ def test_load_of_a_missing_gate_says_so(tmp_path):
 
 def test_limit_with_perturbed_views_is_at_least_the_clean_one():
     gate = g.DomainModel.fit(
-        gaussian_features(300, seed=1), g.GateConfig(orientation_check=False), ["a", "b", "c"]
+        gaussian_features(300, seed=1), g.GateConfig(orientation_check=False, **NO_SYMMETRY), ["a", "b", "c"]
     )
     clean = gate.score(gaussian_features(500, seed=2))
     shifted = gate.score(gaussian_features(500, seed=3, shift=0.3))
@@ -278,7 +326,7 @@ def test_gated_model_gives_the_same_probability_and_the_pooled_activations(pooli
     x = np.random.default_rng(0).uniform(0, 255, (3, 71, 71, 1)).astype(np.float32)
     probability, features = g.run_gated(gated, x, cfg, len(layers))
     np.testing.assert_allclose(probability, np.asarray(model(x, training=False)).reshape(-1), rtol=1e-5)
-    assert len(features) == len(layers) + 1
+    assert len(features) == len(layers) + 2  # the thumbnail, then the symmetry grid
     for name, f in zip(layers, features, strict=False):
         act = np.asarray(
             keras.Model(model.input, model.get_layer(name).output)(x, training=False), np.float64
@@ -291,9 +339,10 @@ def test_gated_model_gives_the_same_probability_and_the_pooled_activations(pooli
             )
         else:
             assert f.shape[1] == mean.shape[1]
-    side = 71 // 4
-    thumb = x[:, : 4 * side, : 4 * side, 0].reshape(3, 4, side, 4, side).mean(axis=(2, 4)) / 255
-    np.testing.assert_allclose(features[-1], thumb.reshape(3, -1), rtol=1e-5)
+    for grid, f in ((4, features[-2]), (16, features[-1])):
+        side = 71 // grid
+        cells = x[:, : grid * side, : grid * side, 0].reshape(3, grid, side, grid, side).mean(axis=(2, 4))
+        np.testing.assert_allclose(f, cells.reshape(3, -1) / 255, rtol=1e-5)
 
 
 def synthetic_xray(seed: int, size: int = 120) -> np.ndarray:
@@ -386,10 +435,13 @@ def test_imagenet_xception_gate_rejects_every_devset_category_and_accepts_the_sa
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_MOBILENETV2.is_file(), reason="needs the shared ImageNet MobileNetV2 weights")
-def test_default_backbone_gate_rejects_upside_down_chest_xrays_by_its_orientation_check(sample_dir, tmp_path):
-    """The default backbone's pooled activations barely tell an upside-down chest X-ray from an
-    upright one; the orientation check does. Fitted on the sample's training images (limit on
-    clean validation images), applied to the sample's test images (other patients)."""
+def test_default_backbone_gate_rejects_upside_down_and_one_sided_chest_xrays_by_its_checks(
+    ood_devset, sample_dir, tmp_path
+):
+    """The default backbone's pooled activations barely tell an upside-down chest X-ray, or one
+    half of it stretched to full width (our proxy for a lateral view), from an upright frontal
+    one; the orientation and symmetry checks do. Fitted on the sample's training images (limit
+    on clean validation images), applied to the sample's test images (other patients)."""
     from sklearn.metrics import roc_auc_score
 
     from cxr_pneumonia.backbones import import_torch_weights
@@ -408,13 +460,21 @@ def test_default_backbone_gate_rejects_upside_down_chest_xrays_by_its_orientatio
         _, features = g.extract(gated, [pipeline(img) for img in images], gate.cfg, len(gate.layers))
         return gate.depth_scores(features)
 
-    upright, upside_down = columns(test), columns([cv2.rotate(img, cv2.ROTATE_180) for img in test])
+    upright = columns(test)
+    upside_down = columns([cv2.rotate(img, cv2.ROTATE_180) for img in test])
+    one_sided = columns([ood_devset.lateral_proxy(img, i % 2) for i, img in enumerate(test)])
+    depths, orientation, symmetry = slice(0, len(gate.depths)), len(gate.depths), len(gate.depths) + 1
+    assert upright.shape[1] == len(gate.depths) + 2
     assert np.mean(upright.max(axis=1) <= gate.limit) >= 0.9
     assert np.mean(upside_down.max(axis=1) > gate.limit) >= 0.9
-    # the depths alone (the gate without the check) let most of them through (measured: 0.33 rejected)
-    assert np.mean(upside_down[:, :-1].max(axis=1) > gate.limit) <= 0.5
+    # the depths alone (the gate without the checks) let most of them through (measured: 0.33 rejected)
+    assert np.mean(upside_down[:, depths].max(axis=1) > gate.limit) <= 0.5
     y = np.r_[np.zeros(len(test)), np.ones(len(test))]
-    assert roc_auc_score(y, np.r_[upright[:, -1], upside_down[:, -1]]) >= 0.99
+    assert roc_auc_score(y, np.r_[upright[:, orientation], upside_down[:, orientation]]) >= 0.99
+    # the symmetry column tells one-sided images from frontal ones (measured: AUROC 0.996); on a gate
+    # fitted on 60 images the depths already reject nearly all of them (the limit is 6.6, not 3.9)
+    assert roc_auc_score(y, np.r_[upright[:, symmetry], one_sided[:, symmetry]]) >= 0.95
+    assert np.median(one_sided[:, symmetry]) > 3 > np.quantile(upright[:, symmetry], 0.9)
 
 
 # --- the gate's features outside Keras ------------------------------------------------------
@@ -432,7 +492,7 @@ def test_numpy_pooling_of_the_activations_equals_the_gated_model(pooling):
     taps = keras.Model(model.input, [model.get_layer(name).output for name in layers])
     activations = [np.asarray(a) for a in taps(x, training=False)]
     got = g.pooled_features(g.pool_activations(activations, x, cfg), cfg, len(layers))
-    assert len(got) == len(expected) == len(layers) + 1
+    assert len(got) == len(expected) == len(layers) + 2
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

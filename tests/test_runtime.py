@@ -44,7 +44,8 @@ def test_features_come_with_the_same_probabilities_in_one_pass(tiny_run: Path) -
     x = np.random.default_rng(1).uniform(0, 255, (4, size, size, 1)).astype(np.float32)
     p, features = loaded.features(x)
     np.testing.assert_array_equal(p, loaded(x))  # gate on or off: identical probabilities
-    assert len(features) == len(loaded.gate.layers)
+    assert len(features) == len(loaded.gate.layers) + 1  # the depths, then the symmetry grid
+    assert features[-1].shape == (4, loaded.gate.cfg.symmetry_grid**2)
     assert all(f.dtype == np.float64 and f.shape[0] == 4 for f in features)
     assert np.isfinite(loaded.gate.score(features)).all()
 

@@ -375,9 +375,12 @@ def test_cli_gate_fits_one_for_an_old_run_and_predict_applies_it(tiny_run, sampl
     code = main(["gate", str(old), "--max-fit-images", "40", "--fit-augmented-views", "0"])
     out = capsys.readouterr().out
     assert code == EXIT_OK and "40 training images" in out and "limit" in out
-    assert DomainModel.load(old).orientation is not None  # on by default
-    assert main(["gate", str(old), "--max-fit-images", "40", "--no-orientation-check"]) == EXIT_OK
+    fitted = DomainModel.load(old)
+    assert fitted.orientation is not None and fitted.cfg.symmetry_check  # both checks on by default
+    refit = ["gate", str(old), "--max-fit-images", "40", "--no-orientation-check", "--no-symmetry-check"]
+    assert main(refit) == EXIT_OK
     assert DomainModel.load(old).orientation is None and not DomainModel.load(old).cfg.orientation_check
+    assert not DomainModel.load(old).cfg.symmetry_check
     capsys.readouterr()
     gated = api.predict(old, [sample_dir / "test"])
     assert all(p.status in ("ok", "rejected") and p.domain_score is not None for p in gated)

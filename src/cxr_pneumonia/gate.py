@@ -17,7 +17,11 @@ some backbones (MobileNetV2) hardly change when an image is turned upside down, 
 *orientation check* adds one more column to the score: a logistic regression on the same
 features, fitted to tell the upright training images from copies turned by 90, 180 or 270
 degrees (rotation as a self-supervised task: Gidaris et al., ICLR 2018; as an out-of-distribution
-signal: Hendrycks et al., NeurIPS 2019).
+signal: Hendrycks et al., NeurIPS 2019). A *symmetry check* adds another: a frontal chest X-ray
+is roughly mirror-symmetric about its vertical midline (two lung fields either side of the
+spine), a lateral view is not (the spine along one side), and pooled activations hardly tell
+the two apart. The column is how much less the input, average-pooled to a coarse grid,
+correlates with its own mirror image than the training images do.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ GATE_JSON = "gate.json"
 GATE_NPZ = "gate.npz"
 FORMAT_VERSION = 1
 THUMBNAIL_NAME = "gate_thumbnail"
+SYMMETRY_NAME = "gate_symmetry_grid"
 POOL_PREFIX = "gate_pool_"
 SHIFT_MESSAGE = "these images differ from the training data; the operating point may not hold here"
 
@@ -89,6 +94,14 @@ class GateConfig(BaseModel):
     )
     # Inverse L2 strength of that logistic regression on standardised features.
     orientation_c: float = Field(default=0.1, gt=0.0)
+    # The symmetry check (module docstring): the input average-pooled to a symmetry_grid ×
+    # symmetry_grid grid, correlated with its mirror image; one more column of the domain score.
+    symmetry_check: bool = Field(
+        default=True,
+        description="Also reject images far less left-right symmetric than frontal chest X-rays "
+        "(lateral views).",
+    )
+    symmetry_grid: int = Field(default=16, ge=4)
     # Held-out folds of the training images that standardise each depth's distance.
     folds: int = Field(default=2, ge=2)
     accept_quantile: float = Field(default=0.99, gt=0.5, lt=1.0)
@@ -190,16 +203,30 @@ def gated_model(model: Any, layers: Sequence[str], cfg: GateConfig | None = None
             second = keras.layers.GlobalAveragePooling2D(name=f"{POOL_PREFIX}{name}_m2")(square)
             pooled = keras.layers.Concatenate(name=f"{POOL_PREFIX}{name}")([pooled, second])
         outputs.append(pooled)
-    if cfg.thumbnail:
-        image = model.get_layer(INPUT_NAME).output if _has_layer(model, INPUT_NAME) else model.input
-        side = int(model.input.shape[1]) // cfg.thumbnail
-        if side < 1:
-            raise GateError(
-                f"thumbnail grid {cfg.thumbnail} is finer than the input ({model.input.shape[1]})"
-            )
-        pooled = keras.layers.AveragePooling2D(side, strides=side, name=f"{THUMBNAIL_NAME}_pool")(image)
-        outputs.append(keras.layers.Flatten(name=THUMBNAIL_NAME)(pooled))
+    image = model.get_layer(INPUT_NAME).output if _has_layer(model, INPUT_NAME) else model.input
+    size = int(model.input.shape[1])
+    for name, grid in _input_grids(cfg):
+        side = _grid_side(size, grid, name)
+        # The rows and columns past grid * side are left out, so that the grid has grid cells.
+        extra = size - grid * side
+        cells = keras.layers.Cropping2D(((0, extra), (0, extra)), name=f"{name}_crop")(image)
+        pooled = keras.layers.AveragePooling2D(side, strides=side, name=f"{name}_pool")(cells)
+        outputs.append(keras.layers.Flatten(name=name)(pooled))
     return keras.Model(model.input, outputs, name=f"{model.name}_gated")
+
+
+def _input_grids(cfg: GateConfig) -> list[tuple[str, int]]:
+    """(output name, grid) of each average-pooled copy of the input the gate reads, in output
+    order after the depths: the thumbnail, then the symmetry check's grid."""
+    grids = [(THUMBNAIL_NAME, cfg.thumbnail)] if cfg.thumbnail else []
+    return grids + ([(SYMMETRY_NAME, cfg.symmetry_grid)] if cfg.symmetry_check else [])
+
+
+def _grid_side(size: int, grid: int, name: str) -> int:
+    """Pixels per cell of a ``grid``×``grid`` pooling of a ``size``-pixel input."""
+    if size // grid < 1:
+        raise GateError(f"{name} grid {grid} is finer than the input ({size})")
+    return size // grid
 
 
 def _has_layer(model: Any, name: str) -> bool:
@@ -209,7 +236,8 @@ def _has_layer(model: Any, name: str) -> bool:
 def pooled_features(raw: Sequence[np.ndarray], cfg: GateConfig, n_layers: int) -> list[np.ndarray]:
     """The gated model's raw feature outputs -> one float64 (n, d) matrix per depth.
 
-    The second moment becomes a log standard deviation; the thumbnail (in [0, 255]) is scaled to [0, 1].
+    The second moment becomes a log standard deviation; the input grids (in [0, 255]) are scaled
+    to [0, 1].
     """
     features = []
     for i, values in enumerate(raw):
@@ -239,15 +267,12 @@ def pool_activations(
         if cfg.pooling == "mean_std":
             pooled = np.concatenate([pooled, (x * x).mean(axis=(1, 2))], axis=1)
         raw.append(pooled)
-    if cfg.thumbnail:
-        x = np.asarray(batch, dtype=np.float64)
-        n, size = x.shape[0], x.shape[1]
-        side = size // cfg.thumbnail
-        if side < 1:
-            raise GateError(f"thumbnail grid {cfg.thumbnail} is finer than the input ({size})")
-        grid = x[:, : cfg.thumbnail * side, : cfg.thumbnail * side, :]
-        grid = grid.reshape(n, cfg.thumbnail, side, cfg.thumbnail, side, -1).mean(axis=(2, 4))
-        raw.append(grid.reshape(n, -1))
+    x = np.asarray(batch, dtype=np.float64)
+    n, size = x.shape[0], x.shape[1]
+    for name, grid in _input_grids(cfg):
+        side = _grid_side(size, grid, name)
+        cells = x[:, : grid * side, : grid * side, :]
+        raw.append(cells.reshape(n, grid, side, grid, side, -1).mean(axis=(2, 4)).reshape(n, -1))
     return raw
 
 
@@ -403,10 +428,29 @@ def _stacked(features: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(f, dtype=np.float64) for f in features], axis=1)
 
 
+def _has_depths(arrays: Any, n: int) -> bool:
+    """Whether saved ``arrays`` hold exactly ``n`` depths."""
+    return n >= 1 and f"depth{n - 1}_mean" in arrays and f"depth{n}_mean" not in arrays
+
+
 def _robust_standardisation(held_out: np.ndarray) -> tuple[float, float]:
     """(median, MAD scaled to a normal's standard deviation) of held-out scores."""
     centre = float(np.median(held_out))
     return centre, float(np.median(np.abs(held_out - centre))) * 1.4826 or 1.0
+
+
+def asymmetry(grids: np.ndarray) -> np.ndarray:
+    """1 − the Pearson correlation of each flattened square grid (a row of ``grids``) with its
+    left-right mirror image: 0 for a mirror-symmetric image, 2 for one that is its own
+    negative mirrored (a ramp), 1 for a constant one."""
+    x = np.asarray(grids, dtype=np.float64)
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise GateError(f"a symmetry grid needs a square number of cells, got {x.shape[1]}")
+    x = x - x.mean(axis=1, keepdims=True)
+    x = x / (np.sqrt((x * x).mean(axis=1, keepdims=True)) + 1e-6)
+    mirrored = x.reshape(-1, side, side)[:, :, ::-1].reshape(len(x), -1)
+    return 1.0 - (x * mirrored).mean(axis=1)
 
 
 class DomainModel:
@@ -432,7 +476,8 @@ class DomainModel:
         self.cfg = cfg
         self.layers = list(layers)
         self.depths = list(depths)
-        # With an orientation check, ``centres`` and ``scales`` have one more (last) entry.
+        # ``centres`` and ``scales`` have one entry per depth, then one for the orientation check
+        # and one for the symmetry check where the config has them.
         self.orientation = orientation
         self.centres = np.asarray(centres, dtype=np.float64)
         self.scales = np.asarray(scales, dtype=np.float64)
@@ -459,15 +504,22 @@ class DomainModel:
         turned: Sequence[np.ndarray] | None = None,
         turned_groups: np.ndarray | None = None,
     ) -> DomainModel:
-        """Fit on the training images' per-depth features (a list of (n, d_k) arrays).
+        """Fit on the training images' per-depth features (a list of (n, d_k) arrays; with
+        ``cfg.symmetry_check``, the last one is the symmetry grid).
 
         Each depth's distance is standardised (median, MAD) on images held out of its fit
         (``cfg.folds`` folds), so depths of different dimension weigh alike. ``groups`` keeps
         rows of one group (an image and its augmented views) in the same fold. ``turned``: the
         per-depth features of turned copies of training images (``turned_groups``: the group
-        each comes from), for the orientation check when ``cfg.orientation_check``.
+        each comes from), for the orientation check when ``cfg.orientation_check``. The
+        symmetry check fits nothing: its column is standardised on the first row of each group,
+        the image as acquired (framing augmentation moves the midline, and the limit's perturbed
+        validation views already allow for that).
         """
         n = len(features[0])
+        if cfg.symmetry_check and len(features) < 2:
+            raise GateError("the symmetry check needs the symmetry grid after the depths' features")
+        n_distances = len(features) - cfg.symmetry_check
         if any(len(f) != n for f in features):
             raise GateError("every depth needs one row per training image")
         groups = np.arange(n) if groups is None else np.asarray(groups)
@@ -481,7 +533,7 @@ class DomainModel:
         permuted = np.random.default_rng(cfg.seed).permutation(len(unique)) % cfg.folds
         fold = permuted[inverse]
         centres, scales, depths = [], [], []
-        for x in features:
+        for x in features[:n_distances]:
             held_out = np.empty(n)
             for k in range(cfg.folds):
                 part = _Depth.fit(x[fold != k], cfg.pca_components)
@@ -497,8 +549,13 @@ class DomainModel:
             # A turned copy sits in the fold of the image it was turned from.
             turned_fold = permuted[np.searchsorted(unique, np.asarray(turned_groups))]
             orientation, centre, scale = _Orientation.cross_fit(
-                _stacked(features), _stacked(turned), fold, turned_fold, cfg
+                _stacked(features[:n_distances]), _stacked(turned[:n_distances]), fold, turned_fold, cfg
             )
+            centres.append(centre)
+            scales.append(scale)
+        if cfg.symmetry_check:
+            as_acquired = np.unique(groups, return_index=True)[1]
+            centre, scale = _robust_standardisation(asymmetry(np.asarray(features[-1])[as_acquired]))
             centres.append(centre)
             scales.append(scale)
         return cls(
@@ -507,15 +564,24 @@ class DomainModel:
         )  # fmt: skip
 
     def depth_scores(self, features: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, k) standardised distances, one column per depth (and last, with the orientation
-        check, the standardised logit that the image is turned)."""
-        if len(features) != len(self.depths):
-            raise GateError(f"expected features of {len(self.depths)} depths, got {len(features)}")
+        """(n, k) standardised distances, one column per depth, then with the orientation check
+        the standardised logit that the image is turned, then with the symmetry check its
+        standardised asymmetry."""
+        n_depths = len(self.depths)
+        if len(features) != n_depths + self.cfg.symmetry_check:
+            raise GateError(
+                f"expected features of {n_depths} depths"
+                f"{' and a symmetry grid' if self.cfg.symmetry_check else ''}, got {len(features)} arrays"
+            )
+        distance_features = features[:n_depths]
         columns = [
-            d.distance(np.asarray(f, dtype=np.float64)) for d, f in zip(self.depths, features, strict=True)
+            d.distance(np.asarray(f, dtype=np.float64))
+            for d, f in zip(self.depths, distance_features, strict=True)
         ]
         if self.orientation is not None:
-            columns.append(self.orientation.logit(_stacked(features)))
+            columns.append(self.orientation.logit(_stacked(distance_features)))
+        if self.cfg.symmetry_check:
+            columns.append(asymmetry(features[-1]))
         return (np.stack(columns, axis=1) - self.centres) / self.scales
 
     def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
@@ -635,19 +701,21 @@ class DomainModel:
             folder = folder / GATE_DIR
         try:
             meta = read_json(folder / GATE_JSON)
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
+            # Gates saved before the orientation and symmetry checks existed have neither.
+            cfg = GateConfig.model_validate(
+                {"orientation_check": False, "symmetry_check": False, **meta["config"]}
+            )
             with np.load(folder / GATE_NPZ) as arrays:
                 orientation = _Orientation.from_arrays(arrays)
-                n_depths = len(arrays["centres"]) - (orientation is not None)
+                n_depths = len(arrays["centres"]) - (orientation is not None) - cfg.symmetry_check
+                if cfg.orientation_check != (orientation is not None) or not _has_depths(arrays, n_depths):
+                    raise GateError(f"{folder}: the gate's config and arrays disagree on its columns")
                 depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(n_depths)]
                 centres, scales, val_scores = arrays["centres"], arrays["scales"], arrays["val_scores"]
         except (OSError, KeyError, ValueError) as e:
             raise GateError(f"{folder}: no readable gate ({e}); fit one for this run") from e
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
-        # Gates saved before the orientation check existed have none.
-        cfg = GateConfig.model_validate({"orientation_check": False, **meta["config"]})
-        if cfg.orientation_check != (orientation is not None):
-            raise GateError(f"{folder}: the gate's config and arrays disagree on the orientation check")
         gate = cls(
             cfg,
             meta["layers"],
