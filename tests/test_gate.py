@@ -106,6 +106,8 @@ def test_far_points_are_rejected_with_a_reason_a_person_understands():
         f"score {d.domain_score:.1f}, limit {gate.limit:.1f}"
     )
     assert d.limit == gate.limit and d.domain_score > gate.limit
+    with pytest.raises(g.GateError, match="2 column names for 1 scores"):
+        gate.decide([d.domain_score], largest=["a", "b"])
 
 
 def test_decide_levels_and_non_finite_scores():
@@ -244,6 +246,14 @@ def test_symmetry_check_rejects_one_sided_images_that_the_distances_let_through(
     plain = fitted()
     assert np.mean(plain.score(lateral[:3]) > plain.limit) < 0.05
     np.testing.assert_allclose(checked.depth_scores(lateral)[:, :3], plain.depth_scores(lateral[:3]))
+    # a rejected image's reason names the column that fired
+    assert checked.column_names() == ["features at a", "features at b", "features at c", "symmetry check"]
+    decisions = checked.assess(lateral)
+    assert [d.domain_score for d in decisions] == pytest.approx(checked.score(lateral))
+    rejected = [d for d in decisions if d.status == "rejected"]
+    assert rejected and all(d.reason.endswith(", largest on the symmetry check") for d in rejected)
+    far = [*gaussian_features(20, seed=6, shift=4.0), symmetry_grids(20, 6, symmetric=True)]
+    assert all(re.search(r"largest on the features at [abc]$", d.reason) for d in checked.assess(far))
     # saved and loaded, it scores the same; without its grid it refuses to score
     loaded = g.DomainModel.load(checked.save(tmp_path))
     assert loaded.cfg.symmetry_check

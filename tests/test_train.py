@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -398,6 +399,8 @@ def test_cli_gate_fits_one_for_an_old_run_and_predict_applies_it(tiny_run, sampl
         True,
     )
     assert rejected.reason.startswith("not like the frontal chest X-rays this model was trained on: score ")
+    # the gate was refitted without the checks above: its columns are the four depths
+    assert re.search(r", largest on the features at \w+$", rejected.reason), rejected.reason
     (anyway,) = run.classify_images([image], gate=False)
     assert anyway.status == "rejected" and not anyway.gated and anyway.label in ("NORMAL", "PNEUMONIA")
     assert anyway.reason.endswith("(classified anyway: gate off)")

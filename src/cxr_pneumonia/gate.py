@@ -586,8 +586,29 @@ class DomainModel:
 
     def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """The domain score of each image: its depths' standardised distances, combined."""
-        z = self.depth_scores(features)
-        return z.max(axis=1) if self.cfg.combine == "max" else z.mean(axis=1)
+        return self._combined(self.depth_scores(features))
+
+    def _combined(self, columns: np.ndarray) -> np.ndarray:
+        return columns.max(axis=1) if self.cfg.combine == "max" else columns.mean(axis=1)
+
+    def column_names(self) -> list[str]:
+        """What each column of :meth:`depth_scores` measures, in words."""
+        names = [f"features at {layer}" for layer in self.layers]
+        if self.cfg.thumbnail:
+            names.append("thumbnail")
+        if self.orientation is not None:
+            names.append("orientation check")
+        if self.cfg.symmetry_check:
+            names.append("symmetry check")
+        return names
+
+    def assess(self, features: Sequence[np.ndarray]) -> list[GateDecision]:
+        """:meth:`decide` on the features' scores; a rejected or unusual image's reason also names
+        the column that lay furthest from the training images (e.g. "the symmetry check")."""
+        columns = self.depth_scores(features)
+        names = self.column_names()
+        largest = [names[i] for i in columns.argmax(axis=1)]
+        return self.decide(self._combined(columns), largest=largest)
 
     def set_limit(
         self, val_scores: np.ndarray, perturbed_scores: dict[str, np.ndarray] | None = None
@@ -617,13 +638,20 @@ class DomainModel:
 
     # applying ----------------------------------------------------------------------------
 
-    def decide(self, scores: np.ndarray | Sequence[float]) -> list[GateDecision]:
-        """Accept (``"ok"``) or reject each score, with a reason a person understands."""
+    def decide(
+        self, scores: np.ndarray | Sequence[float], *, largest: Sequence[str] | None = None
+    ) -> list[GateDecision]:
+        """Accept (``"ok"``) or reject each score, with a reason a person understands;
+        ``largest`` names each image's largest column for the reason (:meth:`assess`)."""
         if not math.isfinite(self.limit):
             raise GateError("the gate has no limit yet; call set_limit on validation scores")
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if largest is not None and len(largest) != len(scores):
+            raise GateError(f"{len(largest)} column names for {len(scores)} scores")
         decisions = []
-        for s in np.asarray(scores, dtype=np.float64).reshape(-1):
+        for i, s in enumerate(scores):
             score = float(s)
+            where = f", largest on the {largest[i]}" if largest is not None else ""
             if not math.isfinite(score) or score > self.limit:
                 decisions.append(
                     GateDecision(
@@ -631,7 +659,7 @@ class DomainModel:
                         score,
                         self.limit,
                         "not like the frontal chest X-rays this model was trained on: "
-                        f"score {score:.1f}, limit {self.limit:.1f}",
+                        f"score {score:.1f}, limit {self.limit:.1f}{where}",
                         True,
                     )
                 )
@@ -642,7 +670,7 @@ class DomainModel:
                         score,
                         self.limit,
                         "accepted, but unlike most of the training population: "
-                        f"score {score:.1f}, usual up to {self.unusual_level:.1f}",
+                        f"score {score:.1f}, usual up to {self.unusual_level:.1f}{where}",
                         True,
                     )
                 )

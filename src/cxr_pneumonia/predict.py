@@ -257,14 +257,13 @@ class Run:
             ]
         if len(x) == 0:
             return []
-        probabilities, scores = [], []
+        probabilities, decisions = [], []
         for start in range(0, len(x), batch_size):
             part = x[start : start + batch_size]
             # The gate judges the image as it is; only the probability is averaged over views.
             p, features = self._runtime.features(part)
             probabilities.append(self._mean_over_views(part, p))
-            scores.append(self.gate.score(features))
-        decisions = self.gate.decide(np.concatenate(scores))
+            decisions.extend(self.gate.assess(features))
         return [
             self._classified(s, float(p), d, gated=gate)
             for s, p, d in zip(sources, np.concatenate(probabilities), decisions, strict=True)
