@@ -167,7 +167,8 @@ class PredictionResponse(BaseModel):
     reason: str | None = Field(
         default=None,
         description="The input check's verdict in words, e.g. 'not like the frontal chest X-rays this "
-        "model was trained on: score 48.1, limit 12.3'; null without a gate.",
+        "model was trained on: score 48.1, limit 12.3, largest on the symmetry check' (the check that "
+        "lay furthest from the training images); null without a gate.",
     )
     unusual: bool = Field(
         default=False,
@@ -795,7 +796,10 @@ def _response_examples(run: Run | None) -> dict[str, Any]:
     """OpenAPI examples of the three kinds of 200 answer (values are illustrative)."""
     threshold, name = (run.threshold, run.name) if run is not None else (0.5, "model")
     base = {"threshold": threshold, "model": {"name": name}, "disclaimer": DISCLAIMER}
-    rejected_reason = "not like the frontal chest X-rays this model was trained on: score 48.1, limit 12.3"
+    rejected_reason = (
+        "not like the frontal chest X-rays this model was trained on: score 48.1, limit 12.3, "
+        "largest on the symmetry check"
+    )
     return {
         "accepted": {
             "summary": "Accepted and classified",
