@@ -260,6 +260,12 @@ def test_symmetry_check_rejects_one_sided_images_that_the_distances_let_through(
     np.testing.assert_array_equal(loaded.score(lateral), checked.score(lateral))
     with pytest.raises(g.GateError, match="symmetry grid"):
         loaded.score(lateral[:3])
+    # a config that says "no symmetry check" beside arrays with its column is refused
+    meta = g.read_json(tmp_path / g.GATE_DIR / g.GATE_JSON)
+    meta["config"]["symmetry_check"] = False
+    g.write_json(tmp_path / g.GATE_DIR / g.GATE_JSON, meta)
+    with pytest.raises(g.GateError, match="disagree on its columns"):
+        g.DomainModel.load(tmp_path)
 
 
 def test_load_of_a_missing_gate_says_so(tmp_path):

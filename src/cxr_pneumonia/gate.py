@@ -428,11 +428,6 @@ def _stacked(features: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(f, dtype=np.float64) for f in features], axis=1)
 
 
-def _has_depths(arrays: Any, n: int) -> bool:
-    """Whether saved ``arrays`` hold exactly ``n`` depths."""
-    return n >= 1 and f"depth{n - 1}_mean" in arrays and f"depth{n}_mean" not in arrays
-
-
 def _robust_standardisation(held_out: np.ndarray) -> tuple[float, float]:
     """(median, MAD scaled to a normal's standard deviation) of held-out scores."""
     centre = float(np.median(held_out))
@@ -737,8 +732,9 @@ class DomainModel:
             )
             with np.load(folder / GATE_NPZ) as arrays:
                 orientation = _Orientation.from_arrays(arrays)
-                n_depths = len(arrays["centres"]) - (orientation is not None) - cfg.symmetry_check
-                if cfg.orientation_check != (orientation is not None) or not _has_depths(arrays, n_depths):
+                n_depths = len(meta["layers"]) + bool(cfg.thumbnail)
+                n_columns = n_depths + cfg.orientation_check + cfg.symmetry_check
+                if cfg.orientation_check != (orientation is not None) or len(arrays["centres"]) != n_columns:
                     raise GateError(f"{folder}: the gate's config and arrays disagree on its columns")
                 depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(n_depths)]
                 centres, scales, val_scores = arrays["centres"], arrays["scales"], arrays["val_scores"]

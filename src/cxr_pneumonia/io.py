@@ -390,7 +390,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     if frames > 1:
         warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=3)
 
-    pixels = _dicom_first_frame(ds, dicom, transfer_syntax, name)
+    pixels = _dicom_first_frame(ds, dicom, transfer_syntax, name, rows * columns)
     if photometric == "RGB":
         return _rgb_to_gray(pixels, name)
     if pixels.ndim != 2:
@@ -446,13 +446,14 @@ def _ensure_transfer_syntax(ds: Any, dicom: SimpleNamespace) -> Any:
     return meta.TransferSyntaxUID
 
 
-def _dicom_first_frame(ds: Any, dicom: SimpleNamespace, transfer_syntax: Any, name: str) -> np.ndarray:
+def _dicom_first_frame(
+    ds: Any, dicom: SimpleNamespace, transfer_syntax: Any, name: str, n_pixels: int
+) -> np.ndarray:
     if not transfer_syntax.is_compressed and "PixelData" in ds:
         # Checked here because pydicom's own message does not say the file is truncated.
         bits = _int_attribute(ds, "BitsAllocated", 8, name)
         samples = _int_attribute(ds, "SamplesPerPixel", 1, name)
-        rows, columns = _int_attribute(ds, "Rows", 0, name), _int_attribute(ds, "Columns", 0, name)
-        expected = -(-rows * columns * samples * bits // 8)
+        expected = -(-n_pixels * samples * bits // 8)
         if len(ds.PixelData) < expected:
             raise TruncatedImageError(
                 name,
