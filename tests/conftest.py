@@ -183,6 +183,54 @@ def make_run_copy():
     return copy_run
 
 
+# --- DICOM headers that declare what an image is ----------------------------------------------
+
+# File name: the header beside the pixels of one frontal chest X-ray. Only frontal_pa.dcm
+# declares what the model reads; each of the others is ruled out by its header alone.
+DECLARED_VIEWS = {
+    "frontal_pa.dcm": {"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+    "lateral_ll.dcm": {"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "LL"},
+    "knee.dcm": {"Modality": "CR", "BodyPartExamined": "KNEE", "ViewPosition": "AP"},
+    "ct.dcm": {"Modality": "CT"},
+}
+
+
+def chest_dicom_bytes(image: np.ndarray, **attributes: object) -> bytes:
+    """A uint8 grayscale image as a DICOM file (8-bit MONOCHROME2) with the header ``attributes``."""
+    import importlib.util
+    from io import BytesIO
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", IO_DATA_DIR / "make_fixtures.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    buffer = BytesIO()
+    builder.build_dataset(np.ascontiguousarray(image, np.uint8), **attributes).save_as(
+        buffer, enforce_file_format=True
+    )
+    return buffer.getvalue()
+
+
+def write_declared_views(folder: Path, image: np.ndarray) -> dict[str, Path]:
+    """:data:`DECLARED_VIEWS` of ``image`` in ``folder``, by file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, attributes in DECLARED_VIEWS.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(chest_dicom_bytes(image, **attributes))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def declared_views_dir(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:data:`DECLARED_VIEWS` of the sample's first NORMAL test image (one the tiny run's gate
+    accepts), as four DICOM files."""
+    from cxr_pneumonia.io import load_image
+
+    folder = tmp_path_factory.mktemp("declared_views")
+    write_declared_views(folder, load_image(sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0]))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def make_non_cxr_images():
     """:func:`write_non_cxr_images`, for tests that need more pictures that are not chest X-rays."""

@@ -17,8 +17,8 @@ PACKAGE = "cxr_pneumonia"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # fmt: off
 ORDER = (
-    "config", "cores", "io", "preprocess", "augment", "batch", "preview", "data", "backbones", "model",
-    "features", "gate", "rundir", "distill",
+    "config", "cores", "header", "io", "preprocess", "augment", "batch", "preview", "data", "backbones",
+    "model", "features", "gate", "rundir", "distill",
     "evaluate", "report", "train", "export", "runtime", "predict", "archive", "evaluation", "calibration",
     "explain",
     "serve", "api", "cli",

@@ -16,6 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
+from conftest import DECLARED_VIEWS, chest_dicom_bytes  # noqa: E402
 from cxr_pneumonia import archive  # noqa: E402
 from cxr_pneumonia.archive import ArchiveConfig, ArchiveError, score_archive  # noqa: E402
 from cxr_pneumonia.cli import EXIT_PARTIAL, PREDICT_COLUMNS, main  # noqa: E402
@@ -39,13 +40,17 @@ def local_ray():
 
 @pytest.fixture
 def archive_dir(bad_inputs_dir, sample_dir) -> Path:
-    """5 readable synthetic images (JPEG, 16-bit and RGBA PNG, DICOM), 3 unreadable files and
-    4 chest X-rays of the sample."""
+    """5 readable synthetic images (JPEG, 16-bit and RGBA PNG, DICOM), 3 unreadable files,
+    4 chest X-rays of the sample and one as a DICOM whose header declares a lateral view."""
+    from cxr_pneumonia.io import load_image
+
     folder, _ = bad_inputs_dir
     for path in sorted((sample_dir / "test" / "PNEUMONIA").iterdir())[:2]:
         shutil.copy(path, folder / path.name)
     for path in sorted((sample_dir / "test" / "NORMAL").iterdir())[:2]:
         shutil.copy(path, folder / path.name)
+    lateral = chest_dicom_bytes(load_image(path), **DECLARED_VIEWS["lateral_ll.dcm"])
+    (folder / "lateral_ll.dcm").write_bytes(lateral)
     return folder
 
 
@@ -104,6 +109,9 @@ def test_a_killed_job_rerun_from_the_cli_scores_every_image_once_as_plain_predic
     assert np.abs(ours.loc[scored, "probability"] - plain.loc[scored, "probability"]).max() <= 1e-6
     assert (ours.loc[scored, "label"] == plain.loc[scored, "label"]).all()
     assert ours.loc[str(archive_dir / "zz_copy.jpeg"), "probability"] == ours.loc[kept, "probability"]
+    lateral = str(archive_dir / "lateral_ll.dcm")  # the header travels through the Ray rows
+    assert ours.loc[lateral, "status"] == "rejected" and "View Position LL" in ours.loc[lateral, "reason"]
+    assert ours.loc[lateral, "reason"] == plain.loc[lateral, "reason"]
 
 
 def test_an_output_folder_of_another_run_or_setting_is_refused(tiny_run, ungated_run, tmp_path):

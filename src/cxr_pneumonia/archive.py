@@ -47,7 +47,8 @@ from cxr_pneumonia.config import (
     write_json,
 )
 from cxr_pneumonia.cores import available_cores, limit_threads
-from cxr_pneumonia.io import ImageReadError, list_image_files, load_image, load_image_bytes
+from cxr_pneumonia.header import DicomHeader
+from cxr_pneumonia.io import ImageReadError, list_image_files, load_image, load_image_bytes_and_header
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
 __all__ = ["COLUMNS", "ArchiveConfig", "ArchiveError", "ArchiveSummary", "score_archive"]
@@ -215,7 +216,8 @@ def _read(path: str) -> bytes:
 def _decode_one(path: str, pipeline: Any, size: int, known: tuple[Any, Any]) -> dict[str, Any] | None:
     """One file as a row to score, a row already scored under another name (``done``), or
     None when this very file (name and bytes) was scored before."""
-    row = {"path": path, "sha256": "", "error": "", "done": False, "image": np.zeros((size, size), np.uint8)}
+    row = {"path": path, "sha256": "", "error": "", "header": "", "done": False}
+    row["image"] = np.zeros((size, size), np.uint8)
     try:
         data = _read(path)
         digest = hashlib.sha256(data).digest()
@@ -224,7 +226,10 @@ def _decode_one(path: str, pipeline: Any, size: int, known: tuple[Any, Any]) -> 
             return None
         if _contains(known[0], digest):
             return {**row, "done": True}
-        row["image"] = pipeline(load_image_bytes(data, name=path), source=path)
+        image, header = load_image_bytes_and_header(data, name=path)
+        row["image"] = pipeline(image, source=path)
+        # As JSON text: a Ray block's columns hold strings, not Python objects.
+        row["header"] = header.to_json() if header is not None else ""
     except ImageReadError as e:
         row["error"] = e.reason
     except PreprocessError as e:
@@ -247,6 +252,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, preprocess: str, size: int, kn
     rows = [row for row in rows if row is not None]
     columns: dict[str, Any] = {k: np.array([r[k] for r in rows], dtype=object) for k in ("path", "sha256")}
     columns["error"] = np.array([r["error"] for r in rows], dtype=object)
+    columns["header"] = np.array([r["header"] for r in rows], dtype=object)
     columns["done"] = np.array([r["done"] for r in rows], dtype=bool)
     columns["image"] = np.stack([r["image"] for r in rows]) if rows else np.zeros((0, size, size), np.uint8)
     return columns
@@ -271,7 +277,7 @@ class Scorer:
         scored = iter(
             self.run.classify_preprocessed(
                 np.asarray(batch["image"])[todo], gate=self.gate, sources=[paths[i] for i in todo],
-                batch_size=self.batch_size,
+                batch_size=self.batch_size, headers=[DicomHeader.from_json(batch["header"][i]) for i in todo],
             ) if todo else []
         )  # fmt: skip
         rows, threshold = [], self.run.threshold

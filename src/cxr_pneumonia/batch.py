@@ -2,6 +2,9 @@
 
 Both run a list of :class:`FileJob` through a process pool (in-process for one worker), never
 stopping on a bad file: failures are collected with their reason and written to ``failures.csv``.
+A DICOM whose header declares something other than a frontal chest radiograph (a lateral view, a
+CT, a knee: :func:`cxr_pneumonia.header.rejection_reason`) is left out the same way, with that
+reason, so a PACS export's lateral images never train or calibrate a frontal model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from cxr_pneumonia.config import (
     to_dict,
     write_json,
 )
-from cxr_pneumonia.io import DEFAULT_MAX_PIXELS, ImageReadError, list_image_files, load_image
+from cxr_pneumonia.header import rejection_reason
+from cxr_pneumonia.io import DEFAULT_MAX_PIXELS, ImageReadError, list_image_files, load_image_and_header
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,10 @@ class BatchReport:
 def _process_one(job: FileJob, cfg: PreprocessConfig, max_pixels: int) -> Outcome:
     """Load, preprocess, write atomically. Returns (source, error, fallback); never raises."""
     try:
-        img = load_image(job.source, max_pixels=max_pixels)
+        img, header = load_image_and_header(job.source, max_pixels=max_pixels)
+        declared = rejection_reason(header)
+        if declared is not None:
+            return str(job.source), f"left out: {declared}", False
         result = build_pipeline(cfg).run(img, source=str(job.source))
         ok, encoded = cv2.imencode(".png", result.image)
         if not ok:

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from cxr_pneumonia.config import atomic_write_bytes
-from cxr_pneumonia.io import ImageReadError, load_image
+from cxr_pneumonia.io import ImageReadError, load_image, load_image_and_header
 from cxr_pneumonia.preprocess import PreprocessError
 from cxr_pneumonia.rundir import DISCLAIMER, ascii_text
 
@@ -428,12 +428,13 @@ def explain_paths(
     results = []
     for path, name in zip(paths, output_names(paths), strict=True):
         try:
-            image = run.preprocess(load_image(path), source=path)
+            raw, header = load_image_and_header(path)
+            image = run.preprocess(raw, source=path)
         except (ImageReadError, PreprocessError) as e:
             log.debug("no heatmap for %s: %s", path, e)  # returned to the caller, who reports it
             results.append(ExplainResult(path, None, _reason(e)))
             continue
-        prediction = run.classify_preprocessed(image[None], gate=gate, sources=[path])[0]
+        prediction = run.classify_preprocessed(image[None], gate=gate, sources=[path], headers=[header])[0]
         if prediction.probability is None:  # rejected by the input check
             results.append(ExplainResult(path, None, prediction.reason or "rejected", rejected=True))
             continue

@@ -22,6 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cxr_pneumonia.header import DicomHeader
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -100,6 +102,14 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     Raises:
         ImageReadError: (or a subclass) naming ``path`` and the reason it cannot be read.
     """
+    return load_image_and_header(path, max_pixels=max_pixels)[0]
+
+
+def load_image_and_header(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, DicomHeader | None]:
+    """:func:`load_image` and what a DICOM's header declares about the image (None for PNG and
+    JPEG files), for :func:`cxr_pneumonia.header.rejection_reason`."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -109,7 +119,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
         raise ImageReadError(path, "is a directory, not an image file") from err
     except OSError as err:
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
-    return load_image_bytes(data, name=str(path), max_pixels=max_pixels)
+    return load_image_bytes_and_header(data, name=str(path), max_pixels=max_pixels)
 
 
 _MALFORMED_INPUT_ERRORS = (
@@ -129,18 +139,26 @@ def load_image_bytes(
     Raises:
         ImageReadError: (or a subclass) naming ``name`` and the reason it cannot be read.
     """
+    return load_image_bytes_and_header(data, name=name, max_pixels=max_pixels)[0]
+
+
+def load_image_bytes_and_header(
+    data: bytes, *, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, DicomHeader | None]:
+    """:func:`load_image_bytes` and the DICOM header's declarations (None for PNG and JPEG)."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
         raise EmptyFileError(name, "empty file (0 bytes)")
     kind = sniff_format(data)
+    header = None
     try:
         if kind == "png":
             image = _decode_png(data, name, max_pixels)
         elif kind == "jpeg":
             image = _decode_jpeg(data, name, max_pixels)
         elif kind == "dicom" or Path(name).suffix.lower() in DICOM_SUFFIXES:
-            image = _decode_dicom(data, name, max_pixels)
+            image, header = _decode_dicom(data, name, max_pixels)
         else:
             raise NotAnImageError(name, _not_an_image_reason(data))
     except ImageReadError:
@@ -154,7 +172,7 @@ def load_image_bytes(
         # Malformed headers surface from pydicom's lazy element parsing as any of these.
         raise ImageReadError(name, f"could not be decoded ({type(err).__name__}: {err})") from err
     logger.debug("read %s: %dx%d", name, image.shape[1], image.shape[0])
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), header
 
 
 def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
@@ -360,7 +378,7 @@ def _pydicom() -> SimpleNamespace:
     )
 
 
-def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, DicomHeader]:
     dicom = _pydicom()
     has_preamble = is_dicom(data)
     try:
@@ -375,7 +393,10 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise NotAnImageError(name, _not_an_image_reason(data))
     if not _has_pixel_data(ds):
         raise UnsupportedDicomError(name, "no pixel data")
+    return _dicom_pixels(ds, dicom, name, max_pixels), DicomHeader.from_dataset(ds)
 
+
+def _dicom_pixels(ds: Any, dicom: SimpleNamespace, name: str, max_pixels: int) -> np.ndarray:
     rows, columns = _int_attribute(ds, "Rows", 0, name), _int_attribute(ds, "Columns", 0, name)
     _check_size(columns, rows, name, "DICOM", max_pixels)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
@@ -388,7 +409,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     transfer_syntax = _ensure_transfer_syntax(ds, dicom)
     frames = _int_attribute(ds, "NumberOfFrames", 1, name)
     if frames > 1:
-        warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=3)
+        warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=4)
 
     pixels = _dicom_first_frame(ds, dicom, transfer_syntax, name, rows * columns)
     if photometric == "RGB":
@@ -398,7 +419,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
     image = _dicom_values_to_uint8(pixels, ds, dicom, name)
     if photometric == "MONOCHROME1":
-        warnings.warn(f"{name}: MONOCHROME1 (white = low values) inverted to MONOCHROME2", stacklevel=3)
+        warnings.warn(f"{name}: MONOCHROME1 (white = low values) inverted to MONOCHROME2", stacklevel=4)
         image = 255 - image
     return image
 
@@ -498,7 +519,7 @@ def _dicom_values_to_uint8(pixels: np.ndarray, ds: Any, dicom: SimpleNamespace, 
         with np.errstate(over="ignore"):  # a sigmoid window overflows exp() at the extremes
             probe = _apply_voi(_voi_probe(ds), ds, dicom)
     except (ValueError, NotImplementedError, AttributeError, KeyError, IndexError) as err:
-        warnings.warn(f"{name}: invalid VOI LUT or window ({err}); using the full value range", stacklevel=4)
+        warnings.warn(f"{name}: invalid VOI LUT or window ({err}); using the full value range", stacklevel=5)
         return _scale_to_uint8(values)
     return _scale_to_uint8(windowed, float(probe.min()), float(probe.max()))
 

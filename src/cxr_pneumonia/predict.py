@@ -27,7 +27,8 @@ from cxr_pneumonia.config import from_dict
 from cxr_pneumonia.data import CLASS_NAMES
 from cxr_pneumonia.evaluate import apply_threshold
 from cxr_pneumonia.gate import DomainModel, GateDecision
-from cxr_pneumonia.io import ImageReadError, list_image_files, load_image
+from cxr_pneumonia.header import DicomHeader, rejection_reason
+from cxr_pneumonia.io import ImageReadError, list_image_files, load_image_and_header
 from cxr_pneumonia.preprocess import Pipeline, PreprocessConfig, PreprocessError, build_pipeline
 from cxr_pneumonia.rundir import DISCLAIMER, RunError
 from cxr_pneumonia.runtime import KERAS_INFO, Runtime, RuntimeKind, check_kind, load_runtime
@@ -42,11 +43,12 @@ class Prediction:
     """One image's prediction, or why there is none.
 
     ``status``: ``ok`` (classified), ``rejected`` (the gate found it unlike the training
-    images: no probability or label, unless the gate was off) or ``error`` (unreadable,
-    ``error`` says why). ``domain_score``/``domain_limit``: the gate's score and acceptance
-    limit (None without a gate); ``reason``: the gate's verdict in words; ``unusual``: above the
-    gate's unusual level; ``gated``: the gate decided what is shown (False with ``gate=False``
-    or a run without a gate).
+    images, or its DICOM header declares something other than a frontal chest radiograph: no
+    probability or label, unless the gate was off) or ``error`` (unreadable, ``error`` says
+    why). ``domain_score``/``domain_limit``: the gate's score and acceptance limit (None without
+    a gate); ``reason``: the verdict in words; ``unusual``: above the gate's unusual level;
+    ``gated``: the input check decided what is shown (False with ``gate=False``, or for a run
+    without a gate when no header ruled the image out).
     """
 
     path: str
@@ -239,24 +241,33 @@ class Run:
         gate: bool = True,
         sources: Sequence[str] | None = None,
         batch_size: int = 32,
+        headers: Sequence[DicomHeader | None] | None = None,
     ) -> list[Prediction]:
         """A :class:`Prediction` per preprocessed image (N×H×W), checked by the run's gate.
 
         ``gate=False`` classifies rejected images anyway (``gated=False``, the reason says so).
-        ``sources`` name the images (default ``<image i>``).
+        ``sources`` name the images (default ``<image i>``). ``headers``: what each image's DICOM
+        header declares (:func:`cxr_pneumonia.io.load_image_and_header`; None for PNG/JPEG): an
+        image declared a lateral view, another modality or another body part is rejected
+        (:func:`cxr_pneumonia.header.rejection_reason`), whatever its gate score.
         """
         x = self._model_input(batch)
         sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(x))]
-        if len(sources) != len(x):
-            raise ValueError(f"{len(sources)} sources for {len(x)} images")
+        declared = [rejection_reason(h) for h in headers] if headers is not None else [None] * len(x)
+        if len(sources) != len(x) or len(declared) != len(x):
+            raise ValueError(f"{len(sources)} sources and {len(declared)} headers for {len(x)} images")
         if self.gate is None:
             probabilities = self.predict_preprocessed(x, batch_size=batch_size)
-            return [
-                self._classified(s, float(p), None, gated=False)
-                for s, p in zip(sources, probabilities, strict=True)
-            ]
-        if len(x) == 0:
-            return []
+            decisions: list[GateDecision | None] = [None] * len(x)
+        else:
+            probabilities, decisions = self._gated(x, batch_size)
+        return [
+            self._classified(s, float(p), d, gated=gate, declared=r)
+            for s, p, d, r in zip(sources, probabilities, decisions, declared, strict=True)
+        ]
+
+    def _gated(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[GateDecision | None]]:
+        """Probabilities and the gate's decisions, from one forward pass per batch."""
         probabilities, decisions = [], []
         for start in range(0, len(x), batch_size):
             part = x[start : start + batch_size]
@@ -264,26 +275,27 @@ class Run:
             p, features = self._runtime.features(part)
             probabilities.append(self._mean_over_views(part, p))
             decisions.extend(self.gate.assess(features))
-        return [
-            self._classified(s, float(p), d, gated=gate)
-            for s, p, d in zip(sources, np.concatenate(probabilities), decisions, strict=True)
-        ]
+        return (np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)), decisions
 
-    def _classified(self, source: str, p: float, decision: GateDecision | None, *, gated: bool) -> Prediction:
-        if decision is None:
+    def _classified(
+        self, source: str, p: float, decision: GateDecision | None, *, gated: bool, declared: str | None
+    ) -> Prediction:
+        """The prediction the gate's ``decision`` and the header's ``declared`` reason allow; the
+        header wins over the gate (it states what the gate only estimates)."""
+        fields: dict[str, Any] = {"status": "ok", "gated": gated}
+        if decision is not None:
+            fields.update(
+                status=decision.status, domain_score=decision.domain_score, domain_limit=decision.limit,
+                reason=decision.reason, unusual=decision.unusual,
+            )  # fmt: skip
+        elif declared is None:  # a run without a gate, and nothing in the header against the image
             return Prediction(source, p, label_for(p, self.threshold), self.threshold, gated=False)
-        fields = {
-            "status": decision.status,
-            "domain_score": decision.domain_score,
-            "domain_limit": decision.limit,
-            "reason": decision.reason,
-            "unusual": decision.unusual,
-            "gated": gated,
-        }
-        if decision.status == "rejected" and gated:
+        if declared is not None:
+            fields.update(status="rejected", reason=declared)
+        if fields["status"] == "rejected" and gated:
             return Prediction(source, None, None, self.threshold, **fields)
-        if decision.status == "rejected":
-            fields["reason"] = f"{decision.reason} (classified anyway: gate off)"
+        if fields["status"] == "rejected":
+            fields["reason"] = f"{fields['reason']} (classified anyway: gate off)"
         return Prediction(source, p, label_for(p, self.threshold), self.threshold, **fields)
 
     def classify_images(
@@ -293,13 +305,16 @@ class Run:
         gate: bool = True,
         sources: Sequence[str] | None = None,
         batch_size: int = 32,
+        headers: Sequence[DicomHeader | None] | None = None,
     ) -> list[Prediction]:
         """:meth:`classify_preprocessed` for raw uint8 grayscale images (any size)."""
         if len(images) == 0:
             return []
         names = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(images))]
         batch = np.stack([self.preprocess(img, source=n) for img, n in zip(images, names, strict=True)])
-        return self.classify_preprocessed(batch, gate=gate, sources=names, batch_size=batch_size)
+        return self.classify_preprocessed(
+            batch, gate=gate, sources=names, batch_size=batch_size, headers=headers
+        )
 
     def batch_shift(self, predictions: Iterable[Prediction]) -> dict[str, Any] | None:
         """Whether a batch's domain scores differ from validation's (:func:`gate.batch_shift`);
@@ -318,7 +333,7 @@ class Run:
         Decoding and preprocessing run in ``threads`` threads (OpenCV releases the GIL), a
         batch ahead of the model, so the model does not wait on image decoding.
         """
-        pending: list[tuple[str, np.ndarray]] = []
+        pending: list[tuple[str, tuple[np.ndarray, DicomHeader | None]]] = []
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for path, outcome in _prefetch(pool, self._load, paths, ahead=2 * batch_size):
                 if isinstance(outcome, Exception):
@@ -333,20 +348,23 @@ class Run:
         if pending:
             yield from self._flush(pending, batch_size, gate)
 
-    def _load(self, path: str | Path) -> np.ndarray | Exception:
+    def _load(self, path: str | Path) -> tuple[np.ndarray, DicomHeader | None] | Exception:
+        """The preprocessed image and its DICOM header, or why there is none."""
         try:
-            return self.preprocess(load_image(path), source=str(path))
+            image, header = load_image_and_header(path)
+            return self.preprocess(image, source=str(path)), header
         except (ImageReadError, PreprocessError) as e:
             return e
 
     def _flush(
-        self, pending: list[tuple[str, np.ndarray]], batch_size: int, gate: bool
+        self, pending: list[tuple[str, tuple[np.ndarray, DicomHeader | None]]], batch_size: int, gate: bool
     ) -> Iterator[Prediction]:
         yield from self.classify_preprocessed(
-            np.stack([img for _, img in pending]),
+            np.stack([image for _, (image, _) in pending]),
             gate=gate,
             sources=[path for path, _ in pending],
             batch_size=batch_size,
+            headers=[header for _, (_, header) in pending],
         )
 
     def predict_paths(

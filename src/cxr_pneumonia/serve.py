@@ -59,13 +59,14 @@ from cxr_pneumonia import __version__, rundir
 from cxr_pneumonia.config import StageConfig, from_dict
 from cxr_pneumonia.cores import available_cores, limit_threads
 from cxr_pneumonia.explain import Explainer, encode_png, overlay
+from cxr_pneumonia.header import DicomHeader
 from cxr_pneumonia.io import (
     DEFAULT_MAX_PIXELS,
     DICOM_SUFFIXES,
     ImageReadError,
     ImageTooLargeError,
     NotAnImageError,
-    load_image_bytes,
+    load_image_bytes_and_header,
     sniff_format,
 )
 from cxr_pneumonia.predict import Prediction, Run
@@ -210,8 +211,9 @@ def upload_kind(data: bytes, filename: str) -> str | None:
     return None
 
 
-def _decode_upload(data: bytes, filename: str, max_pixels: int) -> np.ndarray:
-    """The upload as a uint8 grayscale array, or the HTTPException that refuses it."""
+def _decode_upload(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, DicomHeader | None]:
+    """The upload as a uint8 grayscale array and its DICOM header (None for PNG/JPEG), or the
+    HTTPException that refuses it."""
     if not data:
         raise HTTPException(422, f"{filename}: empty file (0 bytes)")
     kind = upload_kind(data, filename)
@@ -219,7 +221,7 @@ def _decode_upload(data: bytes, filename: str, max_pixels: int) -> np.ndarray:
         reason = f"unsupported file type (starts with {bytes(data[:8])!r}); send {SUPPORTED_TYPES}"
         raise HTTPException(415, f"{filename}: {reason}")
     try:
-        return load_image_bytes(data, name=filename, max_pixels=max_pixels)
+        return load_image_bytes_and_header(data, name=filename, max_pixels=max_pixels)
     except ImageTooLargeError as e:
         raise HTTPException(413, str(e)) from e
     except NotAnImageError as e:
@@ -362,6 +364,7 @@ class _Request:
     gate: bool
     heatmap: bool
     source: str
+    header: DicomHeader | None
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     arrived: float
@@ -408,12 +411,19 @@ class MicroBatcher:
         self._start_lock = threading.Lock()
 
     async def submit(
-        self, image: np.ndarray, *, gate: bool = True, heatmap: bool = False, source: str = "<upload>"
+        self,
+        image: np.ndarray,
+        *,
+        gate: bool = True,
+        heatmap: bool = False,
+        source: str = "<upload>",
+        header: DicomHeader | None = None,
     ) -> tuple[Prediction, np.ndarray | None]:
-        """The image's prediction and, with ``heatmap`` and a classified image, its Grad-CAM map."""
+        """The image's prediction and, with ``heatmap`` and a classified image, its Grad-CAM map.
+        ``header``: the upload's DICOM header (:meth:`Run.classify_preprocessed`)."""
         self._start()
         loop = asyncio.get_running_loop()
-        request = _Request(image, gate, heatmap, source, loop.create_future(), loop, time.monotonic())
+        request = _Request(image, gate, heatmap, source, header, loop.create_future(), loop, time.monotonic())
         self._queue.put(request)
         return await request.future
 
@@ -470,14 +480,24 @@ class MicroBatcher:
         """One forward pass for ``requests``; on an error, each again alone."""
         self.batch_sizes.append(len(requests))
         try:
-            return self._forward([r.image for r in requests], [r.source for r in requests], gate=gate)
+            return self._forward(
+                [r.image for r in requests], [r.source for r in requests], gate=gate,
+                headers=[r.header for r in requests],
+            )  # fmt: skip
         except Exception as e:
             if len(requests) == 1:
                 return [e]
             log.warning("a batch of %d failed (%s); answering its requests one by one", len(requests), e)
             return [outcome for r in requests for outcome in self._classify([r], gate=gate)]
 
-    def _forward(self, images: Sequence[np.ndarray], sources: list[str], *, gate: bool) -> list[Any]:
+    def _forward(
+        self,
+        images: Sequence[np.ndarray],
+        sources: list[str],
+        *,
+        gate: bool,
+        headers: Sequence[DicomHeader | None] | None = None,
+    ) -> list[Any]:
         """``classify_preprocessed`` on the images, padded to the next allowed batch size.
 
         The CPU kernels (oneDNN, OpenVINO) are built per input shape on first use, which costs
@@ -489,7 +509,10 @@ class MicroBatcher:
         size = next(s for s in self.allowed_sizes if s >= n)
         stack = np.stack([*images, *[images[-1]] * (size - n)])
         padded = [*sources, *["<padding>"] * (size - n)]
-        return self.run.classify_preprocessed(stack, gate=gate, sources=padded, batch_size=size)[:n]
+        padded_headers = [*(headers or [None] * n), *[None] * (size - n)]
+        return self.run.classify_preprocessed(
+            stack, gate=gate, sources=padded, batch_size=size, headers=padded_headers
+        )[:n]
 
     def warm_up(self) -> None:
         """Run every allowed batch size once, before the first request (call before serving)."""
@@ -625,11 +648,12 @@ class PageAuthMiddleware:
 # --- the app -------------------------------------------------------------------------------
 
 
-def _prepare(run: Run, data: bytes, filename: str, max_pixels: int) -> np.ndarray:
-    """Decode and preprocess one upload (in a pool thread), or the HTTPException that refuses it."""
-    image = _decode_upload(data, filename, max_pixels)
+def _prepare(run: Run, data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, DicomHeader | None]:
+    """Decode and preprocess one upload (in a pool thread), with its DICOM header; or the
+    HTTPException that refuses it."""
+    image, header = _decode_upload(data, filename, max_pixels)
     try:
-        return run.preprocess(image, source=filename)
+        return run.preprocess(image, source=filename), header
     except PreprocessError as e:
         raise HTTPException(422, str(e)) from e
 
@@ -741,9 +765,11 @@ def _add_predict(
         loop = asyncio.get_running_loop()
         # The event loop only waits: decoding, preprocessing and PNG encoding run in the loop's
         # thread pool (OpenCV and the decoders release the GIL) while the model thread works.
-        image = await loop.run_in_executor(None, _prepare, run, data, filename, max_pixels)
+        image, header = await loop.run_in_executor(None, _prepare, run, data, filename, max_pixels)
         gate_on = default_gate if gate is None else gate
-        prediction, cam = await batcher.submit(image, gate=gate_on, heatmap=heatmap, source=filename)
+        prediction, cam = await batcher.submit(
+            image, gate=gate_on, heatmap=heatmap, source=filename, header=header
+        )
         if heatmap:
             result = await loop.run_in_executor(None, _answer, prediction, cam, image)
         else:

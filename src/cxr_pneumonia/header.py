@@ -1,0 +1,147 @@
+"""What a DICOM header declares about its image, and the declarations that rule it out.
+
+The model reads frontal chest radiographs. A DICOM header often says outright that an image is
+something else: a lateral or oblique view (View Position ``LL``, ``RL``, ``LLO``, ``RLO``), another
+modality (CT, MR, ultrasound...) or another body part (a knee, a hand). A PACS study of the chest
+usually holds a frontal and a lateral image side by side, so a folder exported from one brings
+laterals with it. Such a declaration is certain where the input gate's score is a judgement, so
+:meth:`cxr_pneumonia.predict.Run.classify_preprocessed` rejects the image on it and its reason
+quotes the attribute.
+
+Only what the header states rules an image out: an absent, empty or unfamiliar value rules out
+nothing, and the gate still judges the pixels. Decubitus views (``RLD``, ``LLD``) are frontal
+projections of a patient lying on one side and pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["DicomHeader", "rejection_reason"]
+
+# View Position (0018,5101) values that are not frontal projections. LAT and LATERAL are not
+# DICOM defined terms, but exports write them.
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+# Modality (0008,0060) codes that are not projection radiographs. CR, DX and the non-standard DR
+# pass, and so do OT (other: secondary captures of films) and any code not listed.
+NOT_RADIOGRAPH_MODALITIES = {
+    "BMD": "bone densitometry",
+    "CT": "CT",
+    "ECG": "ECG",
+    "ES": "endoscopy",
+    "GM": "general microscopy",
+    "IO": "intra-oral radiography",
+    "IVOCT": "intravascular OCT",
+    "IVUS": "intravascular ultrasound",
+    "MG": "mammography",
+    "MR": "MR",
+    "NM": "nuclear medicine",
+    "OCT": "optical coherence tomography",
+    "OP": "ophthalmic photography",
+    "OPT": "ophthalmic tomography",
+    "PT": "PET",
+    "PX": "panoramic dental radiography",
+    "RF": "fluoroscopy",
+    "SM": "slide microscopy",
+    "US": "ultrasound",
+    "XA": "X-ray angiography",
+    "XC": "external-camera photography",
+}
+# Body Part Examined (0018,0015) defined terms (DICOM PS3.16 Annex L) of regions a projection
+# radiograph shows instead of the chest. The list rules out; it does not define the chest, because
+# headers in the wild also say THORAX, LUNG, PORT CHEST or nothing.
+NOT_CHEST_BODY_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "ACJOINT", "ANKLE", "ARM", "BRAIN", "BREAST", "CALCANEUS", "CERVIX",
+    "CLAVICLE", "COCCYX", "CSPINE", "ELBOW", "EXTREMITY", "FACE", "FEMUR", "FINGER", "FOOT", "FOREARM",
+    "HAND", "HEAD", "HEEL", "HIP", "HUMERUS", "JAW", "KNEE", "KUB", "LEG", "LOWERLIMB", "LSPINE",
+    "MANDIBLE", "NECK", "ORBIT", "PATELLA", "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SINUS",
+    "SKULL", "SSPINE", "THUMB", "TIBIA", "TMJ", "TOE", "TSPINE", "UPPERLIMB", "WRIST",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header attributes that say what an image shows; ``""`` where the header is silent.
+
+    ``view_position``: View Position (0018,5101); ``view``: the code meaning of the View Code
+    Sequence (0054,0220), which digital radiographs (DX) may carry instead.
+    """
+
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    view: str = ""
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> DicomHeader:
+        """The attributes of a pydicom dataset; a malformed one counts as absent (the header is
+        evidence only where it is legible)."""
+        return cls(
+            modality=_text(ds, "Modality"),
+            body_part=_text(ds, "BodyPartExamined"),
+            view_position=_text(ds, "ViewPosition"),
+            view=_view_code_meaning(ds),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DicomHeader | None:
+        """The header :meth:`to_json` wrote; None for ``""`` (not a DICOM)."""
+        return cls(**json.loads(text)) if text else None
+
+
+def rejection_reason(header: DicomHeader | None) -> str | None:
+    """Why the header rules its image out for a frontal chest X-ray model; None when it does not
+    (or there is no header: PNG and JPEG files)."""
+    if header is None:
+        return None
+    modality = _code(header.modality)
+    if modality in NOT_RADIOGRAPH_MODALITIES:
+        name = NOT_RADIOGRAPH_MODALITIES[modality]
+        spelled = f" ({name})" if name != modality else ""
+        return f"the DICOM header declares Modality {modality}{spelled}, not a chest radiograph"
+    body_part = _code(header.body_part)
+    if body_part in NOT_CHEST_BODY_PARTS:
+        return f"the DICOM header declares Body Part Examined {header.body_part.strip()}, not the chest"
+    view_position = _code(header.view_position)
+    if view_position in NOT_FRONTAL_VIEWS:
+        return (
+            f"the DICOM header declares View Position {view_position}, not a frontal (PA or AP) view; "
+            "the model reads frontal chest X-rays"
+        )
+    meaning = header.view.strip().lower()
+    if ("lateral" in meaning and "decubitus" not in meaning) or "oblique" in meaning:
+        return (
+            f"the DICOM header declares the view {header.view.strip()!r}, not a frontal (PA or AP) "
+            "view; the model reads frontal chest X-rays"
+        )
+    return None
+
+
+def _code(value: str) -> str:
+    """A code string compared as DICOM writes defined terms: upper case, no spaces or separators."""
+    return "".join(ch for ch in value.upper() if ch.isalnum())
+
+
+def _text(ds: Any, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom parses lazily: a malformed element raises only when read
+        return ""
+    if value is None or isinstance(value, str | bytes):
+        return value.decode("latin-1") if isinstance(value, bytes) else (value or "")
+    # A multi-valued element (backslash-separated in the file) reads as its values joined.
+    return "\\".join(map(str, value)) if isinstance(value, Iterable) else str(value)
+
+
+def _view_code_meaning(ds: Any) -> str:
+    try:
+        sequence = ds.get("ViewCodeSequence")
+        return str(sequence[0].get("CodeMeaning") or "") if sequence else ""
+    except Exception:  # as in _text
+        return ""

@@ -1,0 +1,253 @@
+"""What a DICOM header declares, read by io and acted on by every entry point that classifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from conftest import DECLARED_VIEWS, chest_dicom_bytes
+from cxr_pneumonia.header import DicomHeader, rejection_reason
+from cxr_pneumonia.io import load_image, load_image_and_header, load_image_bytes_and_header
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        (DicomHeader(), None),
+        (DicomHeader("CR", "CHEST", "PA"), None),
+        (DicomHeader("DX", "CHEST", "AP"), None),
+        # Decubitus views are frontal projections of a patient lying on one side.
+        (DicomHeader("DX", "CHEST", "RLD"), None),
+        (DicomHeader("CR", "", "", "postero-anterior"), None),
+        (DicomHeader("DX", "", "", "left lateral decubitus"), None),
+        # Headers in the wild: other words for the chest, secondary captures, unknown codes.
+        (DicomHeader("OT", "THORAX", ""), None),
+        (DicomHeader("CR", "PORT CHEST", "PA"), None),
+        (DicomHeader("XR", "LUNG", "AP"), None),
+        (DicomHeader("CR", "CHEST", "LL"), "View Position LL, not a frontal (PA or AP) view"),
+        (DicomHeader("CR", "CHEST", " rl "), "View Position RL, not a frontal"),
+        (DicomHeader("DX", "CHEST", "RLO"), "View Position RLO, not a frontal"),
+        (DicomHeader("DX", "CHEST", "Lateral"), "View Position LATERAL, not a frontal"),
+        (DicomHeader("DX", "CHEST", "", "left lateral"), "the view 'left lateral', not a frontal"),
+        (DicomHeader("DX", "", "", "Right Anterior Oblique"), "the view 'Right Anterior Oblique'"),
+        (DicomHeader("CR", "KNEE", "AP"), "Body Part Examined KNEE, not the chest"),
+        (DicomHeader("CR", "EXTREMITY", "AP"), "Body Part Examined EXTREMITY, not the chest"),
+        (DicomHeader("DX", "C-SPINE", "AP"), "Body Part Examined C-SPINE, not the chest"),
+        (DicomHeader("CT", "CHEST", ""), "Modality CT, not a chest radiograph"),
+        (DicomHeader("us", "", ""), "Modality US (ultrasound), not a chest radiograph"),
+        # The modality decides first: a mammogram is not a chest X-ray, whatever its view says.
+        (DicomHeader("MG", "BREAST", "LL"), "Modality MG (mammography)"),
+    ],
+)
+def test_rejection_reason_known_answers(header: DicomHeader | None, expected: str | None) -> None:
+    reason = rejection_reason(header)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason and reason.startswith("the DICOM header declares")
+
+
+def test_header_is_read_from_a_dataset_and_survives_json() -> None:
+    ds = Dataset()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "LL"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10232", "SRT", "left lateral"
+    ds.ViewCodeSequence = [code]
+    header = DicomHeader.from_dataset(ds)
+    assert header == DicomHeader("DX", "CHEST", "LL", "left lateral")
+    assert DicomHeader.from_json(header.to_json()) == header
+    assert DicomHeader.from_json("") is None
+    assert DicomHeader.from_dataset(Dataset()) == DicomHeader()
+    multi = Dataset()
+    multi.BodyPartExamined = ["CHEST", "ABDOMEN"]  # two values: neither alone is the body part
+    assert DicomHeader.from_dataset(multi).body_part == "CHEST\\ABDOMEN"
+    assert rejection_reason(DicomHeader.from_dataset(multi)) is None
+
+
+def test_io_returns_the_header_of_a_dicom_and_none_for_other_formats(
+    tmp_path: Path, sample_dir: Path
+) -> None:
+    jpeg = sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0]
+    image, header = load_image_and_header(jpeg)
+    assert header is None
+    path = tmp_path / "lateral.dcm"
+    path.write_bytes(chest_dicom_bytes(image, **DECLARED_VIEWS["lateral_ll.dcm"]))
+    pixels, header = load_image_and_header(path)
+    assert header == DicomHeader("CR", "CHEST", "LL")
+    # The header travels beside the pixels; it does not change them.
+    np.testing.assert_array_equal(pixels, image)
+    np.testing.assert_array_equal(load_image(path), image)
+    assert load_image_bytes_and_header(path.read_bytes(), name="x.dcm")[1] == header
+
+
+def _pydicom_data_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is in pydicom-data (the dev extra), which is not installed")
+    return Path(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*MONOCHROME1")
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("RG1_UNCR.dcm", None),  # an adult chest radiograph, CR, CHEST, PA
+        ("RG3_UNCR.dcm", "Body Part Examined EXTREMITY"),  # a lower leg
+        ("CT_small.dcm", "Modality CT"),
+        ("MR_small.dcm", "Modality MR"),
+        ("US1_UNCR.dcm", "Modality US"),
+    ],
+)
+def test_real_headers_of_pydicom_test_files(name: str, expected: str | None) -> None:
+    _, header = load_image_and_header(_pydicom_data_file(name))
+    reason = rejection_reason(header)
+    assert reason is None if expected is None else expected in reason
+
+
+def test_a_malformed_attribute_counts_as_absent() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = Dataset()
+    ds.Modality = "CT"
+    # View Position stored as 16-bit integers in 3 bytes: pydicom parses an element when it is
+    # first read, so this raises only then, as in a damaged file.
+    tag = Tag(0x00185101)
+    ds._dict[tag] = RawDataElement(tag, "US", 3, b"LL ", 0, False, True)
+    with pytest.raises(Exception, match="even multiple"):
+        ds.get("ViewPosition")
+    header = DicomHeader.from_dataset(ds)
+    assert header.view_position == "" and header.modality == "CT"
+
+
+# --- every entry point that classifies acts on the header --------------------------------------
+
+REJECTED_BY_HEADER = {
+    "lateral_ll.dcm": "View Position LL",
+    "knee.dcm": "Body Part Examined KNEE",
+    "ct.dcm": "Modality CT",
+}
+
+
+def _by_name(predictions: list) -> dict[str, object]:
+    return {Path(p.path).name: p for p in predictions}
+
+
+def test_predict_rejects_what_the_header_declares_and_nothing_else(
+    tiny_run: Path, declared_views_dir: Path, sample_dir: Path
+) -> None:
+    from cxr_pneumonia.api import predict
+
+    jpeg = sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0]
+    [reference] = predict(tiny_run, [jpeg])
+    assert reference.status == "ok"  # the gate accepts these pixels
+    found = _by_name(predict(tiny_run, [declared_views_dir]))
+    assert sorted(found) == sorted(DECLARED_VIEWS)
+    frontal = found.pop("frontal_pa.dcm")
+    assert (frontal.status, frontal.reason) == (reference.status, reference.reason)
+    assert frontal.probability == pytest.approx(reference.probability, abs=1e-6)
+    for name, prediction in found.items():
+        assert prediction.status == "rejected" and prediction.gated, name
+        assert prediction.probability is None and prediction.label is None, name
+        assert REJECTED_BY_HEADER[name] in prediction.reason, name
+        # Same pixels, same gate score: the header, not the image, ruled it out.
+        assert prediction.domain_score == pytest.approx(frontal.domain_score, abs=1e-6), name
+
+    classified = _by_name(predict(tiny_run, [declared_views_dir], gate=False))
+    for name in REJECTED_BY_HEADER:
+        prediction = classified[name]
+        assert prediction.status == "rejected" and not prediction.gated
+        assert prediction.probability == pytest.approx(frontal.probability, abs=1e-6)
+        assert prediction.reason.endswith("(classified anyway: gate off)")
+        assert REJECTED_BY_HEADER[name] in prediction.reason
+
+
+def test_a_run_without_a_gate_still_acts_on_the_header(ungated_run: Path, declared_views_dir: Path) -> None:
+    from cxr_pneumonia.api import predict
+
+    found = _by_name(predict(ungated_run, [declared_views_dir]))
+    assert found["frontal_pa.dcm"].status == "ok" and not found["frontal_pa.dcm"].gated
+    lateral = found["lateral_ll.dcm"]
+    assert (lateral.status, lateral.probability, lateral.domain_score) == ("rejected", None, None)
+    assert lateral.gated and "View Position LL" in lateral.reason
+
+
+def test_explain_draws_no_heatmap_for_a_declared_lateral(
+    tiny_run: Path, declared_views_dir: Path, tmp_path: Path
+) -> None:
+    from cxr_pneumonia import explain
+    from cxr_pneumonia.predict import Run
+
+    run = Run.load(tiny_run)
+    paths = [declared_views_dir / "frontal_pa.dcm", declared_views_dir / "lateral_ll.dcm"]
+    frontal, lateral = explain.explain_paths(run, paths, tmp_path)
+    assert frontal.output is not None and frontal.output.is_file() and not frontal.rejected
+    assert lateral.output is None and lateral.rejected and "View Position LL" in lateral.error
+
+
+def test_serve_answers_a_declared_lateral_with_a_rejection(tiny_run: Path, declared_views_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cxr_pneumonia import serve
+    from cxr_pneumonia.predict import Run
+
+    def post(client: TestClient, name: str, query: str = "") -> dict:
+        files = {"file": (name, (declared_views_dir / name).read_bytes(), "application/dicom")}
+        response = client.post(f"/v1/predict{query}", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with TestClient(serve.create_app(Run.load(tiny_run))) as client:
+        frontal, lateral = post(client, "frontal_pa.dcm"), post(client, "lateral_ll.dcm")
+        assert frontal["status"] == "ok" and frontal["probability"] is not None
+        assert lateral["status"] == "rejected" and lateral["probability"] is None
+        assert "View Position LL" in lateral["reason"]
+        anyway = post(client, "lateral_ll.dcm", "?gate=false")
+        assert anyway["probability"] == pytest.approx(frontal["probability"], abs=1e-6)
+        assert anyway["reason"].endswith("(classified anyway: gate off)")
+
+
+def test_evaluate_and_calibrate_leave_out_what_the_header_rules_out(
+    tiny_run: Path, declared_views_dir: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from cxr_pneumonia.evaluation import scored_images
+    from cxr_pneumonia.predict import Run
+
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(declared_views_dir, data / label)
+    table, accepted, failures = scored_images(Run.load(tiny_run), data)
+    assert failures == [] and len(table) == 8
+    assert sorted(Path(p).name for p in accepted["path"]) == ["frontal_pa.dcm"] * 2
+    lateral = table[table["path"].str.endswith("lateral_ll.dcm")]
+    assert (lateral["status"] == "rejected").all()
+    assert lateral["reason"].str.contains("View Position LL").all()
+
+
+def test_training_and_preprocess_leave_out_what_the_header_rules_out(
+    declared_views_dir: Path, tmp_path: Path
+) -> None:
+    from cxr_pneumonia.batch import cache_images, preprocess_tree
+    from cxr_pneumonia.preprocess import PreprocessConfig
+
+    cfg = PreprocessConfig(size=64)
+    paths = [declared_views_dir / name for name in sorted(DECLARED_VIEWS)]
+    cached, report = cache_images(paths, cfg, tmp_path / "cache", workers=1, progress=False)
+    assert [p is not None for p in cached] == [name == "frontal_pa.dcm" for name in sorted(DECLARED_VIEWS)]
+    reasons = dict(report.failures)
+    assert sorted(Path(p).name for p in reasons) == sorted(REJECTED_BY_HEADER)
+    for path, reason in reasons.items():
+        assert reason.startswith("left out: the DICOM header declares")
+        assert REJECTED_BY_HEADER[Path(path).name] in reason
+
+    report = preprocess_tree(declared_views_dir, tmp_path / "out", cfg, workers=1, progress=False)
+    assert len(report.failures) == 3 and len(report.processed) == 1
+    assert "View Position LL" in (tmp_path / "out" / "failures.csv").read_text()
