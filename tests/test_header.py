@@ -251,3 +251,23 @@ def test_training_and_preprocess_leave_out_what_the_header_rules_out(
     report = preprocess_tree(declared_views_dir, tmp_path / "out", cfg, workers=1, progress=False)
     assert len(report.failures) == 3 and len(report.processed) == 1
     assert "View Position LL" in (tmp_path / "out" / "failures.csv").read_text()
+
+
+def test_inspect_lists_what_the_header_rules_out(declared_views_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cxr_pneumonia.data import format_report, inspect_dataset
+
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(declared_views_dir, tmp_path / "data" / label)
+    report = inspect_dataset(tmp_path / "data", workers=1)
+    assert report.unreadable == [] and report.n_images == 8
+    found = sorted((Path(p).parent.name, Path(p).name) for p, _ in report.declared_not_frontal)
+    assert found == [
+        (label, name) for label in ("NORMAL", "PNEUMONIA") for name in sorted(REJECTED_BY_HEADER)
+    ]
+    assert all(REJECTED_BY_HEADER[Path(p).name] in reason for p, reason in report.declared_not_frontal)
+    text = format_report(report)
+    assert "Not frontal chest X-rays by their DICOM header (train leaves them out): 6" in text
+    assert "NORMAL/lateral_ll.dcm: the DICOM header declares View Position LL" in text
+    assert report.to_dict()["declared_not_frontal"][0][0] == report.declared_not_frontal[0][0]

@@ -267,7 +267,8 @@ def inspect(
     ],
     workers: Annotated[int | None, typer.Option(help="Worker processes for decoding.", min=1)] = None,
 ) -> None:
-    """Class counts per split, duplicates, unreadable files, image sizes, patients in several splits."""
+    """Class counts per split, duplicates, unreadable files, image sizes, patients in several splits,
+    DICOM files whose header says they are not frontal chest X-rays."""
     from cxr_pneumonia.data import DatasetError, format_report, inspect_dataset
 
     try:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from cxr_pneumonia import io
 from cxr_pneumonia.config import StageConfig, atomic_write_bytes, file_sha256
+from cxr_pneumonia.header import rejection_reason
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,9 @@ class InspectReport:
     ``unreadable``: (path, reason) for files :func:`io.load_image` rejects.
     ``sizes``: min/median/max (columns) of ``width`` and ``height`` (rows) of readable images.
     ``cross_split_patients``: patient id -> the splits it appears in, when more than one.
+    ``declared_not_frontal``: (path, reason) for readable DICOM files whose header declares
+    something other than a frontal chest radiograph (:func:`header.rejection_reason`); ``train``
+    and ``preprocess`` leave them out, ``predict`` rejects them.
     """
 
     source: Path
@@ -454,6 +458,7 @@ class InspectReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     sizes: pd.DataFrame = field(default_factory=pd.DataFrame)
     cross_split_patients: dict[str, list[str]] = field(default_factory=dict)
+    declared_not_frontal: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for ``inspect --json`` style output)."""
@@ -469,6 +474,7 @@ class InspectReport:
                 for dim, row in self.sizes.iterrows()
             },
             "cross_split_patients": self.cross_split_patients,
+            "declared_not_frontal": [list(item) for item in self.declared_not_frontal],
         }
 
 
@@ -479,18 +485,20 @@ class _Probe:
     height: int | None
     width: int | None
     error: str | None
+    declared: str | None = None
 
 
 def _probe(path: str) -> _Probe:
     """Hash and fully decode one file (a worker function, so it must be module level)."""
     try:
         digest = file_sha256(Path(path))
-        image = io.load_image(Path(path))
+        image, dicom_header = io.load_image_and_header(Path(path))
     except io.ImageReadError as exc:
         return _Probe(path, None, None, None, getattr(exc, "reason", None) or str(exc))
     except OSError as exc:  # permissions, a file removed mid-run: still a finding, not a crash
         return _Probe(path, None, None, None, f"{type(exc).__name__}: {exc.strerror or exc}")
-    return _Probe(path, digest, int(image.shape[0]), int(image.shape[1]), None)
+    declared = rejection_reason(dicom_header)
+    return _Probe(path, digest, int(image.shape[0]), int(image.shape[1]), None, declared)
 
 
 def _probe_all(paths: list[str], workers: int) -> Iterator[_Probe]:
@@ -528,6 +536,7 @@ def inspect_dataset(source: Path, *, workers: int | None = None) -> InspectRepor
         unreadable=unreadable,
         sizes=_size_stats(readable),
         cross_split_patients=cross_split_patients(df),
+        declared_not_frontal=[(p.path, p.declared) for p in readable if p.declared is not None],
     )
 
 
@@ -606,6 +615,10 @@ def format_report(report: InspectReport, *, max_items: int = 20) -> str:
     items = list(report.cross_split_patients.items())
     lines += [f"  {pid}: {', '.join(splits)}" for pid, splits in items[:max_items]]
     lines += _more(len(items), max_items)
+    declared = report.declared_not_frontal
+    lines += ["", f"Not frontal chest X-rays by their DICOM header (train leaves them out): {len(declared)}"]
+    lines += [f"  {rel(path)}: {reason}" for path, reason in declared[:max_items]]
+    lines += _more(len(declared), max_items)
     return "\n".join(lines) + "\n"
 
 
