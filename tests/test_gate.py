@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import re
 import sys
 from pathlib import Path
@@ -372,13 +373,18 @@ def synthetic_xray(seed: int, size: int = 120) -> np.ndarray:
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
 
 
-def test_fit_gate_on_raw_images_saves_and_reloads_for_the_same_model(tmp_path):
+def test_fit_gate_on_raw_images_saves_and_reloads_for_the_same_model(tmp_path, caplog):
     model = tiny_model()
     cfg = g.GateConfig(pca_components=4, limit_perturbations=("gamma_0.7", "blur_1.5"))
     train = [synthetic_xray(i) for i in range(24)]
     val = [synthetic_xray(100 + i) for i in range(10)]
-    gate = g.fit_gate(model, TINY, train, val, cfg=cfg, batch_size=16)
+    with caplog.at_level(logging.WARNING, logger=g.__name__):
+        gate = g.fit_gate(model, TINY, train, val, cfg=cfg, batch_size=16)
     assert gate.n_fit == 24 and gate.limit_info["n_val"] == 10
+    # Ten validation images make a rough limit, and the user is told so.
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("the gate's limit rests on 10 validation images: with fewer than 200")
+    assert "many more than 1 % of ordinary chest X-rays" in warning
     assert gate.limit_info["perturbations"] == ["blur_1.5", "gamma_0.7"]
     assert gate.limit_info["n_perturbed"] == 10
     loaded = g.DomainModel.load(gate.save(tmp_path))
