@@ -39,6 +39,7 @@ from cxr_pneumonia.io import load_image, load_image_and_header, load_image_bytes
         (DicomHeader("DX", "C-SPINE", "AP"), "Body Part Examined C-SPINE, not the chest"),
         (DicomHeader("CT", "CHEST", ""), "Modality CT, not a chest radiograph"),
         (DicomHeader("us", "", ""), "Modality US (ultrasound), not a chest radiograph"),
+        (DicomHeader("RTIMAGE", "CHEST", "AP"), "Modality RTIMAGE (radiotherapy portal image)"),
         # The modality decides first: a mammogram is not a chest X-ray, whatever its view says.
         (DicomHeader("MG", "BREAST", "LL"), "Modality MG (mammography)"),
     ],
