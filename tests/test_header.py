@@ -272,3 +272,34 @@ def test_inspect_lists_what_the_header_rules_out(declared_views_dir: Path, tmp_p
     assert "Not frontal chest X-rays by their DICOM header (train leaves them out): 6" in text
     assert "NORMAL/lateral_ll.dcm: the DICOM header declares View Position LL" in text
     assert report.to_dict()["declared_not_frontal"][0][0] == report.declared_not_frontal[0][0]
+
+
+def test_a_dicom_export_is_read_as_a_folder_and_its_headers_are_believed(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """pydicom's own DICOMDIR test tree, laid out as exported media: two DICOMDIR indexes, CT and
+    MR series and three cervical-spine radiographs (one lateral), many stripped of their pixels."""
+    import shutil
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from cxr_pneumonia.api import predict
+    from cxr_pneumonia.io import list_image_files
+
+    export = tmp_path / "export"
+    shutil.copytree(Path(get_testdata_file("DICOMDIR", download=False)).parent, export)
+    listed = list_image_files(export)
+    assert len(list(export.rglob("DICOMDIR"))) == 2
+    assert not [p for p in listed if p.name == "DICOMDIR"]  # an index, not an image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on these old test files
+        predictions = predict(tiny_run, [export])
+    assert len(predictions) == len(listed)
+    errors = [p for p in predictions if p.status == "error"]
+    assert {p.error for p in errors} == {"no pixel data"}
+    images = [p for p in predictions if p.status != "error"]
+    assert len(images) == 31 and all(p.status == "rejected" for p in images)
+    spine = [p for p in images if "Body Part Examined CSPINE" in p.reason]
+    assert sorted(Path(p.path).parent.name for p in spine) == ["CR1", "CR2", "CR3"]
+    assert all("Modality MR" in p.reason or "Modality CT" in p.reason for p in images if p not in spine)

@@ -31,6 +31,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+# The file name DICOM media give their directory record (PS3.10 8.6): an index, without pixels.
+DICOMDIR_NAME = "DICOMDIR"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -180,7 +182,8 @@ def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
 
     A file qualifies by its suffix (``IMAGE_SUFFIXES``, any case), or, when it has no suffix or
     only a numeric one (DICOM files are often named by UID, e.g. ``1.2.840.113619.2.55``), by
-    DICOM bytes. Hidden files and folders (names starting with ``.``) are skipped.
+    DICOM bytes. Hidden files and folders (names starting with ``.``) are skipped, and so is a
+    ``DICOMDIR``: the index of an exported study (a CD or a PACS export folder), not an image.
 
     Raises:
         NotADirectoryError: ``root`` is not an existing folder.
@@ -193,7 +196,7 @@ def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
         # Pruning in place stops os.walk from descending into .git, .cache, ...
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         for filename in filenames:
-            if filename.startswith("."):
+            if filename.startswith(".") or filename.upper() == DICOMDIR_NAME:
                 continue
             path = Path(folder) / filename
             suffix = path.suffix.lower()
