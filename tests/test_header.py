@@ -303,3 +303,22 @@ def test_a_dicom_export_is_read_as_a_folder_and_its_headers_are_believed(
     spine = [p for p in images if "Body Part Examined CSPINE" in p.reason]
     assert sorted(Path(p.path).parent.name for p in spine) == ["CR1", "CR2", "CR3"]
     assert all("Modality MR" in p.reason or "Modality CT" in p.reason for p in images if p not in spine)
+
+
+def test_predict_from_the_cli_says_how_many_the_headers_rejected(
+    tiny_run: Path, declared_views_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from cxr_pneumonia.cli import EXIT_OK, main
+
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(tiny_run), str(declared_views_dir), "--out", str(out)]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert (
+        "3 of 4 images rejected: not like the frontal chest X-rays this model was trained on, 3 of them"
+        in err
+    )
+    assert "by their DICOM header" in err and "Traceback" not in err
+    assert main(["predict", str(tiny_run), str(declared_views_dir), "--no-gate"]) == EXIT_OK
+    assert "3 of 4 images are not like the frontal chest X-rays this model was trained on, 3 of them" in (
+        capsys.readouterr().err
+    )

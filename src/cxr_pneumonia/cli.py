@@ -819,19 +819,27 @@ def _echo_gate_summary(run, predictions: list, gate: bool) -> None:
     """On stderr: how many images the input check rejected (or let through with --no-gate), how
     many are unusual, and one line when the batch as a whole is unlike the training data."""
     from cxr_pneumonia.evaluation import shift_warning
+    from cxr_pneumonia.header import is_header_reason
 
     readable = [p for p in predictions if p.error is None]
     rejected = sum(p.status == "rejected" for p in readable)
+    by_header = sum(p.status == "rejected" and is_header_reason(p.reason) for p in readable)
     unusual = sum(p.status == "ok" and p.unusual for p in readable)
+    header_note = (
+        f", {by_header} of them by their DICOM header (a lateral view, another modality or body part)"
+        if by_header
+        else ""
+    )
     if rejected and gate:
         _echo_err(
             f"{rejected} of {len(readable)} images rejected: not like the frontal chest X-rays this model "
-            "was trained on (no probability or label; --no-gate classifies them anyway)"
+            f"was trained on{header_note} (no probability or label; --no-gate "
+            "classifies them anyway)"
         )
     elif rejected:
         _echo_err(
             f"{rejected} of {len(readable)} images are not like the frontal chest X-rays this model was "
-            "trained on and were classified anyway (--no-gate); their results are unreliable"
+            f"trained on{header_note} and were classified anyway (--no-gate); their results are unreliable"
         )
     if unusual:
         _echo_err(f"{unusual} of {len(readable)} images accepted but unlike most of the training population")

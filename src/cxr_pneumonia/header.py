@@ -20,7 +20,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DicomHeader", "rejection_reason"]
+__all__ = ["REASON_PREFIX", "DicomHeader", "is_header_reason", "rejection_reason"]
+
+REASON_PREFIX = "the DICOM header declares"  # how every reason of rejection_reason begins
 
 # View Position (0018,5101) values that are not frontal projections. LAT and LATERAL are not
 # DICOM defined terms, but exports write them.
@@ -107,23 +109,28 @@ def rejection_reason(header: DicomHeader | None) -> str | None:
     if modality in NOT_RADIOGRAPH_MODALITIES:
         name = NOT_RADIOGRAPH_MODALITIES[modality]
         spelled = f" ({name})" if name != modality else ""
-        return f"the DICOM header declares Modality {modality}{spelled}, not a chest radiograph"
+        return f"{REASON_PREFIX} Modality {modality}{spelled}, not a chest radiograph"
     body_part = _code(header.body_part)
     if body_part in NOT_CHEST_BODY_PARTS:
-        return f"the DICOM header declares Body Part Examined {header.body_part.strip()}, not the chest"
+        return f"{REASON_PREFIX} Body Part Examined {header.body_part.strip()}, not the chest"
     view_position = _code(header.view_position)
     if view_position in NOT_FRONTAL_VIEWS:
         return (
-            f"the DICOM header declares View Position {view_position}, not a frontal (PA or AP) view; "
+            f"{REASON_PREFIX} View Position {view_position}, not a frontal (PA or AP) view; "
             "the model reads frontal chest X-rays"
         )
     meaning = header.view.strip().lower()
     if ("lateral" in meaning and "decubitus" not in meaning) or "oblique" in meaning:
         return (
-            f"the DICOM header declares the view {header.view.strip()!r}, not a frontal (PA or AP) "
+            f"{REASON_PREFIX} the view {header.view.strip()!r}, not a frontal (PA or AP) "
             "view; the model reads frontal chest X-rays"
         )
     return None
+
+
+def is_header_reason(reason: str | None) -> bool:
+    """Whether a prediction's ``reason`` is one of :func:`rejection_reason`'s."""
+    return bool(reason) and reason.startswith(REASON_PREFIX)
 
 
 def _code(value: str) -> str:
