@@ -956,17 +956,7 @@ def fit_gate(
     elif cfg.limit_perturbations:
         log.info("preprocessed validation images: the limit is set without perturbations")
     gate.set_limit(val_scores, perturbed)
-    if len(val_scores) < FEW_LIMIT_IMAGES:
-        # Measured: the demo's gate (100 fit images, limit on 20) rejected 5 of 40 held-out sample
-        # chest X-rays and 15 of 200 others; runs limited on 550-574 rejected 0-1 of 300 held out.
-        log.warning(
-            "the gate's limit rests on %d validation images: with fewer than %d it is a rough "
-            "estimate, and the gate may reject many more than %.0f %% of ordinary chest X-rays "
-            "(more training images tighten it)",
-            len(val_scores),
-            FEW_LIMIT_IMAGES,
-            100 * (1 - cfg.accept_quantile),
-        )
+    _warn_if_few_limit_images(len(val_scores), cfg)
     log.info(
         "gate fitted on %d images (+%d augmented views, %d turned) at %s; limit %.2f (%d validation images)",
         gate.n_fit,
@@ -977,3 +967,18 @@ def fit_gate(
         len(val_scores),
     )
     return gate
+
+
+def _warn_if_few_limit_images(n_val: int, cfg: GateConfig) -> None:
+    """Say when the limit rests on too few validation images to be trusted. Measured: the demo's
+    gate (100 fit images, limit on 20) rejected 5 of 40 held-out sample chest X-rays and 15 of 200
+    others; runs limited on 550-574 images rejected 0-1 of 300 held out."""
+    if n_val < FEW_LIMIT_IMAGES:
+        log.warning(
+            "the gate's limit rests on %d validation images: with fewer than %d it is a rough "
+            "estimate, and the gate may reject many more than %.0f %% of ordinary chest X-rays "
+            "(more training images tighten it)",
+            n_val,
+            FEW_LIMIT_IMAGES,
+            100 * (1 - cfg.accept_quantile),
+        )
