@@ -32,6 +32,13 @@ from cxr_pneumonia.io import load_image, load_image_and_header, load_image_bytes
         (DicomHeader("CR", "CHEST", " rl "), "View Position RL, not a frontal"),
         (DicomHeader("DX", "CHEST", "RLO"), "View Position RLO, not a frontal"),
         (DicomHeader("DX", "CHEST", "Lateral"), "View Position LATERAL, not a frontal"),
+        # Free text found in real headers (PadChest, Indiana: bench/header_eval.py).
+        (DicomHeader("CR", "CHEST", "LARGE LATERAL"), "View Position LARGE LATERAL, not a frontal"),
+        (DicomHeader("CR", "", "OBLICUA"), "View Position OBLICUA, not a frontal"),
+        (DicomHeader("CR", "", "POSTEROANTERIOR"), None),
+        (DicomHeader("CR", "", "ANTEROPOSTERIOR"), None),
+        (DicomHeader("CR", "", "GENERICA"), None),
+        (DicomHeader("DX", "CHEST", "LATERAL DECUBITUS"), None),
         (DicomHeader("DX", "CHEST", "", "left lateral"), "the view 'left lateral', not a frontal"),
         (DicomHeader("DX", "", "", "Right Anterior Oblique"), "the view 'Right Anterior Oblique'"),
         (DicomHeader("CR", "KNEE", "AP"), "Body Part Examined KNEE, not the chest"),

@@ -1,8 +1,9 @@
 """What a DICOM header declares about its image, and the declarations that rule it out.
 
 The model reads frontal chest radiographs. A DICOM header often says outright that an image is
-something else: a lateral or oblique view (View Position ``LL``, ``RL``, ``LLO``, ``RLO``), another
-modality (CT, MR, ultrasound...) or another body part (a knee, a hand). A PACS study of the chest
+something else: a lateral or oblique view (View Position ``LL``, ``RL``, ``LLO``, ``RLO``, or
+free text such as ``LATERAL``), another modality (CT, MR, ultrasound...) or another body part
+(a knee, a hand). A PACS study of the chest
 usually holds a frontal and a lateral image side by side, so a folder exported from one brings
 laterals with it. Such a declaration is certain where the input gate's score is a judgement, so
 :meth:`cxr_pneumonia.predict.Run.classify_preprocessed` rejects the image on it and its reason
@@ -24,9 +25,12 @@ __all__ = ["REASON_PREFIX", "DicomHeader", "is_header_reason", "rejection_reason
 
 REASON_PREFIX = "the DICOM header declares"  # how every reason of rejection_reason begins
 
-# View Position (0018,5101) values that are not frontal projections. LAT and LATERAL are not
-# DICOM defined terms, but exports write them.
-NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+# View Position (0018,5101) values that are not frontal projections: the defined terms, and LAT.
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT"})
+# Free text written there instead (measured in real headers, bench/header_eval.py: LATERAL, LARGE
+# LATERAL, Spanish OBLICUA): a value with one of these words is not frontal, unless it is a
+# decubitus view (a frontal projection of a patient lying on one side).
+NOT_FRONTAL_WORDS = ("LATERAL", "OBLI")
 # Modality (0008,0060) codes that are not projection radiographs. CR, DX and the non-standard DR
 # pass, and so do OT (other: secondary captures of films) and any code not listed.
 NOT_RADIOGRAPH_MODALITIES = {
@@ -114,13 +118,12 @@ def rejection_reason(header: DicomHeader | None) -> str | None:
     if body_part in NOT_CHEST_BODY_PARTS:
         return f"{REASON_PREFIX} Body Part Examined {header.body_part.strip()}, not the chest"
     view_position = _code(header.view_position)
-    if view_position in NOT_FRONTAL_VIEWS:
+    if view_position in NOT_FRONTAL_VIEWS or _names_a_side_view(view_position):
         return (
-            f"{REASON_PREFIX} View Position {view_position}, not a frontal (PA or AP) view; "
-            "the model reads frontal chest X-rays"
+            f"{REASON_PREFIX} View Position {header.view_position.strip().upper()}, not a frontal "
+            "(PA or AP) view; the model reads frontal chest X-rays"
         )
-    meaning = header.view.strip().lower()
-    if ("lateral" in meaning and "decubitus" not in meaning) or "oblique" in meaning:
+    if _names_a_side_view(_code(header.view)):
         return (
             f"{REASON_PREFIX} the view {header.view.strip()!r}, not a frontal (PA or AP) "
             "view; the model reads frontal chest X-rays"
@@ -131,6 +134,10 @@ def rejection_reason(header: DicomHeader | None) -> str | None:
 def is_header_reason(reason: str | None) -> bool:
     """Whether a prediction's ``reason`` is one of :func:`rejection_reason`'s."""
     return bool(reason) and reason.startswith(REASON_PREFIX)
+
+
+def _names_a_side_view(code: str) -> bool:
+    return any(word in code for word in NOT_FRONTAL_WORDS) and "DECUB" not in code
 
 
 def _code(value: str) -> str:
