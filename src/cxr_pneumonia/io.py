@@ -395,7 +395,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         # force=True "reads" any bytes; without image attributes it was not a DICOM at all.
         raise NotAnImageError(name, _not_an_image_reason(data))
     if not _has_pixel_data(ds):
-        raise UnsupportedDicomError(name, "no pixel data")
+        raise UnsupportedDicomError(name, _no_pixels_reason(ds))
     return _dicom_pixels(ds, dicom, name, max_pixels), DicomHeader.from_dataset(ds)
 
 
@@ -425,6 +425,19 @@ def _dicom_pixels(ds: Any, dicom: SimpleNamespace, name: str, max_pixels: int) -
         warnings.warn(f"{name}: MONOCHROME1 (white = low values) inverted to MONOCHROME2", stacklevel=4)
         image = 255 - image
     return image
+
+
+def _no_pixels_reason(ds: Any) -> str:
+    """ "no pixel data", naming the kind of object when the header says (a structured report, a
+    presentation state or a DICOMDIR of an export are not images)."""
+    meta = getattr(ds, "file_meta", None)
+    try:
+        uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        kind = getattr(uid, "name", "") if uid else ""
+    except Exception:  # a malformed UID names nothing
+        kind = ""
+    # pydicom names an unknown UID by the UID itself: only a registered name says what it is.
+    return f"no pixel data in this {kind} object" if kind and not kind[0].isdigit() else "no pixel data"
 
 
 def _rgb_to_gray(pixels: np.ndarray, name: str) -> np.ndarray:
