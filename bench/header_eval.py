@@ -36,8 +36,11 @@ FRONTAL = ("PA", "AP", "AP_horizontal")  # PadChest's projection labels of front
 
 
 def _read(wheel: Path, member: str, columns: list[str]) -> pd.DataFrame:
-    with zipfile.ZipFile(wheel) as archive, archive.open(member) as handle:
-        table = pd.read_csv(handle, compression="gzip", usecols=columns, low_memory=False, dtype=str)
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as handle:
+            table = pd.read_csv(handle, compression="gzip", usecols=columns, low_memory=False, dtype=str)
+    except (KeyError, ValueError) as e:  # another version of the wheel: a file or a column is missing
+        fail(f"{wheel}: {member}: {e} (made for torchxrayvision 1.5.7)")
     return table.fillna("")
 
 

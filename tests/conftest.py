@@ -195,18 +195,23 @@ DECLARED_VIEWS = {
 }
 
 
-def chest_dicom_bytes(image: np.ndarray, **attributes: object) -> bytes:
-    """A uint8 grayscale image as a DICOM file (8-bit MONOCHROME2) with the header ``attributes``."""
+def fixture_builder():
+    """``tests/data/io/make_fixtures.py`` (a script, not a package) as a module."""
     import importlib.util
-    from io import BytesIO
 
     spec = importlib.util.spec_from_file_location("make_fixtures", IO_DATA_DIR / "make_fixtures.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def chest_dicom_bytes(image: np.ndarray, **attributes: object) -> bytes:
+    """A uint8 grayscale image as a DICOM file (8-bit MONOCHROME2) with the header ``attributes``."""
+    from io import BytesIO
+
     buffer = BytesIO()
-    builder.build_dataset(np.ascontiguousarray(image, np.uint8), **attributes).save_as(
-        buffer, enforce_file_format=True
-    )
+    dataset = fixture_builder().build_dataset(np.ascontiguousarray(image, np.uint8), **attributes)
+    dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from conftest import fixture_builder
 from cxr_pneumonia import io
 from cxr_pneumonia.io import (
     EmptyFileError,
@@ -335,16 +336,6 @@ def test_bad_input_raises_a_specific_error(
     assert message.startswith(f"{path}: ") and "\n" not in message
 
 
-def _fixture_builder():
-    """``tests/data/io/make_fixtures.py`` (a script, not a package) as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_fixtures", DATA / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rgb_dicom_with_32_bit_samples_is_read_as_gray(tmp_path: Path) -> None:
     """OpenCV's colour conversion refuses 32-bit samples; such a file once ended a whole batch."""
     value = 2**31
@@ -352,7 +343,7 @@ def test_rgb_dicom_with_32_bit_samples_is_read_as_gray(tmp_path: Path) -> None:
     pixels[:, 4:8, 0] = value  # red
     pixels[:, 8:, 1] = value  # green
     path = tmp_path / "rgb32.dcm"
-    _fixture_builder().build_dataset(pixels, photometric="RGB").save_as(path, enforce_file_format=True)
+    fixture_builder().build_dataset(pixels, photometric="RGB").save_as(path, enforce_file_format=True)
     image = load_image(path)
     # luminance 0, 0.299 and 0.587 of the value, min-max scaled: black, 0.299 / 0.587 of 255, 255
     expected = np.repeat([[0, round(0.299 / 0.587 * 255), 255]], 4, axis=1).repeat(8, axis=0)

@@ -3,11 +3,10 @@
 The model reads frontal chest radiographs. A DICOM header often says outright that an image is
 something else: a lateral or oblique view (View Position ``LL``, ``RL``, ``LLO``, ``RLO``, or
 free text such as ``LATERAL``), another modality (CT, MR, ultrasound...) or another body part
-(a knee, a hand). A PACS study of the chest
-usually holds a frontal and a lateral image side by side, so a folder exported from one brings
-laterals with it. Such a declaration is certain where the input gate's score is a judgement, so
-:meth:`cxr_pneumonia.predict.Run.classify_preprocessed` rejects the image on it and its reason
-quotes the attribute.
+(a knee, a hand). A PACS study of the chest usually holds a frontal and a lateral image side by
+side, so a folder exported from one brings laterals with it. Such a declaration is certain where
+the input gate's score is a judgement, so :meth:`cxr_pneumonia.predict.Run.classify_preprocessed`
+rejects the image on it and its reason quotes the attribute.
 
 Only what the header states rules an image out: an absent, empty or unfamiliar value rules out
 nothing, and the gate still judges the pixels. Decubitus views (``RLD``, ``LLD``) are frontal

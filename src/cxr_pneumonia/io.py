@@ -428,8 +428,8 @@ def _dicom_pixels(ds: Any, dicom: SimpleNamespace, name: str, max_pixels: int) -
 
 
 def _no_pixels_reason(ds: Any) -> str:
-    """ "no pixel data", naming the kind of object when the header says (a structured report, a
-    presentation state or a DICOMDIR of an export are not images)."""
+    """Why there is no image: no pixel data, and the kind of object when the header names it (a
+    structured report, a presentation state or a DICOMDIR of an export are not images)."""
     meta = getattr(ds, "file_meta", None)
     try:
         uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
