@@ -227,6 +227,26 @@ def test_cli_calibrate_prints_the_point_and_the_images_that_would_narrow_it(
     assert [line.split()[0] for line in lines[1:]] == ["default", "site-a", "site-b", "site-c"]
 
 
+def test_cli_calibrate_takes_the_rule_and_refuses_an_unknown_one_before_loading_the_model(
+    run: api.Run, run_dir: Path, site: Path, cached_load, capsys, monkeypatch
+) -> None:
+    args = ["calibrate", str(run_dir), str(site), "--target-recall", "0.9", "--bootstrap", "20", "--no-gate"]
+    assert main([*args, "--name", "site-mid", "--rule", "midpoint"]) == EXIT_OK
+    assert "(midpoint)" in capsys.readouterr().out
+    table = _scores(run, site)
+    labels, scores = table["label"], table["probability"]
+    midpoint = choose_threshold(labels, scores, target_recall=0.9, rule="midpoint").threshold
+    assert midpoint < choose_threshold(labels, scores, target_recall=0.9).threshold  # the rules differ here
+    saved = rundir.read_operating_points(run_dir)["site-mid"]
+    assert saved["rule"] == "midpoint" and saved["threshold"] == pytest.approx(midpoint)
+    before = (run_dir / rundir.OPERATING_POINTS_FILE).read_bytes()
+    monkeypatch.setattr(api.Run, "load", staticmethod(lambda *a, **k: pytest.fail("the model was loaded")))
+    assert main([*args, "--name", "site-x", "--rule", "group_median"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown calibration rule 'group_median'; valid rules: max_specificity, midpoint"
+    assert (run_dir / rundir.OPERATING_POINTS_FILE).read_bytes() == before
+
+
 @pytest.mark.parametrize(("n_normal", "n_pneumonia"), [(0, 20), (5, 20)])
 def test_calibrate_on_one_class_or_too_few_fails_in_one_line_and_writes_nothing(
     tiny_run: Path, sample_dir: Path, make_run_copy, tmp_path: Path, capsys, n_normal: int, n_pneumonia: int

@@ -204,6 +204,7 @@ def calibrate(
     *,
     name: str,
     target_recall: float | None = None,
+    rule: str | None = None,
     width: float = 0.05,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -214,8 +215,9 @@ def calibrate(
 ) -> dict[str, Any]:
     """Choose the operating point ``name`` for ``target_recall`` (default: the run's) on a site's
     labelled sample and keep it in the run (see :func:`cxr_pneumonia.calibration.calibrate`);
-    apply it with ``operating_point=name``. Returns the point, with patient-level intervals and
-    the images that would narrow them to ``width``."""
+    apply it with ``operating_point=name``. ``rule``: ``max_specificity`` or ``midpoint``
+    (default: the run's own when it is one of them, else ``max_specificity``). Returns the point,
+    with patient-level intervals and the images that would narrow them to ``width``."""
     from cxr_pneumonia.calibration import calibrate as _calibrate
 
     return _calibrate(
@@ -223,6 +225,7 @@ def calibrate(
         data,
         name=name,
         target_recall=target_recall,
+        rule=rule,
         width=width,
         n_bootstrap=n_bootstrap,
         seed=seed,

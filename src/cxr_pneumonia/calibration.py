@@ -179,7 +179,7 @@ def calibrate(
     when the sample holds fewer than :data:`MIN_PER_CLASS` images of a class. Returns the point
     as saved in ``RUN/operating_points.json``.
     """
-    images = preflight(run.path, data, name=name, replace=replace, split=split)
+    images = preflight(run.path, data, name=name, replace=replace, split=split, rule=rule)
     own = rundir.read_threshold(run.path)
     target = float(own.get("target_recall", 0.98) if target_recall is None else target_recall)
     if not 0 <= target <= 1 or not 0 < width < 1:  # before the images are scored
@@ -220,12 +220,21 @@ def calibrate(
 
 
 def preflight(
-    run_dir: str | Path, data: str | Path, *, name: str, replace: bool = False, split: str | None = None
+    run_dir: str | Path,
+    data: str | Path,
+    *,
+    name: str,
+    replace: bool = False,
+    split: str | None = None,
+    rule: str | None = None,
 ) -> pd.DataFrame:
-    """The checks :func:`calibrate` makes before any image is scored (so a wrong name or sample
-    fails before the model is loaded): the name is free (or ``replace``), and the sample's
-    labels hold :data:`MIN_PER_CLASS` images of each class. Returns the sample's images."""
+    """The checks :func:`calibrate` makes before any image is scored (so a wrong name, rule or
+    sample fails before the model is loaded): the name is free (or ``replace``), the rule is one
+    a sample can use (:data:`~cxr_pneumonia.evaluate.RULES`), and the sample's labels hold
+    :data:`MIN_PER_CLASS` images of each class. Returns the sample's images."""
     _check_name_free(Path(run_dir), name, replace)
+    if rule is not None and rule not in RULES:
+        raise CalibrationError(f"unknown calibration rule {rule!r}; valid rules: {', '.join(RULES)}")
     images = discover(Path(data))
     if split is not None:
         images = images[images["split"] == split].reset_index(drop=True)

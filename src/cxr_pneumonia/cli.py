@@ -57,8 +57,8 @@ class _Commands(TyperGroup):
 
 app = typer.Typer(
     name="cxr-pneumonia",
-    help="Chest X-ray pneumonia classifier: preprocess, inspect, train, evaluate, export, predict, "
-    "explain, serve. Research use only, not a medical device.",
+    help="Chest X-ray pneumonia classifier: preprocess, inspect, train, gate, evaluate, robustness, "
+    "calibrate, export, predict, explain, serve. Research use only, not a medical device.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -177,7 +177,7 @@ StepsOff = Annotated[
     list[str] | None,
     typer.Option(
         "--no-step",
-        help="Switch a preprocessing step off (repeatable): downscale, clahe, crop, mask, morph, "
+        help="Switch a preprocessing step off (repeatable): downscale, denoise, clahe, crop, mask, morph, "
         "apply_mask, resize.",
     ),
 ]
@@ -267,7 +267,9 @@ def inspect(
     ],
     workers: Annotated[int | None, typer.Option(help="Worker processes for decoding.", min=1)] = None,
 ) -> None:
-    """Class counts per split, duplicates, unreadable files, image sizes, patients in several splits,
+    """A dataset's health: counts, duplicates, unreadable files, patient leaks, declared non-frontals.
+
+    Class counts per split, duplicates, unreadable files, image sizes, patients in several splits,
     DICOM files whose header says they are not frontal chest X-rays."""
     from cxr_pneumonia.data import DatasetError, format_report, inspect_dataset
 
@@ -500,8 +502,10 @@ def export_command(
     calibration_images: Annotated[int, typer.Option(help="Images to check on (0: all).", min=0)] = 512,
     segments: Annotated[int, typer.Option(help="Backbone parts that may each run in bf16.", min=1)] = 6,
 ) -> None:
-    """ONNX model (float32, any runtime) plus the fastest OpenVINO precision plan that keeps
-    probabilities within --tolerance of float32 on validation images. Never pass test images."""
+    """Export to ONNX, with the fastest OpenVINO precision plan that stays within --tolerance.
+
+    The ONNX model is float32 (any runtime); the plan keeps probabilities within --tolerance of
+    float32 on validation images. Never pass test images."""
     from cxr_pneumonia.export import ExportConfig, ExportError, export_run
     from cxr_pneumonia.rundir import export_dir
 
@@ -547,8 +551,10 @@ def evaluate(
     gate: GateOpt = True,
     operating_point: OperatingPointOpt = None,
 ) -> None:
-    """Metrics with 95 % intervals (patient-level bootstrap) at the run's saved threshold on the
-    images the input check accepts (and on all images), and an HTML report."""
+    """Metrics with 95 % intervals (patient-level bootstrap) and an HTML report.
+
+    At the run's saved threshold (or --operating-point), on the images the input check accepts
+    and on all images."""
     from cxr_pneumonia.api import evaluate as api_evaluate
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
@@ -611,6 +617,13 @@ def calibrate(
     target_recall: Annotated[
         float | None, typer.Option(help="Recall to reach on the sample (default: the run's).", min=0, max=1)
     ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option(
+            help="max_specificity (the highest specificity at the target recall) or midpoint (halfway "
+            "down to the next score); default: the run's own when it is one of them, else max_specificity."
+        ),
+    ] = None,
     width: Annotated[
         float, typer.Option(help="Interval width (upper - lower) to say how many more images would reach.")
     ] = 0.05,
@@ -621,8 +634,10 @@ def calibrate(
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,
 ) -> None:
-    """Choose an operating point for the target recall on a site's labelled sample and keep it in
-    the run under --name, with patient-level 95 % intervals; apply it with --operating-point."""
+    """Choose a site's operating point on its labelled sample and keep it in the run under --name.
+
+    The threshold for the target recall, with patient-level 95 % intervals; apply it with
+    --operating-point."""
     from cxr_pneumonia.calibration import more_images_line, operating_points, preflight
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
@@ -632,7 +647,7 @@ def calibrate(
     try:
         if list_points:
             return _echo_points(operating_points(run))
-        preflight(run, data, name=name, replace=replace, split=split)  # before the model is loaded
+        preflight(run, data, name=name, replace=replace, split=split, rule=rule)  # before the model is loaded
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     from cxr_pneumonia.api import calibrate as api_calibrate  # the model's modules: only now
@@ -640,8 +655,8 @@ def calibrate(
     loaded = _load_run(run, runtime)
     try:
         point = api_calibrate(
-            loaded, data, name=name, target_recall=target_recall, width=width, n_bootstrap=bootstrap,
-            replace=replace, split=split, gate=gate,
+            loaded, data, name=name, target_recall=target_recall, rule=rule, width=width,
+            n_bootstrap=bootstrap, replace=replace, split=split, gate=gate,
         )  # fmt: skip
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
@@ -742,8 +757,10 @@ def predict(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="--engine ray: model actors.", min=1)] = None,
 ) -> None:
-    """The input check's verdict, then probability and label at the run's threshold for every
-    image (none for a rejected one unless --no-gate). Research use only."""
+    """Probability and label for every image, after the input check. Research use only.
+
+    The input check's verdict, then probability and label at the run's threshold for every image
+    (none for a rejected one unless --no-gate)."""
     if engine != "local":
         return _predict_ray(run, inputs, out, engine=engine, address=address, workers=workers,
                             batch_size=batch_size, runtime=runtime, gate=gate, heatmaps=heatmaps,
@@ -880,8 +897,9 @@ def explain(
     gate: GateOpt = True,
     operating_point: OperatingPointOpt = None,
 ) -> None:
-    """Grad-CAM overlays (preprocessed image, heatmap, probability and label); none for an image
-    the input check rejects unless --no-gate. Research use only."""
+    """Grad-CAM overlays: preprocessed image, heatmap, probability and label. Research use only.
+
+    None for an image the input check rejects unless --no-gate."""
     from cxr_pneumonia.explain import ExplainError
     from cxr_pneumonia.predict import expand_inputs
     from cxr_pneumonia.rundir import DISCLAIMER
