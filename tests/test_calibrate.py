@@ -225,6 +225,9 @@ def test_cli_calibrate_prints_the_point_and_the_images_that_would_narrow_it(
     assert main(["calibrate", str(run_dir), "--list"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["default", "site-a", "site-b", "site-c"]
+    rules = {line.split()[0]: line.split()[3] for line in lines[1:]}
+    assert rules["site-c"] == "max_specificity"  # a sample has no groups: the group_median run's fallback
+    assert rules["default"] == rundir.read_threshold(run_dir)["rule"]
 
 
 def test_cli_calibrate_takes_the_rule_and_refuses_an_unknown_one_before_loading_the_model(
