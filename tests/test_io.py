@@ -373,6 +373,75 @@ def test_malformed_dicom_attribute_is_an_error_not_a_crash() -> None:
     assert str(info.value) == f"{path}: invalid NumberOfFrames '1A'"
 
 
+def test_a_dicom_element_of_the_wrong_length_is_a_one_line_error() -> None:
+    """Rows (US, 2 bytes) stored with length 3: pydicom raises its BytesLengthException, derived from
+    Exception only, when the element is first read. It once escaped: a 500 from serve, a crashed
+    batch in predict."""
+    from pydicom.data import get_testdata_file
+
+    data = bytearray(Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes())
+    rows = data.find(b"\x28\x00\x10\x00US\x02\x00")  # (0028,0010), explicit VR little endian
+    assert rows > 0
+    data[rows + 6] = 3
+    data[rows + 8 : rows + 8] = b"\x00"
+    with pytest.raises(UnsupportedDicomError) as info:
+        load_image_bytes(bytes(data), name="bad.dcm")
+    message = str(info.value)
+    assert message.startswith("bad.dcm: could not be decoded (BytesLengthException: Expected total bytes")
+    assert "\n" not in message
+
+
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path: Path) -> None:
+    """Orientation 6 (a phone held upright): stored 40x60, shown 60x40 turned clockwise, as
+    Pillow's exif_transpose shows it."""
+    from PIL import Image, ImageOps
+
+    stored = np.zeros((40, 60), np.uint8)
+    stored[:10, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif)
+    image = load_image(path)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("L"))
+    assert image.shape == (60, 40) and np.array_equal(image, shown)
+    assert image[:20, -10:].mean() > 200 and image[-20:, :10].mean() < 50  # the block went top-right
+
+
+def _deflated_ct(extra_zero_bytes: int) -> bytes:
+    """pydicom's CT_small.dcm re-saved deflated, with a private element of zeros (0: none)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    if extra_zero_bytes:
+        ds.add_new(0x00091010, "OB", b"\0" * extra_zero_bytes)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_deflated_dicom_is_read_and_a_deflate_bomb_is_refused_before_it_is_inflated() -> None:
+    """pydicom inflates a deflated data set whole before any attribute can be checked: 36 kB that
+    inflate to 10 MB are refused under a limit of 16 bytes per allowed pixel, counted a chunk at a
+    time, while the same image without the zeros reads as the uncompressed file does."""
+    from pydicom.data import get_testdata_file
+
+    plain = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    expected = load_image_bytes(plain, name="plain.dcm")
+    np.testing.assert_array_equal(load_image_bytes(_deflated_ct(0), name="d.dcm"), expected)
+    bomb = _deflated_ct(10_000_000)
+    assert len(bomb) < 50_000
+    with pytest.raises(io.ImageTooLargeError) as info:
+        load_image_bytes(bomb, name="bomb.dcm", max_pixels=100_000)
+    assert str(info.value) == (
+        "bomb.dcm: deflated DICOM data set inflates to more than 1,600,000 bytes, more than an image "
+        "of the limit of 100,000 pixels (max_pixels) needs"
+    )
+    np.testing.assert_array_equal(load_image_bytes(bomb, name="bomb.dcm", max_pixels=1_000_000), expected)
+
+
 def test_an_unforeseen_decoder_exception_is_a_one_line_error(tmp_path, monkeypatch) -> None:
     def failing_decoder(data, name, max_pixels):
         return {}["PixelSpacing"]  # as pydicom's lazy parsing of a malformed header may raise

@@ -616,6 +616,19 @@ def test_a_failing_batch_is_retried_one_by_one(
     assert [r.status_code for r in _concurrently(app, [("c.png", data, "")] * 3)] == [200] * 3
 
 
+def test_a_truthy_gate_from_the_python_api_is_the_gate_on(run: Run, images: dict[str, Path]) -> None:
+    """The worker groups a batch by ``gate is True`` / ``is False``: a ``gate=1`` request once fitted
+    neither group and failed its whole batch with a KeyError."""
+    x = run.preprocess(load_image(images["png"]), source="a.png")
+    batcher = serve.MicroBatcher(run, max_batch=2, max_wait_ms=200)
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(batcher.submit(x, gate=1), batcher.submit(x, gate=True))
+
+    (truthy, _), (plain, _) = asyncio.run(both())
+    assert truthy == plain and truthy.gated and truthy.status in ("ok", "rejected")
+
+
 @pytest.mark.parametrize(
     ("max_batch", "allowed"), [(1, [1]), (2, [1, 2]), (12, [1, 2, 4, 8, 12]), (16, [1, 2, 4, 8, 16])]
 )

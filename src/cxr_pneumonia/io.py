@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import warnings
+import zlib
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,16 +155,17 @@ def load_image_bytes_and_header(
         raise EmptyFileError(name, "empty file (0 bytes)")
     kind = sniff_format(data)
     header = None
+    dicom = kind == "dicom" or (kind not in ("png", "jpeg") and Path(name).suffix.lower() in DICOM_SUFFIXES)
     try:
         if kind == "png":
             image = _decode_png(data, name, max_pixels)
         elif kind == "jpeg":
             image = _decode_jpeg(data, name, max_pixels)
-        elif kind == "dicom" or Path(name).suffix.lower() in DICOM_SUFFIXES:
+        elif dicom:
             image, header = _decode_dicom(data, name, max_pixels)
         else:
             raise NotAnImageError(name, _not_an_image_reason(data))
-    except ImageReadError:
+    except (ImageReadError, MemoryError):
         raise
     # A case the decoders above do not foresee must still name the file, in one line, and not
     # end a batch. OpenCV's own message spans several lines of C++ signatures.
@@ -173,6 +175,13 @@ def load_image_bytes_and_header(
     except _MALFORMED_INPUT_ERRORS as err:
         # Malformed headers surface from pydicom's lazy element parsing as any of these.
         raise ImageReadError(name, f"could not be decoded ({type(err).__name__}: {err})") from err
+    except Exception as err:
+        if not dicom:
+            raise
+        # pydicom also raises classes of its own from a lazily parsed element (an element of the
+        # wrong length: BytesLengthException, derived from Exception only).
+        detail = " ".join(str(err).split())[:200]
+        raise UnsupportedDicomError(name, f"could not be decoded ({type(err).__name__}: {detail})") from err
     logger.debug("read %s: %dx%d", name, image.shape[1], image.shape[0])
     return np.ascontiguousarray(image), header
 
@@ -303,7 +312,9 @@ def _jpeg_header(data: bytes, name: str) -> tuple[int, int, int]:
 
 def _decode_raster(data: bytes, name: str, kind: str) -> np.ndarray:
     try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        # ANYDEPTH | ANYCOLOR keeps 16 bits and colour as UNCHANGED does, and also applies an EXIF
+        # orientation (UNCHANGED ignores it): a photographed film stays upright, as viewers show it.
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     except cv2.error as err:
         raise NotAnImageError(name, f"corrupt {kind}: OpenCV failed: {err}") from err
     if image is None:
@@ -381,9 +392,54 @@ def _pydicom() -> SimpleNamespace:
     )
 
 
+DEFLATED_TRANSFER_SYNTAX = b"1.2.840.10008.1.2.1.99"
+# Bytes a deflated data set may inflate to per pixel of max_pixels: the widest pixel (RGB at 32
+# bits, 12 bytes) with room for the rest of the data set.
+DEFLATED_BYTES_PER_PIXEL = 16
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def _file_meta_end(data: bytes) -> int:
+    """Offset of the data set after a preamble's file meta group (group 2, explicit VR little
+    endian by the standard); 132 when the group cannot be walked."""
+    offset = 132
+    while offset + 8 <= len(data) and data[offset : offset + 2] == b"\x02\x00":
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            length, offset = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+        else:
+            length, offset = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        offset += length
+    return offset
+
+
+def _check_inflated_size(data: bytes, name: str, max_pixels: int) -> None:
+    """pydicom inflates a deflated data set whole before any attribute can be checked, so a small
+    upload could hold gigabytes (a decompression bomb). Inflate it here a chunk at a time, only
+    counting, and refuse it past what an image of ``max_pixels`` could need."""
+    start = _file_meta_end(data)
+    if DEFLATED_TRANSFER_SYNTAX not in data[132:start]:
+        return
+    limit = DEFLATED_BYTES_PER_PIXEL * max_pixels
+    inflater, pending, size = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
+    try:
+        while pending and size <= limit:
+            size += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise UnsupportedDicomError(name, f"deflated data set cannot be inflated ({err})") from err
+    if size > limit:
+        raise ImageTooLargeError(
+            name, f"deflated DICOM data set inflates to more than {limit:,} bytes, more than an image "
+            f"of the limit of {max_pixels:,} pixels (max_pixels) needs",
+        )  # fmt: skip
+
+
 def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, DicomHeader]:
     dicom = _pydicom()
     has_preamble = is_dicom(data)
+    if has_preamble:
+        _check_inflated_size(data, name, max_pixels)
     try:
         # force=True also reads datasets without the preamble (tried only for .dcm/.dicom names).
         ds = dicom.dcmread(BytesIO(data), force=True)

@@ -175,13 +175,17 @@ class PredictionResponse(BaseModel):
         default=False,
         description="True when the image lies beyond most of the training population (accepted or not).",
     )
-    gated: bool = Field(default=True, description="False when gate=false classified a rejected image anyway.")
+    gated: bool = Field(
+        default=True,
+        description="Whether the input check decided what is shown: false for every answer with "
+        "gate=false, and for a run without a gate unless the DICOM header ruled the image out.",
+    )
     model: ModelRef
     disclaimer: str
     heatmap_png_base64: str | None = Field(
         default=None,
         description="Grad-CAM overlay on the preprocessed image (PNG, base64); with heatmap=true, "
-        "not for a rejected image.",
+        "for a classified image (a rejected one only with gate=false).",
     )
     preprocessed_png_base64: str | None = Field(
         default=None, description="The preprocessed model input (PNG, base64); with heatmap=true."
@@ -423,7 +427,10 @@ class MicroBatcher:
         ``header``: the upload's DICOM header (:meth:`Run.classify_preprocessed`)."""
         self._start()
         loop = asyncio.get_running_loop()
-        request = _Request(image, gate, heatmap, source, header, loop.create_future(), loop, time.monotonic())
+        # bool(): the worker groups requests by `gate is True/False`; a truthy 1 would fit neither.
+        request = _Request(
+            image, bool(gate), heatmap, source, header, loop.create_future(), loop, time.monotonic()
+        )
         self._queue.put(request)
         return await request.future
 
