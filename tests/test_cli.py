@@ -105,6 +105,42 @@ def test_the_command_list_names_every_command_without_importing_tensorflow():
     assert "--orientation-check" in gate_help.stdout
 
 
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_image_is_scored(
+    tiny_run: Path, sample_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The outputs are written last: a folder given as predict's --out once ended in a traceback
+    after every image was scored, and the predictions were lost."""
+    from cxr_pneumonia.predict import Run
+
+    monkeypatch.setattr(Run, "load", staticmethod(lambda *a, **k: pytest.fail("the run was loaded")))
+    image = str(sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [
+        (
+            ["predict", str(tiny_run), image, "--out", str(tmp_path)],
+            f"{tmp_path}: is a folder; give a file name",
+        ),
+        (
+            ["predict", str(tiny_run), image, "--out", str(a_file / "p.csv")],
+            f"{a_file / 'p.csv'}: cannot be written ({a_file} is not a writable folder)",
+        ),
+        (
+            ["predict", str(tiny_run), image, "--heatmaps", str(a_file)],
+            f"{a_file}: exists and is not a folder",
+        ),
+        (["explain", str(tiny_run), image, "--out", str(a_file)], f"{a_file}: exists and is not a folder"),
+        (
+            ["evaluate", str(tiny_run), str(sample_dir), "--out", str(a_file)],
+            f"{a_file}: exists and is not a folder",
+        ),
+    ]
+    for args, message in cases:
+        assert main(args) == EXIT_USAGE, args
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_every_command_summary_is_one_line_for_the_command_list():
     """The command list shows a docstring's first paragraph as it is written: a summary broken over
     two source lines is listed broken (it was, for six commands)."""

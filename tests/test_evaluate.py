@@ -466,3 +466,26 @@ def test_evaluation_of_a_run_without_a_gate_says_it_was_not_checked(ungated_run,
     assert metrics["ci_unit"] == "patient" and metrics["n_ci_units"] == 40
     assert metrics["all_images"]["ci_unit"] == "patient" and metrics["operating_point"] == "default"
     assert "95 % CI, patient-level bootstrap (40 patients)" in html
+
+
+def test_a_failed_report_leaves_no_earlier_summary_beside_the_new_predictions(
+    ungated_run, sample_dir, tmp_path, monkeypatch
+):
+    """metrics.json is written last and marks the folder complete: an earlier evaluation's
+    metrics.json and report.html once stayed beside the new predictions when the report failed."""
+    import pandas as pd
+
+    from cxr_pneumonia import api, report
+
+    api.evaluate(ungated_run, sample_dir / "test", tmp_path, n_bootstrap=0, heatmaps=False)
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.html").is_file()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the report failed")
+
+    monkeypatch.setattr(report, "write_report", fails)
+    (tmp_path / "predictions.csv").unlink()
+    with pytest.raises(RuntimeError, match="the report failed"):
+        api.evaluate(ungated_run, sample_dir / "test", tmp_path, n_bootstrap=0, heatmaps=False)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.html").exists()
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 40  # the new predictions, whole

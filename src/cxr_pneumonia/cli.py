@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect as pyinspect
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -421,11 +422,12 @@ def gate(
     from cxr_pneumonia.config import ConfigError
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.gate import GateError
+    from cxr_pneumonia.rundir import RunError
     from cxr_pneumonia.train import TrainingError
 
     try:
         info = fit_gate(run, data, **{k: v for k, v in overrides.items() if v is not None})
-    except (TrainingError, GateError, DatasetError, ConfigError, ValueError, OSError) as e:
+    except (TrainingError, GateError, DatasetError, ConfigError, RunError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     typer.echo(
         f"gate: {run / 'gate'} ({info['n_fit']} training images, layers {', '.join(info['layers'])})\n"
@@ -469,6 +471,22 @@ PREDICT_COLUMNS = [
 ]  # fmt: skip
 
 
+def _check_writable(out: Path | None, *, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before any image is scored (the write comes
+    last, and failing there would lose every result)."""
+    if out is None:
+        return
+    if folder and out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: exists and is not a folder")
+    if not folder and out.is_dir():
+        raise CommandError(f"{out}: is a folder; give a file name")
+    # The folder that would receive it: the folder itself, a file's folder, or their nearest
+    # existing parent (missing folders are created).
+    existing = next(p for p in ((out,) if folder else ()) + tuple(out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{out}: cannot be written ({existing} is not a writable folder)")
+
+
 def _load_run(run: Path, runtime: str, operating_point: str | None = None):
     from cxr_pneumonia.predict import Run
     from cxr_pneumonia.rundir import RunError
@@ -507,7 +525,7 @@ def export_command(
     The ONNX model is float32 (any runtime); the plan keeps probabilities within --tolerance of
     float32 on validation images. Never pass test images."""
     from cxr_pneumonia.export import ExportConfig, ExportError, export_run
-    from cxr_pneumonia.rundir import export_dir
+    from cxr_pneumonia.rundir import RunError, export_dir
 
     try:
         cfg = ExportConfig(
@@ -518,7 +536,7 @@ def export_command(
             segments=segments,
         )
         info = export_run(run, cfg, calibration=calibration)
-    except (ExportError, ValueError, OSError) as e:
+    except (ExportError, RunError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
     checks = info["checks"]
     plan = " ".join(s["precision"] for s in info["segments"])
@@ -559,6 +577,7 @@ def evaluate(
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
 
+    _check_writable(out, folder=True)
     loaded = _load_run(run, runtime, operating_point)
     try:
         metrics = api_evaluate(
@@ -714,6 +733,7 @@ def robustness(
     from cxr_pneumonia.data import DatasetError
     from cxr_pneumonia.rundir import RunError
 
+    _check_writable(out, folder=True)
     loaded = _load_run(run, runtime)
     try:
         results = api_robustness(loaded, data, out, split=split)
@@ -775,6 +795,8 @@ def predict(
     from cxr_pneumonia.predict import expand_inputs
     from cxr_pneumonia.rundir import DISCLAIMER
 
+    _check_writable(out, folder=False)
+    _check_writable(heatmaps, folder=True)
     fmt = (output_format or (out.suffix.lstrip(".") if out is not None else "csv")).lower()
     if fmt not in ("csv", "json"):
         raise CommandError(f"--format must be csv or json, got {fmt!r}")
@@ -907,6 +929,7 @@ def explain(
     from cxr_pneumonia.predict import expand_inputs
     from cxr_pneumonia.rundir import DISCLAIMER
 
+    _check_writable(out, folder=True)
     loaded = _load_run(run, runtime, operating_point)
     files = expand_inputs(images)
     if not files:

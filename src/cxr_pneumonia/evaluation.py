@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cxr_pneumonia import rundir
 from cxr_pneumonia.batch import write_failures_csv
-from cxr_pneumonia.config import file_sha256, write_json
+from cxr_pneumonia.config import atomic_write_text, file_sha256, write_json
 from cxr_pneumonia.data import discover, is_kermany_patient_id
 from cxr_pneumonia.evaluate import apply_threshold, compute_metrics
 from cxr_pneumonia.io import ImageReadError, load_image
@@ -135,7 +135,11 @@ def evaluate(
         test_time_views=run.test_time_views,
     )
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / PREDICTIONS_FILE, index=False)
+    # An earlier evaluation's summary must not sit beside this one's predictions should the
+    # report fail: metrics.json, written last, says the folder is complete.
+    for stale in (METRICS_FILE, REPORT_FILE):
+        (out / stale).unlink(missing_ok=True)
+    atomic_write_text(out / PREDICTIONS_FILE, table.to_csv(index=False))
     write_failures_csv(out / rundir.FAILURES_FILE, failures)
     overlays = misclassified_overlays(run, headline, max_misclassified, overlay_for) if overlay_for else {}
     write_report(

@@ -97,7 +97,7 @@ class Run:
         self.image_size = int(config["model"]["image_size"])
         # The views the run's threshold was chosen on (train.TrainConfig.test_time_views); a run
         # from before the setting existed has none.
-        self.test_time_views = str(config.get("train", {}).get("test_time_views", "none"))
+        self.test_time_views = str((config.get("train") or {}).get("test_time_views", "none"))
         if self.test_time_views not in TEST_TIME_VIEWS:
             raise RunError(
                 f"{self.path / rundir.CONFIG_FILE}: unknown test_time_views {self.test_time_views!r}; "

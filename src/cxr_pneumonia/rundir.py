@@ -116,17 +116,40 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / MODEL_FILE).exists()
 
 
+def _read_object(file: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """A run file's JSON object; :class:`RunError` naming the file when it cannot be read or
+    holds something else (a damaged or hand-edited run must not end in a traceback)."""
+    try:
+        content = read_json(file)
+    except OSError as e:
+        raise RunError(f"{file}: cannot be read ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RunError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(content, dict):
+        raise RunError(f"{file}: not {what}")
+    return content
+
+
+def _check_threshold(point: Any, where: str) -> dict[str, Any]:
+    """``point`` when it holds a ``threshold`` in [0, 1]; :class:`RunError` naming ``where``."""
+    value = point.get("threshold") if isinstance(point, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise RunError(f"{where}: no threshold between 0 and 1 (found {value!r})")
+    return point
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    return read_json(Path(path) / CONFIG_FILE)
+    return _read_object(Path(path) / CONFIG_FILE)
 
 
 def read_threshold(path: Path) -> dict[str, Any]:
-    return read_json(Path(path) / THRESHOLD_FILE)
+    file = Path(path) / THRESHOLD_FILE
+    return _check_threshold(_read_object(file), str(file))
 
 
 def read_metrics_val(path: Path) -> dict[str, Any] | None:
     file = Path(path) / METRICS_VAL_FILE
-    return read_json(file) if file.is_file() else None
+    return _read_object(file) if file.is_file() else None
 
 
 # ---- named operating points ---------------------------------------------------------------------
@@ -149,12 +172,11 @@ def _read_points_file(path: str | Path) -> dict[str, Any]:
     file = Path(path) / OPERATING_POINTS_FILE
     if not file.is_file():
         return {"points": {}, "replaced": []}
-    try:
-        content = read_json(file)
-        if not isinstance(content.get("points"), dict):
-            raise ValueError("no 'points' object")
-    except (ValueError, AttributeError) as e:
-        raise RunError(f"{file}: not a valid operating-points file ({e})") from e
+    content = _read_object(file, "a valid operating-points file (not a JSON object)")
+    if not isinstance(content.get("points"), dict):
+        raise RunError(f"{file}: not a valid operating-points file (no 'points' object)")
+    for name, point in content["points"].items():
+        _check_threshold(point, f"{file}: operating point {name!r}")
     return {"points": content["points"], "replaced": list(content.get("replaced") or [])}
 
 
