@@ -141,6 +141,31 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_image_is_sc
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_preprocess_takes_a_runs_config_json_as_its_help_says(tiny_run, sample_dir, tmp_path):
+    """``--config``: "PreprocessConfig JSON (e.g. a run's)"; a run's config.json was refused for its
+    other sections. A file that is not a config names itself."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0], src / "a.jpeg")
+    size = json.loads((tiny_run / "config.json").read_text())["preprocess"]["size"]
+    done = subprocess.run(
+        [CLI, "preprocess", src, tmp_path / "dst", "--config", tiny_run / "config.json", "--workers", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == EXIT_OK, done.stderr
+    assert cv2.imread(str(tmp_path / "dst" / "a.png"), cv2.IMREAD_GRAYSCALE).shape == (size, size)
+    (tmp_path / "bad.json").write_text('{"size": "large"}')
+    bad = subprocess.run(
+        [CLI, "preprocess", src, tmp_path / "dst2", "--config", tmp_path / "bad.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == EXIT_USAGE and bad.stderr.startswith(
+        f"error: {tmp_path / 'bad.json'}: preprocessing"
+    )
+    assert not (tmp_path / "dst2").exists()
+
+
 def test_every_command_summary_is_one_line_for_the_command_list():
     """The command list shows a docstring's first paragraph as it is written: a summary broken over
     two source lines is listed broken (it was, for six commands)."""

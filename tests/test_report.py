@@ -349,3 +349,29 @@ def test_domain_check_consistent_batch(tmp_path: Path) -> None:
     assert "input check was off (--no-gate): the metrics above are on all 5 images" in section
     assert "consistent with validation (4% beyond the usual range, 5% expected)" in section
     assert "Batch shift" not in section and "showing 0 of 0" in section
+
+
+def test_evaluate_draws_heatmaps_for_exactly_the_misclassified_images_the_report_shows() -> None:
+    """10 missed pneumonias at 0.3 and 100 false alarms at 0.9 or more, 48 places: the gallery shows
+    the 10 false negatives and 38 false positives. Heatmaps once went to the 48 largest errors, all
+    false positives, so the missed pneumonias showed without one."""
+    from types import SimpleNamespace
+
+    from cxr_pneumonia.evaluation import misclassified_overlays
+
+    table = pd.DataFrame(
+        {
+            "path": [f"fn{i}" for i in range(10)] + [f"fp{i:03d}" for i in range(100)] + ["tp", "tn"],
+            "label": [1] * 10 + [0] * 100 + [1, 0],
+            "probability": [0.3] * 10 + [0.9 + i / 1000 for i in range(100)] + [0.95, 0.05],
+        }
+    )
+    asked: list[str] = []
+
+    def overlay_for(run, path):
+        asked.append(path)
+        return np.zeros((2, 2, 3), np.uint8)
+
+    overlays = misclassified_overlays(SimpleNamespace(threshold=0.5), table, 48, overlay_for)
+    assert asked == [f"fn{i}" for i in range(10)] + [f"fp{i:03d}" for i in range(99, 61, -1)]
+    assert list(overlays) == asked

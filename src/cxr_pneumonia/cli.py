@@ -191,11 +191,16 @@ def _preprocess_config(config_file: Path | None, overrides: dict[str, Any], step
     try:
         cfg = PreprocessConfig()
         if config_file is not None:
-            cfg = from_dict(PreprocessConfig, read_json(config_file))
+            values = read_json(config_file)
+            # A run's config.json holds every stage; its "preprocess" section is the one meant.
+            if isinstance(values, dict) and isinstance(values.get("preprocess"), dict):
+                values = values["preprocess"]
+            cfg = from_dict(PreprocessConfig, values)
         cfg = override(cfg, **overrides)
         return disable_steps(cfg, *(steps_off or []))
     except (OSError, ValueError, TypeError) as e:
-        raise CommandError(f"preprocessing config: {e}") from e
+        where = f"{config_file}: " if config_file is not None else ""
+        raise CommandError(f"{where}preprocessing config: {e}") from e
 
 
 def _preprocess_configs() -> tuple[Any, ...]:
@@ -563,7 +568,9 @@ def evaluate(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     split: Annotated[str | None, typer.Option(help="Only this split of a Kaggle layout (e.g. test).")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples for the 95 % intervals (0: none).", min=0)
+    ] = 1000,
     heatmaps: Annotated[bool, typer.Option(help="Grad-CAM for misclassified images in the report.")] = True,
     runtime: RuntimeOpt = "auto",
     gate: GateOpt = True,

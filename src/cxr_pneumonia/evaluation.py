@@ -317,13 +317,14 @@ def _short_metrics(metrics: dict[str, Any] | None) -> str:
 def misclassified_overlays(
     run: Run, table: pd.DataFrame, limit: int, overlay_for: OverlayFn
 ) -> dict[str, np.ndarray]:
-    """Heatmap overlays of the ``limit`` most confidently misclassified images (the report's)."""
-    wrong = table[table["label"] != table["predicted"]]
-    wrong = wrong.assign(error=(wrong["probability"] - wrong["label"]).abs()).sort_values(
-        "error", ascending=False
-    )
+    """Heatmap overlays of the misclassified images the report shows (``report.
+    misclassified_indices``: false negatives first, false positives at least half the places)."""
+    from cxr_pneumonia.report import misclassified_indices
+
+    y, s = table["label"].to_numpy(), table["probability"].to_numpy()
+    fn, fp, _, _ = misclassified_indices(y, s, run.threshold, limit)
     overlays = {}
-    for path in wrong["path"].head(limit):
+    for path in table["path"].to_numpy()[fn + fp]:
         overlay = overlay_for(run, path)
         if overlay is not None:
             overlays[path] = overlay

@@ -357,7 +357,7 @@ def _info_value(value: Any) -> Any:
     return _fmt(value, 4)
 
 
-def _misclassified(
+def misclassified_indices(
     y: np.ndarray, s: np.ndarray, threshold: float, max_items: int
 ) -> tuple[list[int], list[int], int, int]:
     """Indices of false negatives and false positives to show, most wrong first.
@@ -400,7 +400,7 @@ def _galleries(
     heatmaps: Mapping[str, np.ndarray],
 ) -> list[dict[str, Any]]:
     """The false-negative and false-positive galleries (headings, counts, items)."""
-    fn_idx, fp_idx, n_fn, n_fp = _misclassified(y, s, threshold, max_items)
+    fn_idx, fp_idx, n_fn, n_fp = misclassified_indices(y, s, threshold, max_items)
     galleries = []
     for heading, indices, total in (
         ("False negatives (missed pneumonia)", fn_idx, n_fn),
