@@ -616,6 +616,33 @@ def test_a_failing_batch_is_retried_one_by_one(
     assert [r.status_code for r in _concurrently(app, [("c.png", data, "")] * 3)] == [200] * 3
 
 
+def test_uploads_are_decoded_at_most_one_per_core_at_a_time(
+    run: Run, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 50 MP upload holds about a gigabyte while it is decoded; the loop's default pool (cores + 4
+    threads) let six decode at once on 2 cores. Six uploads at once, "2 cores": two at a time."""
+    original, lock, active, peak = serve._prepare, threading.Lock(), [0], [0]
+
+    def slow_prepare(*args: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.2)
+            return original(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(serve, "_prepare", slow_prepare)
+    monkeypatch.setattr(serve, "available_cores", lambda: 2)
+    app = serve.create_app(run)
+    data = images["png"].read_bytes()
+    responses = _concurrently(app, [(f"{i}.png", data, "") for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6
+    assert peak[0] == 2
+
+
 def test_a_truthy_gate_from_the_python_api_is_the_gate_on(run: Run, images: dict[str, Path]) -> None:
     """The worker groups a batch by ``gate is True`` / ``is False``: a ``gate=1`` request once fitted
     neither group and failed its whole batch with a KeyError."""
@@ -687,6 +714,32 @@ def test_api_without_the_token_is_401(
         assert response.status_code == 401, response.text
         assert response.headers["www-authenticate"] == "Bearer"
         assert "bearer token" in response.json()["detail"]
+
+
+def test_an_upload_without_the_token_is_refused_before_its_body_is_read(run: Run) -> None:
+    """The API's own check runs after FastAPI has parsed the multipart body (spooling it to disk);
+    the middleware refuses first. The body's receive() is never called."""
+    app = serve.create_app(run, token=TOKEN)
+    reads: list[int] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        reads.append(1)
+        return {"type": "http.request", "body": b"--x\r\n" + b"\0" * 1000, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"1006")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401 and (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"]) == {"detail": "missing bearer token"}
+    assert reads == []
 
 
 def test_api_with_the_token_answers(token_client: TestClient, run: Run, images: dict[str, Path]) -> None:

@@ -41,6 +41,7 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi.params import Depends as DependsParam
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -621,28 +622,38 @@ def _auth(token: str | None) -> list[DependsParam]:
     def require_token(request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
         authorization = request.headers.get("authorization")
         if not token_matches(authorization, token):
-            detail = "missing bearer token" if not authorization else "wrong bearer token"
-            raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, _bearer_refusal(authorization), headers={"WWW-Authenticate": "Bearer"})
 
     return [Depends(require_token)]
 
 
+def _bearer_refusal(authorization: str | None) -> str:
+    return "missing bearer token" if not authorization else "wrong bearer token"
+
+
 class PageAuthMiddleware:
-    """With a token, everything but the API (which checks it in :func:`_auth`) and ``/health``
-    (the page, its files, /docs, /redoc, /openapi.json) answers 401 with an HTTP Basic challenge
-    unless the token comes. A browser then asks for it once (password: the token) and sends it
-    with every later request to this server, the page's API calls included."""
+    """With a token, everything but ``/health`` answers 401 unless the token comes: the API as
+    :func:`_auth` does (a JSON ``detail``, ``WWW-Authenticate: Bearer``), here before its body is
+    read, so an anonymous upload is never parsed or spooled to disk; the page, its files, /docs,
+    /redoc and /openapi.json with an HTTP Basic challenge. A browser then asks for the token once
+    (password: the token) and sends it with every later request, the page's API calls included."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, token: str) -> None:
         self.app, self.token = app, token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path == "/health" or path.startswith(API_PREFIX):
+        authorization = Headers(scope=scope).get("authorization") if scope["type"] == "http" else None
+        if scope["type"] != "http" or path == "/health" or token_matches(authorization, self.token):
             await self.app(scope, receive, send)
             return
-        if token_matches(Headers(scope=scope).get("authorization"), self.token):
-            await self.app(scope, receive, send)
+        if path.startswith(API_PREFIX):
+            refusal: Any = JSONResponse(
+                {"detail": _bearer_refusal(authorization)},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await refusal(scope, receive, send)
             return
         refusal = PlainTextResponse(
             "This server wants its access token (user name: anything; password: the token).\n",
@@ -709,6 +720,10 @@ def create_app(
         description=f"Pneumonia probability and Grad-CAM heatmap for a chest X-ray. **{DISCLAIMER}**",
     )
     app.state.batcher = MicroBatcher(run, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    # Uploads are decoded in a pool of their own, one thread per core: a 50 MP 16-bit PNG holds
+    # about a gigabyte while it is decoded, and the loop's default pool (cores + 4 threads, up to
+    # 32) would let that many decode at once. More threads would not decode faster anyway.
+    app.state.decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="cxr-decode")
     app.add_middleware(
         BodyLimitMiddleware,
         limit=max_upload_bytes + _MULTIPART_SLACK,
@@ -770,15 +785,17 @@ def _add_predict(
         filename = Path(file.filename or "").name or "<upload>"
         data = await _read_upload(file, max_upload_bytes)
         loop = asyncio.get_running_loop()
-        # The event loop only waits: decoding, preprocessing and PNG encoding run in the loop's
-        # thread pool (OpenCV and the decoders release the GIL) while the model thread works.
-        image, header = await loop.run_in_executor(None, _prepare, run, data, filename, max_pixels)
+        # The event loop only waits: decoding, preprocessing and PNG encoding run in the decoding
+        # pool (OpenCV and the decoders release the GIL) while the model thread works.
+        image, header = await loop.run_in_executor(
+            app.state.decoders, _prepare, run, data, filename, max_pixels
+        )
         gate_on = default_gate if gate is None else gate
         prediction, cam = await batcher.submit(
             image, gate=gate_on, heatmap=heatmap, source=filename, header=header
         )
         if heatmap:
-            result = await loop.run_in_executor(None, _answer, prediction, cam, image)
+            result = await loop.run_in_executor(app.state.decoders, _answer, prediction, cam, image)
         else:
             result = _answer(prediction, None, None)
         # DEBUG, not INFO: upload names can carry patient identifiers.
