@@ -349,6 +349,32 @@ def test_robustness_on_validation_images_needs_no_test_data(tiny_run, tmp_path, 
     assert set(results) == {"clean", *PERTURBATIONS}
 
 
+def test_robustness_names_what_it_leaves_out_and_refuses_an_empty_split(
+    tiny_run, sample_dir, tmp_path, capsys, caplog
+):
+    """A split that matches nothing was "y_true and scores are empty"; an unreadable image was
+    skipped without a word."""
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / "test" / label).mkdir(parents=True)
+        for path in sorted((sample_dir / "test" / label).glob("*.jpeg"))[:3]:
+            shutil.copyfile(path, data / "test" / label / path.name)
+    (data / "test" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    assert main(["robustness", str(tiny_run), str(data), "--split", "tset"]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"error: {data}: no images in split 'tset'"
+    assert main(["robustness", str(tiny_run), "--split", "test"]) == EXIT_USAGE
+    assert "needs DATA" in capsys.readouterr().err
+    assert (
+        main(["robustness", str(tiny_run), str(data), "--split", "test", "--out", str(tmp_path / "r")])
+        == EXIT_OK
+    )
+    left_out = [r.getMessage() for r in caplog.records if "left out of the robustness" in r.getMessage()]
+    empty = data / "test" / "NORMAL" / "empty.jpeg"
+    assert left_out == [f"{empty}: empty file (0 bytes) (left out of the robustness figures)"]
+    results = json.loads((tmp_path / "r" / "robustness.json").read_text())["results"]
+    assert results["clean"]["n"] == 6
+
+
 # ---- the input gate ------------------------------------------------------------------------------
 
 

@@ -349,11 +349,11 @@ def robustness(
     from cxr_pneumonia.augment import PERTURBATIONS
 
     if data is None:
+        if split is not None:
+            raise ValueError(f"split {split!r} needs DATA: the run's own validation images have no splits")
         images = pd.read_csv(run.path / rundir.VAL_PREDICTIONS_FILE)[["path", "label"]]
     else:
-        images = discover(Path(data))
-        if split is not None:
-            images = images[images["split"] == split]
+        images = labelled_images(data, split)
     variants = {"clean": lambda img: img, **PERTURBATIONS}
     labels, scores = _perturbed_scores(run, images, variants, batch_size)
     results: dict[str, dict[str, Any]] = {}
@@ -384,7 +384,8 @@ def _perturbed_scores(
         for path, label in rows[start : start + batch_size]:
             try:
                 batch.append(load_image(path))
-            except ImageReadError:
+            except ImageReadError as e:
+                log.warning("%s (left out of the robustness figures)", e)
                 continue
             labels.append(int(label))
         for name, perturb in variants.items():
