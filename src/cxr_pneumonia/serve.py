@@ -647,18 +647,18 @@ class PageAuthMiddleware:
         if scope["type"] != "http" or path == "/health" or token_matches(authorization, self.token):
             await self.app(scope, receive, send)
             return
-        if path.startswith(API_PREFIX):
-            refusal: Any = JSONResponse(
+        refusal = (
+            JSONResponse(
                 {"detail": _bearer_refusal(authorization)},
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            await refusal(scope, receive, send)
-            return
-        refusal = PlainTextResponse(
-            "This server wants its access token (user name: anything; password: the token).\n",
-            status_code=401,
-            headers={"WWW-Authenticate": BASIC_REALM},
+            if path.startswith(API_PREFIX)
+            else PlainTextResponse(
+                "This server wants its access token (user name: anything; password: the token).\n",
+                status_code=401,
+                headers={"WWW-Authenticate": BASIC_REALM},
+            )
         )
         await refusal(scope, receive, send)
 
