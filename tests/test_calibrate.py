@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,27 @@ def test_operating_points_file_keeps_every_point_and_refuses_bad_names(tmp_path:
     (tmp_path / rundir.OPERATING_POINTS_FILE).write_text("[1, 2]")
     with pytest.raises(rundir.RunError, match="not a valid operating-points file"):
         rundir.read_operating_points(tmp_path)
+
+
+def test_points_saved_at_the_same_time_are_all_kept(tmp_path: Path, monkeypatch) -> None:
+    """Each save reads the file, adds its point and writes it back: without the lock, two sites
+    calibrating one run at once each wrote the file without the other's point."""
+    read = rundir._read_points_file
+
+    def slow_read(path):
+        content = read(path)
+        time.sleep(0.05)  # every thread has read before any writes, unless the lock serialises them
+        return content
+
+    monkeypatch.setattr(rundir, "_read_points_file", slow_read)
+    names = [f"site-{i}" for i in range(6)]
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(
+            pool.map(
+                lambda name: rundir.save_operating_point(tmp_path, {"name": name, "threshold": 0.5}), names
+            )
+        )
+    assert sorted(rundir.read_operating_points(tmp_path)) == names
 
 
 # ---------------------------------------------------------------------- calibrate on a real run
@@ -347,3 +370,37 @@ def test_serve_model_card_names_the_operating_point(run: api.Run, run_dir: Path,
     assert card["operating_point"] == "site-a" and card["threshold"]["threshold"] == site_a["threshold"]
     assert at_site.with_operating_point(None).operating_point == "default"
     assert at_site.with_operating_point("default").threshold == rundir.read_threshold(run_dir)["threshold"]
+
+
+def test_a_file_without_read_permission_is_left_out_not_fatal(
+    tiny_run: Path, make_run_copy, site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate hashed every file for the leakage check before scoring, and calibrate hashed every
+    file for the fingerprint after it: one file the user may not read aborted both with a traceback's
+    OSError. Now it is a failure row like any unreadable image. (Tests run as root, where chmod
+    cannot deny a read, so the operating system's refusal is simulated at the two calls that read.)"""
+    import builtins
+
+    sample = tmp_path / "site"
+    shutil.copytree(site, sample)
+    denied = sorted((sample / "NORMAL").glob("*.jpeg"))[0]
+
+    def refuse(path: object) -> None:
+        if Path(str(path)) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: refuse(file) or real_open(file, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read_bytes(self))
+    run = api.Run.load(make_run_copy(tiny_run, tmp_path / "run"))
+
+    metrics = api.evaluate(run, sample, tmp_path / "eval", n_bootstrap=0, gate=False, heatmaps=False)
+    failures = pd.read_csv(tmp_path / "eval" / "failures.csv")
+    assert metrics["n"] == 49 and metrics["n_failed"] == 1
+    assert list(failures["file"]) == [str(denied)] and "Permission denied" in failures["reason"].iloc[0]
+
+    point = api.calibrate(run, sample, name="site-b", target_recall=0.9, n_bootstrap=50, gate=False)
+    readable = sorted(p for p in sample.rglob("*.jpeg") if p != denied)
+    hashes = sorted(hashlib.sha256(real_read_bytes(p)).hexdigest() for p in readable)
+    assert (point["n"], point["n_failed"], point["data"]["n_files"]) == (49, 1, 50)
+    assert point["data"]["fingerprint"] == hashlib.sha256("\n".join(hashes).encode()).hexdigest()

@@ -492,6 +492,19 @@ def test_truncated_jpeg_is_rejected_before_libjpeg_prints_anything(
     assert capfd.readouterr().err == ""
 
 
+def test_jpeg_cut_short_and_closed_with_an_end_marker_is_truncated(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The end-of-image marker check passed such a file; OpenCV then printed libjpeg's warning
+    and returned the image with its lower part grey."""
+    data = _real_jpeg()
+    path = _write(tmp_path / "closed.jpg", data[: len(data) // 2] + b"\xff\xd9")
+    with pytest.raises(TruncatedImageError, match=r"closed\.jpg: JPEG data ends before the image does"):
+        load_image(path)
+    assert capfd.readouterr().err == ""
+    assert load_image(_write(tmp_path / "whole.jpg", data)).shape == (64, 64)
+
+
 def test_jpeg_with_trailing_bytes_after_eoi_is_accepted(tmp_path: Path) -> None:
     data = _real_jpeg()
     for tail in (b"\x00" * 10, b"vendor trailer"):

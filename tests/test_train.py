@@ -341,7 +341,7 @@ def test_robustness_on_validation_images_needs_no_test_data(tiny_run, tmp_path, 
     results = json.loads((tmp_path / "robustness.json").read_text())["results"]
     clean, val = results["clean"], json.loads((tiny_run / "metrics_val.json").read_text())
     # unperturbed validation images through the saved model give the validation metrics
-    assert clean["n"] == val["n"]
+    assert (clean["n"], clean["n_failed"]) == (val["n"], 0)
     assert clean["recall"] == pytest.approx(val["recall"]) and clean["specificity"] == pytest.approx(
         val["specificity"]
     )
@@ -364,15 +364,17 @@ def test_robustness_names_what_it_leaves_out_and_refuses_an_empty_split(
     assert capsys.readouterr().err.strip() == f"error: {data}: no images in split 'tset'"
     assert main(["robustness", str(tiny_run), "--split", "test"]) == EXIT_USAGE
     assert "needs DATA" in capsys.readouterr().err
+    # the rest is scored and written, and the exit code says some inputs failed
     assert (
         main(["robustness", str(tiny_run), str(data), "--split", "test", "--out", str(tmp_path / "r")])
-        == EXIT_OK
+        == EXIT_PARTIAL
     )
+    assert "1 images could not be read or preprocessed" in capsys.readouterr().out
     left_out = [r.getMessage() for r in caplog.records if "left out of the robustness" in r.getMessage()]
     empty = data / "test" / "NORMAL" / "empty.jpeg"
     assert left_out == [f"{empty}: empty file (0 bytes) (left out of the robustness figures)"]
     results = json.loads((tmp_path / "r" / "robustness.json").read_text())["results"]
-    assert results["clean"]["n"] == 6
+    assert (results["clean"]["n"], results["clean"]["n_failed"]) == (6, 1)
 
 
 # ---- the input gate ------------------------------------------------------------------------------

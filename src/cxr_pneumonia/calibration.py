@@ -210,7 +210,8 @@ def calibrate(
             "source": str(Path(data).resolve()),
             "split": split,
             "n_files": len(images),
-            "fingerprint": fingerprint(images["path"]),
+            # of the files scored: one that could not be read cannot be hashed either
+            "fingerprint": fingerprint(table["path"]),
         },
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,

@@ -752,6 +752,11 @@ def robustness(
             f"{name:16s} {row['n']:5d} {_fmt(row['roc_auc']):>8s} {_fmt(row['recall']):>7s} "
             f"{_fmt(row['specificity']):>11s}"
         )
+    if results["clean"]["n_failed"]:
+        typer.echo(
+            f"{results['clean']['n_failed']} images could not be read or preprocessed and were left out"
+        )
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 # --------------------------------------------------------------------------------------------

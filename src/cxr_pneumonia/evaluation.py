@@ -82,6 +82,15 @@ def leakage_check(run: Run, images: pd.DataFrame) -> dict[str, Any]:
     return result
 
 
+def _sha256_or_none(path: Path) -> str | None:
+    """The file's hash for the leakage check; None when it cannot be read (a file without read
+    permission must not stop the evaluation: scoring names it in failures.csv)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
 def evaluate(
     run: Run,
     data: str | Path,
@@ -109,7 +118,7 @@ def evaluate(
 
     out = Path(out)
     images = labelled_images(data, split)
-    images = images.assign(sha256=[file_sha256(Path(p)) for p in images["path"]])
+    images = images.assign(sha256=[_sha256_or_none(Path(p)) for p in images["path"]])
     leakage = leakage_check(run, images)
     table, failures, predictions = _predict_table(run, images, data, batch_size, gate)
     headline = _headline(table, run, data, gate)
@@ -344,7 +353,8 @@ def robustness(
     Perturbations (``augment.PERTURBATIONS``: contrast, gamma, blur, JPEG, crop, zoom, rotation)
     hit the raw image before the run's preprocessing, as a different scanner or export would.
     Without ``data`` it uses the run's own validation images, so it needs no test data.
-    Writes ``robustness.json`` into ``out`` when given.
+    Each variant's row counts the images it scored (``n``) and those it could not (``n_failed``:
+    unreadable, or preprocessing failed). Writes ``robustness.json`` into ``out`` when given.
     """
     from cxr_pneumonia.augment import PERTURBATIONS
 
@@ -361,7 +371,13 @@ def robustness(
         s = np.asarray(values, dtype=np.float64)
         ok = ~np.isnan(s)
         metrics = compute_metrics(labels[ok], s[ok], run.threshold, n_bootstrap=0)
-        results[name] = {"n": int(ok.sum()), **{k: metrics[k] for k in ("roc_auc", "recall", "specificity")}}
+        # n_failed: unreadable files plus images whose preprocessing failed under this variant;
+        # the CLI exits 2 when the clean row has any, as every other batch command does
+        results[name] = {
+            "n": int(ok.sum()),
+            "n_failed": len(images) - int(ok.sum()),
+            **{k: metrics[k] for k in ("roc_auc", "recall", "specificity")},
+        }
     if out is not None:
         payload = {"run": str(run.path), "data": str(data or "validation"), "threshold": run.threshold}
         payload["operating_point"] = run.operating_point

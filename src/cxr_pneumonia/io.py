@@ -22,6 +22,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from cxr_pneumonia.header import DicomHeader
 
@@ -271,7 +272,28 @@ def _decode_jpeg(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     # only if an EOI marker follows the first SOS; this also tolerates trailing padding.
     if data.rfind(b"\xff\xd9", scan_start) < 0:
         raise TruncatedImageError(name, "JPEG has no end-of-image marker (file cut short)")
+    _check_scan_complete(data, name)
     return _decode_raster(data, name, "JPEG")
+
+
+def _check_scan_complete(data: bytes, name: str) -> None:
+    """TruncatedImageError when the entropy-coded data ends before the image does.
+
+    A file cut short and then closed with an end-of-image marker (a broken transfer "repaired",
+    a partial write) passes the marker check; libjpeg then only warns, OpenCV prints the warning
+    and returns the image with the missing part grey. simplejpeg's strict mode turns libjpeg's
+    warnings into errors; a 1/8-scale decode reads all the entropy-coded data at a fraction of the
+    cost of a full one. Only "premature end" refuses the file: other warnings (stray bytes before
+    a marker) are common in files that viewers show as intended, and formats simplejpeg does not
+    read are left to OpenCV.
+    """
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8)
+    except ValueError as err:
+        if "premature end of data segment" in str(err):
+            raise TruncatedImageError(
+                name, "JPEG data ends before the image does (file cut short; the rest would be grey)"
+            ) from err
 
 
 def _jpeg_header(data: bytes, name: str) -> tuple[int, int, int]:

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from cxr_pneumonia import __version__
 from cxr_pneumonia.batch import FAILURES_NAME
 from cxr_pneumonia.config import file_sha256, read_json, to_dict, write_json
@@ -38,6 +40,7 @@ MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 THRESHOLD_FILE = "threshold.json"
 OPERATING_POINTS_FILE = "operating_points.json"  # named points from `calibrate`, beside threshold.json
+OPERATING_POINTS_LOCK = ".operating_points.lock"  # held while a point is added (read, change, write)
 DEFAULT_OPERATING_POINT = "default"  # threshold.json itself, never overwritten
 METRICS_VAL_FILE = "metrics_val.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
@@ -211,13 +214,18 @@ def save_operating_point(path: str | Path, point: dict[str, Any], *, replace: bo
     name = check_point_name(point.get("name", ""))
     if name == DEFAULT_OPERATING_POINT:
         raise ValueError(f"{DEFAULT_OPERATING_POINT!r} is the run's own threshold.json; choose another name")
-    content = _read_points_file(path)
-    if name in content["points"]:
-        if not replace:
-            raise ValueError(f"{path}: operating point {name!r} exists; choose another name or replace it")
-        content["replaced"].append(content["points"][name])
-    content["points"][name] = dict(point)
-    write_json(Path(path) / OPERATING_POINTS_FILE, content)
+    # Two sites calibrating the same run at once would each read the file, add their point and
+    # write: the later write would drop the earlier point. The lock makes read-change-write one step.
+    with FileLock(Path(path) / OPERATING_POINTS_LOCK):
+        content = _read_points_file(path)
+        if name in content["points"]:
+            if not replace:
+                raise ValueError(
+                    f"{path}: operating point {name!r} exists; choose another name or replace it"
+                )
+            content["replaced"].append(content["points"][name])
+        content["points"][name] = dict(point)
+        write_json(Path(path) / OPERATING_POINTS_FILE, content)
 
 
 # ---- the export folder -------------------------------------------------------------------------
