@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 from _common import add_json_argument, emit, fail
-from cxr_pneumonia.header import DicomHeader, rejection_reason
+from cxr_pneumonia.data import KERMANY_AGE_YEARS
+from cxr_pneumonia.header import DicomHeader, age_note, declared_age_years, rejection_reason
 
 DATA = "torchxrayvision/data/"
 PADCHEST = DATA + "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
@@ -88,12 +89,31 @@ def indiana(wheel: Path) -> dict[str, Any]:
 
 
 def rsna(wheel: Path) -> dict[str, Any]:
-    table = _read(wheel, RSNA, ["Modality", "BodyPartExamined", "ViewPosition"])
+    table = _read(wheel, RSNA, ["Modality", "BodyPartExamined", "ViewPosition", "PatientAge"])
     reasons = _decisions(
         table, modality="Modality", body_part="BodyPartExamined", view_position="ViewPosition"
     )
-    return {"n": len(table), "rejected": int((reasons != "").sum()),
-            "view_positions": table["ViewPosition"].value_counts().to_dict()}  # fmt: skip
+    ages = pd.Series(
+        [declared_age_years(DicomHeader(patient_age=a)) for a in table["PatientAge"]], dtype=float
+    )
+    # Patient's Age against Kermany's 1-5 years: the note a Kermany-trained run adds
+    marked = [
+        age_note(DicomHeader(patient_age=a), KERMANY_AGE_YEARS) is not None for a in table["PatientAge"]
+    ]
+    legible = ages.dropna()
+    with_unit = table["PatientAge"].str.strip().str[-1:].str.isalpha()
+    return {
+        "n": len(table),
+        "rejected": int((reasons != "").sum()),
+        "view_positions": table["ViewPosition"].value_counts().to_dict(),
+        "age": {
+            "legible": len(legible),
+            "written_with_a_unit": int(with_unit.sum()),
+            "marked_outside_1_to_5": int(sum(marked)),
+            "within_1_to_5": int(((legible >= 1) & (legible < 6)).sum()),
+            "quantiles": {str(q): float(legible.quantile(q)) for q in (0, 0.01, 0.5, 0.99, 1)},
+        },
+    }
 
 
 def main() -> None:
@@ -112,7 +132,9 @@ def main() -> None:
         f"{pad['lateral']['rejected']} of {pad['lateral']['n']} "
         f"({pad['lateral']['without_view_position']} laterals have no View Position)",
         f"Indiana: {ind['rejected']} of {ind['n']} rejected (frontal and lateral, unlabelled)",
-        f"RSNA (all frontal): rejected {rs['rejected']} of {rs['n']}",
+        f"RSNA (all frontal): rejected {rs['rejected']} of {rs['n']}; Patient's Age legible in "
+        f"{rs['age']['legible']} ({rs['age']['written_with_a_unit']} with a unit), marked as outside "
+        f"Kermany's 1-5 years in {rs['age']['marked_outside_1_to_5']}",
     ]
     emit(figures, summary, args.json)
 

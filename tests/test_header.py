@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from conftest import DECLARED_VIEWS, chest_dicom_bytes
-from cxr_pneumonia.header import DicomHeader, rejection_reason
+from cxr_pneumonia.header import DicomHeader, age_note, declared_age_years, rejection_reason
 from cxr_pneumonia.io import load_image, load_image_and_header, load_image_bytes_and_header
 
 
@@ -65,9 +66,13 @@ def test_header_is_read_from_a_dataset_and_survives_json() -> None:
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10232", "SRT", "left lateral"
     ds.ViewCodeSequence = [code]
+    ds.PatientAge = "045Y"
     header = DicomHeader.from_dataset(ds)
-    assert header == DicomHeader("DX", "CHEST", "LL", "left lateral")
+    assert header == DicomHeader("DX", "CHEST", "LL", "left lateral", "045Y")
     assert DicomHeader.from_json(header.to_json()) == header
+    # a header saved before the age was read (the Ray engine's JSON column) still loads
+    old = '{"body_part": "CHEST", "modality": "DX", "view": "", "view_position": "PA"}'
+    assert DicomHeader.from_json(old) == DicomHeader("DX", "CHEST", "PA")
     assert DicomHeader.from_json("") is None
     assert DicomHeader.from_dataset(Dataset()) == DicomHeader()
     multi = Dataset()
@@ -333,3 +338,77 @@ def test_predict_from_the_cli_says_how_many_the_headers_rejected(
     assert "3 of 4 images are not like the frontal chest X-rays this model was trained on, 3 of them" in (
         capsys.readouterr().err
     )
+
+
+# ---- the declared age --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("age", "years", "outside_1_to_5"),
+    [
+        ("", None, False),
+        ("unknown", None, False),
+        ("45", 45.0, True),  # no unit (the RSNA challenge's headers): years
+        ("4", 4.0, False),
+        ("45 years", None, False),  # free text: illegible, so it says nothing
+        ("-3Y", None, False),
+        ("003Y", 3.0, False),
+        ("005Y", 5.0, False),
+        ("071M", 71 / 12, False),  # 5 years 11 months: still five
+        ("072M", 6.0, True),
+        ("006Y", 6.0, True),
+        ("011M", 11 / 12, True),
+        ("010D", 10 / 365.25, True),
+        ("052W", 52 * 7 / 365.25, True),  # 364 days: not yet one
+        ("045Y", 45.0, True),
+        (" 45y ", 45.0, True),
+    ],
+)
+def test_declared_age_known_answers(age: str, years: float | None, outside_1_to_5: bool) -> None:
+    header = DicomHeader("CR", "CHEST", "PA", patient_age=age)
+    assert declared_age_years(header) == (pytest.approx(years) if years is not None else None)
+    note = age_note(header, [1.0, 5.0])
+    assert (note is not None) == outside_1_to_5
+    if note is not None:
+        assert note.startswith("the DICOM header declares Patient's Age " + age.strip())
+        assert "(1-5 years)" in note
+    assert age_note(header, None) is None  # a run that does not know its patients' ages marks nothing
+
+
+def test_the_training_population_is_known_only_for_kermany_files() -> None:
+    from cxr_pneumonia.data import training_population
+
+    assert training_population(["person1", "IM-0115", "NORMAL2-IM-0115"]) == {
+        "age_years": [1.0, 5.0],
+        "basis": "every training file is named as in Kermany et al. 2018, whose patients were 1-5 years old",
+    }
+    assert training_population(["person1", "site_b/0001.png"]) is None
+    assert training_population([]) is None
+
+
+def test_a_declared_adult_is_classified_and_marked_unusual(
+    tiny_run: Path, ungated_run: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    """Kermany's patients were children of 1-5 years; an adult's chest X-ray is the kind of image
+    the model reads, of a population it never saw. The age marks it; it rules nothing out."""
+    from cxr_pneumonia.api import predict
+
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["data"]["population"]["age_years"] == [1.0, 5.0]  # the sample's Kermany names
+    image = load_image(sorted((sample_dir / "test" / "NORMAL").glob("*.jpeg"))[0])
+    for name, age in (("child.dcm", "003Y"), ("adult.dcm", "045Y"), ("silent.dcm", "")):
+        attributes = {"PatientAge": age} if age else {}
+        (tmp_path / name).write_bytes(
+            chest_dicom_bytes(image, Modality="CR", ViewPosition="PA", **attributes)
+        )
+    for run in (tiny_run, ungated_run):
+        found = _by_name(predict(run, [tmp_path]))
+        child, adult, silent = found["child.dcm"], found["adult.dcm"], found["silent.dcm"]
+        assert (child.status, child.unusual, child.reason) == (silent.status, silent.unusual, silent.reason)
+        assert adult.status == "ok" and adult.unusual and adult.probability == child.probability
+        assert adult.reason.startswith(
+            "the DICOM header declares Patient's Age 045Y, outside the ages of the patients this model "
+            "was trained on (1-5 years); its figures may not hold"
+        )
+        # the input check's own verdict stays in the reason where there is one
+        assert adult.reason.endswith(f"; input check: {child.reason}" if child.reason else "may not hold")

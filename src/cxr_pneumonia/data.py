@@ -93,6 +93,24 @@ def parse_patient_id(filename: str) -> str:
     return _match_patient_id(filename) or Path(filename).name
 
 
+# Kermany et al. 2018 (Cell 172:1122-1131): "pediatric patients of one to five years old" from
+# Guangzhou Women and Children's Medical Center; the train split's file names carry their ids.
+KERMANY_AGE_YEARS = (1.0, 5.0)
+
+
+def training_population(patient_ids: Iterable[str]) -> dict[str, Any] | None:
+    """What is known of the patients a run learned from: the ages of Kermany's cohort when every
+    training and validation file carries a Kermany name; None otherwise (nothing is assumed about
+    other data). ``predict`` marks a DICOM whose declared Patient's Age lies outside the range."""
+    ids = list(patient_ids)
+    if not ids or not all(is_kermany_patient_id(str(pid)) for pid in ids):
+        return None
+    return {
+        "age_years": list(KERMANY_AGE_YEARS),
+        "basis": "every training file is named as in Kermany et al. 2018, whose patients were 1-5 years old",
+    }
+
+
 def is_kermany_patient_id(patient_id: str) -> bool:
     """Whether ``patient_id`` names a Kermany patient (as :func:`parse_patient_id` makes them),
     so that it means the same patient in any copy of the dataset."""

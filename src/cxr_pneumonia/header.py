@@ -11,16 +11,28 @@ rejects the image on it and its reason quotes the attribute.
 Only what the header states rules an image out: an absent, empty or unfamiliar value rules out
 nothing, and the gate still judges the pixels. Decubitus views (``RLD``, ``LLD``) are frontal
 projections of a patient lying on one side and pass.
+
+The header's Patient's Age (0010,1010) rules nothing out, but an age outside the training
+patients' (:func:`age_note`; Kermany's children were 1-5 years old) marks the prediction unusual:
+a chest X-ray of an adult is the image the model was built for, of a population it never saw.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["REASON_PREFIX", "DicomHeader", "is_header_reason", "rejection_reason"]
+__all__ = [
+    "REASON_PREFIX",
+    "DicomHeader",
+    "age_note",
+    "declared_age_years",
+    "is_header_reason",
+    "rejection_reason",
+]
 
 REASON_PREFIX = "the DICOM header declares"  # how every reason of rejection_reason begins
 
@@ -75,13 +87,15 @@ class DicomHeader:
     """The header attributes that say what an image shows; ``""`` where the header is silent.
 
     ``view_position``: View Position (0018,5101); ``view``: the code meaning of the View Code
-    Sequence (0054,0220), which digital radiographs (DX) may carry instead.
+    Sequence (0054,0220), which digital radiographs (DX) may carry instead; ``patient_age``:
+    Patient's Age (0010,1010) as written (``045Y``, ``018M``...).
     """
 
     modality: str = ""
     body_part: str = ""
     view_position: str = ""
     view: str = ""
+    patient_age: str = ""
 
     @classmethod
     def from_dataset(cls, ds: Any) -> DicomHeader:
@@ -92,6 +106,7 @@ class DicomHeader:
             body_part=_text(ds, "BodyPartExamined"),
             view_position=_text(ds, "ViewPosition"),
             view=_view_code_meaning(ds),
+            patient_age=_text(ds, "PatientAge"),
         )
 
     def to_json(self) -> str:
@@ -128,6 +143,37 @@ def rejection_reason(header: DicomHeader | None) -> str | None:
             "view; the model reads frontal chest X-rays"
         )
     return None
+
+
+# Age String (DICOM PS3.5 VR AS): three digits and a unit. Writers in the wild drop the padding
+# and the unit too (every one of the RSNA challenge's 26,684 headers says "43", not "043Y":
+# bench/header_eval.py); a bare number is read as years, as viewers read it.
+_AGE_STRING = re.compile(r"^(\d{1,3})\s*([DWMY]?)$")
+_YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def declared_age_years(header: DicomHeader | None) -> float | None:
+    """The Patient's Age in years; None when there is no header, no age or an illegible one."""
+    if header is None:
+        return None
+    match = _AGE_STRING.match(header.patient_age.strip().upper())
+    return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2) or "Y"] if match else None
+
+
+def age_note(header: DicomHeader | None, age_years: Sequence[float] | None) -> str | None:
+    """Why the declared age makes the prediction unusual: it lies outside ``age_years`` (the
+    training patients' ages, ``[youngest, oldest]``); None when it lies inside, or either is
+    unknown. The last year counts whole: a child of 5 years and 11 months is 5."""
+    age = declared_age_years(header)
+    if age is None or not age_years:
+        return None
+    youngest, oldest = float(age_years[0]), float(age_years[1])
+    if youngest <= age < oldest + 1:
+        return None
+    return (
+        f"{REASON_PREFIX} Patient's Age {header.patient_age.strip()}, outside the ages of the "
+        f"patients this model was trained on ({youngest:g}-{oldest:g} years); its figures may not hold"
+    )
 
 
 def is_header_reason(reason: str | None) -> bool:

@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from cxr_pneumonia.config import from_dict
 from cxr_pneumonia.data import CLASS_NAMES
 from cxr_pneumonia.evaluate import apply_threshold
 from cxr_pneumonia.gate import DomainModel, GateDecision
-from cxr_pneumonia.header import DicomHeader, rejection_reason
+from cxr_pneumonia.header import DicomHeader, age_note, rejection_reason
 from cxr_pneumonia.io import ImageReadError, list_image_files, load_image_and_header
 from cxr_pneumonia.preprocess import Pipeline, PreprocessConfig, PreprocessError, build_pipeline
 from cxr_pneumonia.rundir import DISCLAIMER, RunError
@@ -67,6 +67,15 @@ class Prediction:
         return asdict(self)
 
 
+def _with_age_note(prediction: Prediction, note: str | None) -> Prediction:
+    """``prediction`` marked unusual, ``note`` added to its reason, when it shows a probability
+    and the image's declared age lies outside the training patients' (``note``)."""
+    if note is None or prediction.probability is None:
+        return prediction
+    reason = f"{note}; input check: {prediction.reason}" if prediction.reason else note
+    return replace(prediction, unusual=True, reason=reason)
+
+
 def label_for(probability: float, threshold: float) -> str:
     """The class name under :func:`~cxr_pneumonia.evaluate.apply_threshold` (the rule the
     threshold was chosen with: PNEUMONIA when probability >= threshold)."""
@@ -103,6 +112,10 @@ class Run:
                 f"{self.path / rundir.CONFIG_FILE}: unknown test_time_views {self.test_time_views!r}; "
                 f"valid: {', '.join(TEST_TIME_VIEWS)}"
             )
+        # The training patients' ages (data.training_population); None when unknown (other data,
+        # or a run from before it was recorded): then no declared age marks anything.
+        population = (config.get("data") or {}).get("population") or {}
+        self.population_age: list[float] | None = population.get("age_years")
         # Without a runtime, ``model`` (or model.keras, loaded on first use) answers in float32.
         self._runtime = runtime or Runtime(self.path, dict(KERAS_INFO), keras_model=model)
 
@@ -249,21 +262,25 @@ class Run:
         ``sources`` name the images (default ``<image i>``). ``headers``: what each image's DICOM
         header declares (:func:`cxr_pneumonia.io.load_image_and_header`; None for PNG/JPEG): an
         image declared a lateral view, another modality or another body part is rejected
-        (:func:`cxr_pneumonia.header.rejection_reason`), whatever its gate score.
+        (:func:`cxr_pneumonia.header.rejection_reason`), whatever its gate score; one whose declared
+        age lies outside the training patients' is classified and marked unusual
+        (:func:`cxr_pneumonia.header.age_note`).
         """
         x = self._model_input(batch)
         sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(x))]
-        declared = [rejection_reason(h) for h in headers] if headers is not None else [None] * len(x)
+        headers = list(headers) if headers is not None else [None] * len(x)
+        declared = [rejection_reason(h) for h in headers]
         if len(sources) != len(x) or len(declared) != len(x):
             raise ValueError(f"{len(sources)} sources and {len(declared)} headers for {len(x)} images")
+        aged = [age_note(h, self.population_age) for h in headers]
         if self.gate is None:
             probabilities = self.predict_preprocessed(x, batch_size=batch_size)
             decisions: list[GateDecision | None] = [None] * len(x)
         else:
             probabilities, decisions = self._gated(x, batch_size)
         return [
-            self._classified(s, float(p), d, gated=gate, declared=r)
-            for s, p, d, r in zip(sources, probabilities, decisions, declared, strict=True)
+            _with_age_note(self._classified(s, float(p), d, gated=gate, declared=r), a)
+            for s, p, d, r, a in zip(sources, probabilities, decisions, declared, aged, strict=True)
         ]
 
     def _gated(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[GateDecision | None]]:

@@ -58,6 +58,7 @@ from cxr_pneumonia.data import (
     discover,
     image_statistics,
     make_splits,
+    training_population,
 )
 from cxr_pneumonia.distill import Teacher, check_unseen, load_teacher, soft_targets, teacher_probabilities
 from cxr_pneumonia.evaluate import (
@@ -1241,7 +1242,11 @@ def _finish_run(
         threshold=threshold,
         train_cfg=train_cfg,
         extra={
-            "data": {"source": str(data), **fingerprint},
+            "data": {
+                "source": str(data),
+                **fingerprint,
+                "population": training_population([*train_df["patient_id"], *val_df["patient_id"]]),
+            },
             "train_seconds": round(seconds, 1),
             **({"teacher": teacher} if teacher else {}),
         },
