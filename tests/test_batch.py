@@ -123,3 +123,29 @@ def test_failures_csv_is_sorted_with_a_header(tmp_path):
 
 def test_default_workers_is_at_least_one():
     assert default_workers() >= 1
+
+
+def test_a_file_without_read_permission_is_a_failure_row_not_a_stop(tree, tmp_path, monkeypatch):
+    """preprocess and train hash every file first: one the user may not read stopped the whole
+    batch with "[Errno 13] Permission denied". Now it fails alone, with the reader's reason.
+    (Tests run as root, where chmod cannot deny a read: the refusal is simulated at both reads.)"""
+    import builtins
+
+    denied = tree / "a" / "two.png"
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+    def refuse(path: object) -> None:
+        if Path(str(path)) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: refuse(file) or real_open(file, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read_bytes(self))
+
+    report = preprocess_tree(tree, tmp_path / "dst", CFG, workers=1, progress=False)
+    assert len(report.processed) == 2 and report.n_total == 4
+    assert read_failures(tmp_path / "dst" / FAILURES_NAME)["two.png"] == "cannot read file: Permission denied"
+
+    paths = sorted(tree.rglob("*.png"))
+    cached, report = cache_images(paths, CFG, tmp_path / "cache", workers=1, progress=False)
+    assert [p.name for p, c in zip(paths, cached, strict=True) if c is None] == ["two.png", "broken.png"]
+    assert dict(report.failures)[str(denied)] == "cannot read file: Permission denied"

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from conftest import DECLARED_VIEWS, chest_dicom_bytes
-from cxr_pneumonia.header import DicomHeader, age_note, declared_age_years, rejection_reason
+from cxr_pneumonia.header import DicomHeader, age_note, declared_age_years, is_header_reason, rejection_reason
 from cxr_pneumonia.io import load_image, load_image_and_header, load_image_bytes_and_header
 
 
@@ -297,23 +297,24 @@ def test_a_dicom_export_is_read_as_a_folder_and_its_headers_are_believed(
     from pydicom.data import get_testdata_file
 
     from cxr_pneumonia.api import predict
-    from cxr_pneumonia.io import list_image_files
+    from cxr_pneumonia.io import holds_no_image, list_image_files
 
     export = tmp_path / "export"
     shutil.copytree(Path(get_testdata_file("DICOMDIR", download=False)).parent, export)
     listed = list_image_files(export)
     assert len(list(export.rglob("DICOMDIR"))) == 2
     assert not [p for p in listed if p.name == "DICOMDIR"]  # an index, not an image
+    # the same indexes under other names are skipped by what they are (they were errors)
+    renamed = [p for p in export.rglob("DICOMDIR?*") if holds_no_image(p)]
+    assert len(renamed) >= 2 and {holds_no_image(p) for p in renamed} == {"Media Storage Directory Storage"}
+    assert not set(renamed) & set(listed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's notes on these old test files
         predictions = predict(tiny_run, [export])
     assert len(predictions) == len(listed)
     errors = [p for p in predictions if p.status == "error"]
-    # Each names what it is: the stripped test images, and the DICOMDIRs under other names.
-    assert {p.error for p in errors} == {
-        "no pixel data in this CT Image Storage object",
-        "no pixel data in this Media Storage Directory Storage object",
-    }
+    # The test images stripped of their pixels are broken images: errors that say what they are.
+    assert {p.error for p in errors} == {"no pixel data in this CT Image Storage object"}
     images = [p for p in predictions if p.status != "error"]
     assert len(images) == 31 and all(p.status == "rejected" for p in images)
     spine = [p for p in images if "Body Part Examined CSPINE" in p.reason]
@@ -352,6 +353,8 @@ def test_predict_from_the_cli_says_how_many_the_headers_rejected(
         ("4", 4.0, False),
         ("45 years", None, False),  # free text: illegible, so it says nothing
         ("-3Y", None, False),
+        ("000Y", None, False),  # a placeholder for an unknown age in many exports
+        ("0", None, False),
         ("003Y", 3.0, False),
         ("005Y", 5.0, False),
         ("071M", 71 / 12, False),  # 5 years 11 months: still five
@@ -370,20 +373,23 @@ def test_declared_age_known_answers(age: str, years: float | None, outside_1_to_
     note = age_note(header, [1.0, 5.0])
     assert (note is not None) == outside_1_to_5
     if note is not None:
-        assert note.startswith("the DICOM header declares Patient's Age " + age.strip())
-        assert "(1-5 years)" in note
+        assert note.startswith(f"Patient's Age {age.strip()} in the DICOM header is outside")
+        assert "(1-5 years)" in note and not is_header_reason(note)  # it marks; it does not reject
     assert age_note(header, None) is None  # a run that does not know its patients' ages marks nothing
 
 
 def test_the_training_population_is_known_only_for_kermany_files() -> None:
     from cxr_pneumonia.data import training_population
 
-    assert training_population(["person1", "IM-0115", "NORMAL2-IM-0115"]) == {
+    names = ["person1_virus_6.jpeg", "IM-0115-0001.jpeg", "NORMAL2-IM-0115-0001.jpeg"]
+    assert training_population(names, ["person1", "IM-0115", "NORMAL2-IM-0115"]) == {
         "age_years": [1.0, 5.0],
         "basis": "every training file is named as in Kermany et al. 2018, whose patients were 1-5 years old",
     }
-    assert training_population(["person1", "site_b/0001.png"]) is None
-    assert training_population([]) is None
+    assert training_population(["person1_virus_6.jpeg", "0001.png"], ["person1", "site_b/0001.png"]) is None
+    # a DICOM viewer's export names its files like Kermany's: IM-0001-0001.dcm
+    assert training_population(["IM-0001-0001.dcm"], ["IM-0001"]) is None
+    assert training_population([], []) is None
 
 
 def test_a_declared_adult_is_classified_and_marked_unusual(
@@ -407,8 +413,36 @@ def test_a_declared_adult_is_classified_and_marked_unusual(
         assert (child.status, child.unusual, child.reason) == (silent.status, silent.unusual, silent.reason)
         assert adult.status == "ok" and adult.unusual and adult.probability == child.probability
         assert adult.reason.startswith(
-            "the DICOM header declares Patient's Age 045Y, outside the ages of the patients this model "
+            "Patient's Age 045Y in the DICOM header is outside the ages of the patients this model "
             "was trained on (1-5 years); its figures may not hold"
         )
         # the input check's own verdict stays in the reason where there is one
         assert adult.reason.endswith(f"; input check: {child.reason}" if child.reason else "may not hold")
+    # a declared lateral of an adult, classified with the gate off: the rejection stays first and
+    # is still counted as the header's
+    (tmp_path / "adult_lateral.dcm").write_bytes(
+        chest_dicom_bytes(image, Modality="CR", ViewPosition="LL", PatientAge="045Y")
+    )
+    [lateral] = predict(tiny_run, [tmp_path / "adult_lateral.dcm"], gate=False)
+    assert lateral.status == "rejected" and lateral.unusual and is_header_reason(lateral.reason)
+    assert lateral.reason.startswith("the DICOM header declares View Position LL")
+    assert "(classified anyway: gate off); Patient's Age 045Y in the DICOM header" in lateral.reason
+    [gated] = predict(tiny_run, [tmp_path / "adult_lateral.dcm"])
+    assert gated.probability is None and "Patient's Age" not in gated.reason  # nothing shown, nothing marked
+
+
+def test_a_run_with_a_malformed_population_is_refused_at_load(
+    tiny_run: Path, make_run_copy, tmp_path: Path
+) -> None:
+    from cxr_pneumonia.predict import Run, RunError
+
+    for bad in ([5], {"youngest": 1}, [5, 1], ["1", "5"], [True, 5]):
+        run = make_run_copy(tiny_run, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["population"] = {"age_years": bad}
+        (run / "config.json").write_text(json.dumps(config))
+        with pytest.raises(RunError, match=r"config\.json: data\.population\.age_years must be"):
+            Run.load(run)
+    config["data"]["population"] = None  # a run on other data records none: nothing is marked
+    (run / "config.json").write_text(json.dumps(config))
+    assert Run.load(run).population_age is None

@@ -503,6 +503,16 @@ def test_jpeg_cut_short_and_closed_with_an_end_marker_is_truncated(
         load_image(path)
     assert capfd.readouterr().err == ""
     assert load_image(_write(tmp_path / "whole.jpg", data)).shape == (64, 64)
+    # with restart markers, a cut at one of them makes libjpeg name the marker it found instead
+    _, encoded = cv2.imencode(
+        ".jpg", cv2.GaussianBlur(_gradient(64, 64, 255), (5, 5), 0), [cv2.IMWRITE_JPEG_RST_INTERVAL, 1]
+    )
+    restart = encoded.tobytes()
+    cut = restart.index(b"\xff\xd3", restart.index(b"\xff\xda"))  # the fourth restart marker
+    with pytest.raises(TruncatedImageError, match="ends before the image does"):
+        load_image(_write(tmp_path / "restart.jpg", restart[:cut] + b"\xff\xd9"))
+    assert load_image(_write(tmp_path / "restart_whole.jpg", restart)).shape == (64, 64)
+    assert capfd.readouterr().err == ""
 
 
 def test_jpeg_with_trailing_bytes_after_eoi_is_accepted(tmp_path: Path) -> None:
@@ -705,3 +715,30 @@ def test_pydicom_is_imported_only_when_a_dicom_is_read() -> None:
         f"io.load_image({str(DATA / 'mono2_rescale.dcm')!r}); assert 'pydicom' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_dicom_objects_that_are_not_images_are_left_out_of_listings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS export holds structured reports and plans beside the images; each was an
+    unreadable file ("no pixel data") that made every command exit 2. An image object without
+    its pixels is still listed: it is a broken image, and loading it says so."""
+    from pydicom.data import get_testdata_file
+
+    build = fixture_builder().build_dataset
+    build(np.full((8, 8), 100, np.uint8)).save_as(tmp_path / "chest.dcm", enforce_file_format=True)
+    broken = build(np.full((8, 8), 100, np.uint8))
+    del broken.PixelData
+    broken.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    shutil.copy(get_testdata_file("test-SR.dcm", download=False), tmp_path / "1.2.826.0.1.3680043.2.1")
+    shutil.copy(get_testdata_file("rtplan.dcm", download=False), tmp_path / "plan.dcm")
+    with caplog.at_level("INFO", logger="cxr_pneumonia.io"):
+        listed = io.list_image_files(tmp_path)
+    assert [p.name for p in listed] == ["broken.dcm", "chest.dcm"]
+    assert caplog.messages == [
+        f"{tmp_path}: skipped 2 DICOM objects that hold no image (Comprehensive SR Storage, RT Plan Storage)"
+    ]
+    assert io.holds_no_image(tmp_path / "plan.dcm") == "RT Plan Storage"
+    assert io.holds_no_image(tmp_path / "broken.dcm") is None  # Secondary Capture Image Storage
+    with pytest.raises(io.UnsupportedDicomError, match="no pixel data in this Secondary Capture"):
+        load_image(tmp_path / "broken.dcm")

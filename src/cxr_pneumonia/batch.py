@@ -26,7 +26,7 @@ from cxr_pneumonia.config import (
     atomic_write_bytes,
     atomic_write_text,
     config_hash,
-    file_sha256,
+    file_sha256_or_none,
     read_json,
     to_dict,
     write_json,
@@ -224,11 +224,16 @@ def _plan_tree(
     jobs, skipped = [], []
     for source in tqdm(sources, desc="hashing", unit="img", disable=not progress or len(sources) < 500):
         target = target_for(source, src, dst)
-        sha = file_sha256(source)
-        if done.get(target.relative_to(dst).as_posix(), {}).get("sha256") == sha and target.exists():
+        # None: unreadable; its job fails on reading and lands in failures.csv, naming the file
+        sha = file_sha256_or_none(source)
+        if (
+            sha is not None
+            and done.get(target.relative_to(dst).as_posix(), {}).get("sha256") == sha
+            and target.exists()
+        ):
             skipped.append(target)
         else:
-            jobs.append(FileJob(source, target, sha))
+            jobs.append(FileJob(source, target, sha or ""))
     return jobs, skipped
 
 
@@ -313,11 +318,16 @@ def cache_images(
     """
     root = Path(cache_dir) / config_hash(cfg)
     write_json(root / CONFIG_NAME, to_dict(cfg))
-    targets: list[Path] = []
+    targets: list[Path | None] = []
     jobs: dict[Path, FileJob] = {}
     skipped: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
     for path in tqdm(paths, desc="hashing", unit="img", disable=not progress or len(paths) < 500):
-        sha = file_sha256(Path(path))
+        sha = file_sha256_or_none(Path(path))
+        if sha is None:  # the cache is keyed by content: a file that cannot be read has no entry
+            targets.append(None)
+            unreadable.append((str(path), _unreadable_reason(Path(path))))
+            continue
         target = root / sha[:2] / f"{sha}.png"
         targets.append(target)
         if target.exists():
@@ -326,5 +336,16 @@ def cache_images(
             jobs[target] = FileJob(Path(path), target, sha)
     report = run_jobs(list(jobs.values()), cfg, workers=workers, progress=progress)
     report.skipped = skipped
+    report.failures.extend(unreadable)
     ok = set(report.processed) | set(skipped)
     return [t if t in ok else None for t in targets], report
+
+
+def _unreadable_reason(path: Path) -> str:
+    """Why ``path`` could not be hashed, in the reader's words ("cannot read file: Permission
+    denied"), as a job that failed to read it would say."""
+    try:
+        load_image_and_header(path)
+    except ImageReadError as e:
+        return e.reason
+    return "could not be read while it was hashed"

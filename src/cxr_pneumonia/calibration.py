@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_pneumonia import __version__, rundir
-from cxr_pneumonia.data import CLASS_NAMES, content_hashes, discover
+from cxr_pneumonia.config import file_sha256_or_none
+from cxr_pneumonia.data import CLASS_NAMES, discover
 from cxr_pneumonia.evaluate import (
     RULES,
     bootstrap_rates,
@@ -210,8 +211,7 @@ def calibrate(
             "source": str(Path(data).resolve()),
             "split": split,
             "n_files": len(images),
-            # of the files scored: one that could not be read cannot be hashed either
-            "fingerprint": fingerprint(table["path"]),
+            "fingerprint": fingerprint(images["path"]),
         },
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
@@ -252,8 +252,10 @@ def _own_rule(threshold_info: dict[str, Any]) -> str:
 
 def fingerprint(paths: Sequence[str | Path]) -> str:
     """SHA-256 over the sorted content hashes of ``paths``: the same files give the same
-    fingerprint wherever they lie and whatever they are called."""
-    return hashlib.sha256("\n".join(sorted(content_hashes(paths))).encode()).hexdigest()
+    fingerprint wherever they lie and whatever they are called. A file that cannot be read (no
+    read permission) is left out of it; the point counts it in ``n_failed``."""
+    hashes = [h for h in (file_sha256_or_none(Path(p)) for p in paths) if h is not None]
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
 def _check_name_free(path: Path, name: str, replace: bool) -> None:

@@ -157,6 +157,15 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_sha256_or_none(path: Path) -> str | None:
+    """:func:`file_sha256`, or None when the file cannot be read (no read permission, gone): one
+    such file must not stop a batch; reading it for the image fails again and names it."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)

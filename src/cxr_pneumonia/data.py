@@ -98,12 +98,15 @@ def parse_patient_id(filename: str) -> str:
 KERMANY_AGE_YEARS = (1.0, 5.0)
 
 
-def training_population(patient_ids: Iterable[str]) -> dict[str, Any] | None:
+def training_population(paths: Iterable[str | Path], patient_ids: Iterable[str]) -> dict[str, Any] | None:
     """What is known of the patients a run learned from: the ages of Kermany's cohort when every
-    training and validation file carries a Kermany name; None otherwise (nothing is assumed about
-    other data). ``predict`` marks a DICOM whose declared Patient's Age lies outside the range."""
-    ids = list(patient_ids)
+    training and validation file is a JPEG with a Kermany name; None otherwise (nothing is assumed
+    about other data). ``predict`` marks a DICOM whose declared Patient's Age lies outside the
+    range. JPEG only: viewers export DICOM series as ``IM-0001-0001.dcm``, a Kermany-like name."""
+    ids, paths = list(patient_ids), list(paths)
     if not ids or not all(is_kermany_patient_id(str(pid)) for pid in ids):
+        return None
+    if not all(Path(p).suffix.lower() in (".jpeg", ".jpg") for p in paths):
         return None
     return {
         "age_years": list(KERMANY_AGE_YEARS),

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cxr_pneumonia import rundir
 from cxr_pneumonia.batch import write_failures_csv
-from cxr_pneumonia.config import atomic_write_text, file_sha256, write_json
+from cxr_pneumonia.config import atomic_write_text, file_sha256_or_none, write_json
 from cxr_pneumonia.data import discover, is_kermany_patient_id
 from cxr_pneumonia.evaluate import apply_threshold, compute_metrics
 from cxr_pneumonia.io import ImageReadError, load_image
@@ -82,15 +82,6 @@ def leakage_check(run: Run, images: pd.DataFrame) -> dict[str, Any]:
     return result
 
 
-def _sha256_or_none(path: Path) -> str | None:
-    """The file's hash for the leakage check; None when it cannot be read (a file without read
-    permission must not stop the evaluation: scoring names it in failures.csv)."""
-    try:
-        return file_sha256(path)
-    except OSError:
-        return None
-
-
 def evaluate(
     run: Run,
     data: str | Path,
@@ -118,7 +109,7 @@ def evaluate(
 
     out = Path(out)
     images = labelled_images(data, split)
-    images = images.assign(sha256=[_sha256_or_none(Path(p)) for p in images["path"]])
+    images = images.assign(sha256=[file_sha256_or_none(Path(p)) for p in images["path"]])
     leakage = leakage_check(run, images)
     table, failures, predictions = _predict_table(run, images, data, batch_size, gate)
     headline = _headline(table, run, data, gate)

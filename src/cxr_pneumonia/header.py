@@ -157,7 +157,9 @@ def declared_age_years(header: DicomHeader | None) -> float | None:
     if header is None:
         return None
     match = _AGE_STRING.match(header.patient_age.strip().upper())
-    return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2) or "Y"] if match else None
+    if not match or int(match.group(1)) == 0:  # "000Y" stands for an unknown age in many exports
+        return None
+    return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2) or "Y"]
 
 
 def age_note(header: DicomHeader | None, age_years: Sequence[float] | None) -> str | None:
@@ -170,8 +172,9 @@ def age_note(header: DicomHeader | None, age_years: Sequence[float] | None) -> s
     youngest, oldest = float(age_years[0]), float(age_years[1])
     if youngest <= age < oldest + 1:
         return None
+    # Not REASON_PREFIX: that begins the reasons that reject (is_header_reason); this one marks.
     return (
-        f"{REASON_PREFIX} Patient's Age {header.patient_age.strip()}, outside the ages of the "
+        f"Patient's Age {header.patient_age.strip()} in the DICOM header is outside the ages of the "
         f"patients this model was trained on ({youngest:g}-{oldest:g} years); its figures may not hold"
     )
 

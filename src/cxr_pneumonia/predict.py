@@ -46,7 +46,8 @@ class Prediction:
     images, or its DICOM header declares something other than a frontal chest radiograph: no
     probability or label, unless the gate was off) or ``error`` (unreadable, ``error`` says
     why). ``domain_score``/``domain_limit``: the gate's score and acceptance limit (None without
-    a gate); ``reason``: the verdict in words; ``unusual``: above the gate's unusual level;
+    a gate); ``reason``: the verdict in words; ``unusual``: above the gate's unusual level, or a
+    DICOM's declared age outside the training patients' (the reason says which);
     ``gated``: the input check decided what is shown (False with ``gate=False``, or for a run
     without a gate when no header ruled the image out).
     """
@@ -67,12 +68,36 @@ class Prediction:
         return asdict(self)
 
 
+def _population_age(config: dict[str, Any], path: Path) -> list[float] | None:
+    """``config.json``'s ``data.population.age_years`` ([youngest, oldest]); None when absent."""
+    data = config.get("data")
+    population = data.get("population") if isinstance(data, dict) else None
+    if population is None:
+        return None
+    ages = population.get("age_years") if isinstance(population, dict) else population
+    valid = (
+        isinstance(ages, list)
+        and len(ages) == 2
+        and all(isinstance(a, int | float) and not isinstance(a, bool) for a in ages)
+        and 0 <= ages[0] <= ages[1]
+    )
+    if not valid:
+        raise RunError(
+            f"{path / rundir.CONFIG_FILE}: data.population.age_years must be [youngest, oldest] in years, "
+            f"got {ages!r}"
+        )
+    return [float(a) for a in ages]
+
+
 def _with_age_note(prediction: Prediction, note: str | None) -> Prediction:
     """``prediction`` marked unusual, ``note`` added to its reason, when it shows a probability
     and the image's declared age lies outside the training patients' (``note``)."""
     if note is None or prediction.probability is None:
         return prediction
-    reason = f"{note}; input check: {prediction.reason}" if prediction.reason else note
+    if prediction.status == "rejected":  # classified with the gate off: the rejection comes first
+        reason = f"{prediction.reason}; {note}"
+    else:
+        reason = f"{note}; input check: {prediction.reason}" if prediction.reason else note
     return replace(prediction, unusual=True, reason=reason)
 
 
@@ -114,8 +139,7 @@ class Run:
             )
         # The training patients' ages (data.training_population); None when unknown (other data,
         # or a run from before it was recorded): then no declared age marks anything.
-        population = (config.get("data") or {}).get("population") or {}
-        self.population_age: list[float] | None = population.get("age_years")
+        self.population_age = _population_age(config, self.path)
         # Without a runtime, ``model`` (or model.keras, loaded on first use) answers in float32.
         self._runtime = runtime or Runtime(self.path, dict(KERAS_INFO), keras_model=model)
 

@@ -1245,7 +1245,9 @@ def _finish_run(
             "data": {
                 "source": str(data),
                 **fingerprint,
-                "population": training_population([*train_df["patient_id"], *val_df["patient_id"]]),
+                "population": training_population(
+                    [*train_df["path"], *val_df["path"]], [*train_df["patient_id"], *val_df["patient_id"]]
+                ),
             },
             "train_seconds": round(seconds, 1),
             **({"teacher": teacher} if teacher else {}),

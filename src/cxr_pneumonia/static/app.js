@@ -97,7 +97,7 @@
         `was trained on (${data.reason || "rejected"}). The result below is unreliable.`;
     }
     if (data.unusual) {
-      return "Unusual image: it passed the input check but is unlike most of the training images or patients " +
+      return "Unusual image: unlike most of the training images or patients " +
         `(${data.reason || "unusual"}). Treat the result with extra caution.`;
     }
     return "";
