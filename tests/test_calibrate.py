@@ -247,7 +247,9 @@ def test_cli_calibrate_prints_the_point_and_the_images_that_would_narrow_it(
     assert "to narrow the 95 % intervals to width 0.1: about " in out and "more PNEUMONIA images" in out
     assert main(["calibrate", str(run_dir), "--list"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == ["default", "site-a", "site-b", "site-c"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "default", "site-a", "site-b", "site-c", "validation-bootstrap_margin", "validation-max_specificity",
+    ]  # fmt: skip
     rules = {line.split()[0]: line.split()[3] for line in lines[1:]}
     assert rules["site-c"] == "max_specificity"  # a sample has no groups: the group_median run's fallback
     assert rules["default"] == rundir.read_threshold(run_dir)["rule"]
@@ -278,6 +280,7 @@ def test_calibrate_on_one_class_or_too_few_fails_in_one_line_and_writes_nothing(
     tiny_run: Path, sample_dir: Path, make_run_copy, tmp_path: Path, capsys, n_normal: int, n_pneumonia: int
 ) -> None:
     run = make_run_copy(tiny_run, tmp_path / "run")
+    before = (run / rundir.OPERATING_POINTS_FILE).read_bytes()  # training's validation points
     data = tmp_path / "data"
     for label, n in (("NORMAL", n_normal), ("PNEUMONIA", n_pneumonia)):
         (data / label).mkdir(parents=True)
@@ -289,7 +292,34 @@ def test_calibrate_on_one_class_or_too_few_fails_in_one_line_and_writes_nothing(
         f"error: {data}: calibration needs at least 10 images of each class; "
         f"found {n_normal} NORMAL and {n_pneumonia} PNEUMONIA"
     )
-    assert not (run / rundir.OPERATING_POINTS_FILE).exists()
+    assert (run / rundir.OPERATING_POINTS_FILE).read_bytes() == before
+
+
+def test_training_keeps_the_other_rules_validation_points(tiny_run: Path) -> None:
+    """Which rule transfers depends on the shift: every run keeps the thresholds of the rules it
+    did not use, chosen on the same validation scores, as named points to switch to."""
+    from cxr_pneumonia.evaluate import choose_threshold_with_margin, rates_at
+
+    config = json.loads((tiny_run / "config.json").read_text())
+    own = rundir.read_threshold(tiny_run)
+    assert own["rule"] == config["train"]["threshold_rule"] == "group_median"
+    points = rundir.read_operating_points(tiny_run)
+    assert sorted(points) == ["validation-bootstrap_margin", "validation-max_specificity"]
+    val = pd.read_csv(tiny_run / "val_predictions.csv")
+    y, s, target = val["label"].to_numpy(), val["probability"].to_numpy(), own["target_recall"]
+    pooled = choose_threshold(y, s, target_recall=target).threshold
+    margin = choose_threshold_with_margin(
+        y, s, val["patient_id"].astype(str).to_numpy(), target_recall=target,
+        percentile=config["train"]["threshold_margin_percentile"], seed=config["train"]["seed"],
+    )[0].threshold  # fmt: skip
+    for name, expected in (("validation-max_specificity", pooled), ("validation-bootstrap_margin", margin)):
+        point = points[name]
+        assert point["threshold"] == pytest.approx(expected, abs=1e-6), name
+        rates = rates_at(y, s, point["threshold"])
+        assert (point["recall"], point["specificity"]) == (rates["recall"], rates["specificity"])
+        assert point["chosen_on"].startswith("validation") and point["n"] == len(val)
+    at_pooled = api.Run.load(tiny_run, operating_point="validation-max_specificity")
+    assert at_pooled.threshold == points["validation-max_specificity"]["threshold"]
 
 
 # ---------------------------------------------------------------------- applying a point

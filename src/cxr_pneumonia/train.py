@@ -15,6 +15,7 @@ where an interrupted run stopped.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import io
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from cxr_pneumonia import __version__
 from cxr_pneumonia.augment import TEST_TIME_VIEWS, AugmentConfig
 from cxr_pneumonia.batch import cache_images, default_workers, write_failures_csv
 from cxr_pneumonia.config import (
@@ -102,6 +104,7 @@ from cxr_pneumonia.rundir import (
     HISTORY_FILE,
     METRICS_VAL_FILE,
     MODEL_FILE,
+    OPERATING_POINTS_FILE,
     OPTIMIZER_FILE,
     RANDOM_STATE_FILE,
     STATE_FILE,
@@ -925,6 +928,9 @@ def train(
         return _leave_run(run_dir, Path(out), strategy, model)
 
     choice, metrics_val, val_scores = _operating_point(model, val_df, train_cfg, cache_dir)
+    alternatives = validation_points(
+        val_df["label"].to_numpy(), val_scores, val_df, train_cfg, cache_dir=cache_dir
+    )
     if train_cfg.fit_gate:
         save_gate(run_fit_gate(model, preprocess_cfg, model_cfg, train_cfg, train_df, val_df), run_dir)
     _finish_run(
@@ -943,6 +949,7 @@ def train(
         data=data,
         seconds=time.perf_counter() - started,
         teacher=teacher.record() if teacher is not None else None,
+        alternatives=alternatives,
     )
     _workers_finish(strategy, model)
     return run_dir
@@ -1174,6 +1181,47 @@ def choose_operating_point(
     return OperatingPoint(float(record["threshold"]), record)
 
 
+# Rules whose validation threshold every run also keeps as a named operating point. Which rule
+# holds under a shift differs by shift (README: "Which threshold rule holds the target recall on
+# new patients"), so a deployment can switch without retraining or labelled site data:
+# --operating-point validation-max_specificity. calibrate on a site's sample beats all three.
+ALTERNATIVE_RULES = ("group_median", "max_specificity", "bootstrap_margin")
+
+
+def validation_points(
+    y: np.ndarray, scores: np.ndarray, val_df: pd.DataFrame, train_cfg: TrainConfig, *, cache_dir: Path | None
+) -> dict[str, dict[str, Any]]:
+    """``validation-<rule>`` for each of :data:`ALTERNATIVE_RULES` but the run's own (that one is
+    threshold.json, the ``default`` point): its threshold on the same validation scores, the
+    validation recall and specificity at it, for ``operating_points.json``."""
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    points = {}
+    for rule in ALTERNATIVE_RULES:
+        if rule == train_cfg.threshold_rule:
+            continue
+        choice = choose_operating_point(
+            y, scores, val_df, train_cfg.model_copy(update={"threshold_rule": rule}), cache_dir=cache_dir
+        )
+        rates = rates_at(y, scores, choice.threshold)
+        name = f"validation-{rule}"
+        points[name] = {
+            "name": name,
+            "threshold": choice.threshold,
+            "target_recall": float(train_cfg.target_recall),
+            "rule": rule,
+            "recall": rates["recall"],
+            "specificity": rates["specificity"],
+            "n": len(y),
+            "n_pos": int(np.sum(y == 1)),
+            "n_neg": int(np.sum(y == 0)),
+            "n_patients": int(val_df["patient_id"].nunique()),
+            "chosen_on": "validation (patient-grouped split of the training data)",
+            "created_at": created,
+            "package_version": __version__,
+        }
+    return points
+
+
 def _fixed_choice(y: np.ndarray, scores: np.ndarray, train_cfg: TrainConfig) -> ThresholdChoice:
     """``fixed_threshold``, chosen on nothing (the seed's decision at 0.5), with its validation rates."""
     rates = rates_at(y, scores, train_cfg.fixed_threshold)
@@ -1214,8 +1262,10 @@ def _finish_run(
     data: Any,
     seconds: float,
     teacher: dict[str, Any] | None = None,
+    alternatives: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Write every artefact, model.keras last (by rename), then drop the checkpoints."""
+    """Write every artefact, model.keras last (by rename), then drop the checkpoints.
+    ``alternatives``: the other rules' validation points (:func:`validation_points`)."""
     from cxr_pneumonia.report import plot_training_curves
 
     history = pd.DataFrame(history_rows)
@@ -1253,6 +1303,8 @@ def _finish_run(
             **({"teacher": teacher} if teacher else {}),
         },
     )
+    if alternatives:  # a run is not calibrated before it is complete: nothing here to keep
+        write_json(run_dir / OPERATING_POINTS_FILE, {"points": alternatives, "replaced": []})
     tmp = run_dir / ".model.tmp.keras"
     model.save(tmp)
     os.replace(tmp, run_dir / MODEL_FILE)
