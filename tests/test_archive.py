@@ -122,6 +122,9 @@ def test_an_output_folder_of_another_run_or_setting_is_refused(tiny_run, ungated
         score_archive(ungated_run, [], out)
     with pytest.raises(ArchiveError, match="another run or settings"):
         score_archive(tiny_run, [], out, ArchiveConfig(gate=False))
+    # the rows' labels follow the operating point: another one needs another folder
+    with pytest.raises(ArchiveError, match="operating point default"):
+        score_archive(tiny_run, [], out, ArchiveConfig(operating_point="validation-max_specificity"))
     assert score_archive(tiny_run, [], out, ArchiveConfig(workers=3, batch_size=8)).images == 0
 
 

@@ -318,6 +318,7 @@ def test_training_keeps_the_other_rules_validation_points(tiny_run: Path) -> Non
         rates = rates_at(y, s, point["threshold"])
         assert (point["recall"], point["specificity"]) == (rates["recall"], rates["specificity"])
         assert point["chosen_on"].startswith("validation") and point["n"] == len(val)
+        assert isinstance(point["achievable"], bool)  # whether the target was reachable at all
     at_pooled = api.Run.load(tiny_run, operating_point="validation-max_specificity")
     assert at_pooled.threshold == points["validation-max_specificity"]["threshold"]
 
@@ -434,3 +435,13 @@ def test_a_file_without_read_permission_is_left_out_not_fatal(
     hashes = sorted(hashlib.sha256(real_read_bytes(p)).hexdigest() for p in readable)
     assert (point["n"], point["n_failed"], point["data"]["n_files"]) == (49, 1, 50)
     assert point["data"]["fingerprint"] == hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def test_calibrate_leaves_the_validation_names_to_training(run_dir: Path, site: Path) -> None:
+    from cxr_pneumonia.calibration import CalibrationError, preflight
+
+    before = (run_dir / rundir.OPERATING_POINTS_FILE).read_bytes()
+    for name in ("validation-max_specificity", "validation-group_median"):
+        with pytest.raises(CalibrationError, match="points training chose on validation"):
+            preflight(run_dir, site, name=name, replace=True)
+    assert (run_dir / rundir.OPERATING_POINTS_FILE).read_bytes() == before

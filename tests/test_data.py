@@ -314,6 +314,14 @@ def test_content_hashes_are_sha256_in_order(tmp_path: Path) -> None:
     expected = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(70)]
     assert content_hashes(paths, workers=4) == expected
     assert content_hashes(paths[:3], workers=1) == expected[:3]
+    # a file that cannot be read has no hash, and the split still forms (train's first step read
+    # every file and stopped on one without read permission; a directory stands in for it here)
+    (tmp_path / "unreadable.bin").mkdir()
+    unreadable = [*paths, tmp_path / "unreadable.bin"]
+    assert content_hashes(unreadable, workers=4) == [*expected, None]
+    assert content_hashes(unreadable[-2:], workers=1) == [expected[-1], None]
+    frame = pd.DataFrame({"path": unreadable[-3:], "patient_id": ["a", "b", "b"]})
+    assert list(merge_duplicate_groups(frame)) == ["a", "b", "b"]
 
 
 def kaggle_frame() -> pd.DataFrame:

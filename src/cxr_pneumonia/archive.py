@@ -117,17 +117,25 @@ def _schema() -> Any:
     return pa.schema([(name, kinds.get(name, text)) for name in (*COLUMNS, "sha256")])
 
 
+# What an output folder's rows must share with a new job for it to add to them.
+_IDENTITY_KEYS = ("content", "runtime", "gate", "operating_point", "threshold")
+
+
 def run_identity(run: Path, cfg: ArchiveConfig) -> dict[str, Any]:
-    """What the scores depend on: the model, its export and gate (by content), runtime and gate choice."""
+    """What the rows depend on: the model, its export and gate (by content), runtime and gate
+    choice, and the operating point applied (its name and threshold: the labels follow it)."""
     files = [rundir.MODEL_FILE, rundir.CONFIG_FILE, rundir.THRESHOLD_FILE]
     for folder in (rundir.export_dir(run), run / "gate"):
         if folder.is_dir():
             files += sorted(str(p.relative_to(run)) for p in folder.iterdir() if p.is_file())
+    point = cfg.operating_point or rundir.DEFAULT_OPERATING_POINT
     return {
         "run": str(run.resolve()),
         "content": config_hash({name: file_sha256(run / name) for name in files}),
         "runtime": cfg.runtime,
         "gate": cfg.gate,
+        "operating_point": point,
+        "threshold": float(rundir.read_operating_point(run, point)["threshold"]),
     }
 
 
@@ -136,13 +144,16 @@ def _open_output(out: Path, run: Path, cfg: ArchiveConfig) -> None:
     identity = run_identity(run, cfg)
     meta = out / ARCHIVE_JSON
     if meta.is_file():
-        before = read_json(meta).get("identity", {})
-        if {k: before.get(k) for k in ("content", "runtime", "gate")} != {
-            k: identity[k] for k in ("content", "runtime", "gate")
-        }:
+        # a folder written before the operating point was recorded holds the default's rows
+        before = {"operating_point": rundir.DEFAULT_OPERATING_POINT, **read_json(meta).get("identity", {})}
+        before.setdefault(
+            "threshold", identity["threshold"] if before["operating_point"] == "default" else None
+        )
+        if {k: before.get(k) for k in _IDENTITY_KEYS} != {k: identity[k] for k in _IDENTITY_KEYS}:
             raise ArchiveError(
                 f"{out}: holds predictions of another run or settings ({before.get('run')}, runtime "
-                f"{before.get('runtime')}, gate {before.get('gate')}); choose another --out"
+                f"{before.get('runtime')}, gate {before.get('gate')}, operating point "
+                f"{before.get('operating_point')}); choose another --out"
             )
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (out / PARTS_DIR).glob(".part-*"):  # half-written by a killed job

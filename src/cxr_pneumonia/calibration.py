@@ -265,6 +265,11 @@ def _check_name_free(path: Path, name: str, replace: bool) -> None:
         raise CalibrationError(str(e)) from e
     if name == rundir.DEFAULT_OPERATING_POINT:
         raise CalibrationError(f"{name!r} is the run's own threshold (threshold.json); choose another name")
+    if name.startswith(rundir.VALIDATION_POINT_PREFIX):
+        raise CalibrationError(
+            f"{name!r}: names starting {rundir.VALIDATION_POINT_PREFIX!r} are the points training chose on "
+            "validation; choose another name"
+        )
     existing = rundir.read_operating_points(path).get(name)
     if existing is not None and not replace:
         raise CalibrationError(

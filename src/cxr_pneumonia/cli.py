@@ -712,14 +712,16 @@ def _interval(ci: list[float] | None, digits: int = 3) -> str:
 def _echo_points(points: dict[str, dict[str, Any]]) -> None:
     """One line per operating point: name, threshold, target recall, rule, recall and specificity
     where it was chosen, where and when."""
+    width = max(16, *(len(name) for name in points))
     typer.echo(
-        f"{'name':16s} {'threshold':>9s} {'target':>6s} {'rule':15s} {'recall':>6s} {'spec.':>6s}  chosen on"
+        f"{'name':{width}s} {'threshold':>9s} {'target':>6s} {'rule':16s} {'recall':>6s} {'spec.':>6s}"
+        "  chosen on"
     )
     for name, point in points.items():
         when = f", {point['created_at']}" if point.get("created_at") else ""
         typer.echo(
-            f"{name:16s} {point['threshold']:9.4f} {_fmt(point.get('target_recall')):>6s} "
-            f"{point.get('rule', 'n/a'):15s} {_fmt(point.get('recall')):>6s} "
+            f"{name:{width}s} {point['threshold']:9.4f} {_fmt(point.get('target_recall')):>6s} "
+            f"{point.get('rule', 'n/a'):16s} {_fmt(point.get('recall')):>6s} "
             f"{_fmt(point.get('specificity')):>6s}  {point.get('chosen_on', 'n/a')}{when}"
         )
 

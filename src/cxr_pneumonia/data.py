@@ -29,7 +29,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cxr_pneumonia import io
-from cxr_pneumonia.config import StageConfig, atomic_write_bytes, file_sha256
+from cxr_pneumonia.config import StageConfig, atomic_write_bytes, file_sha256, file_sha256_or_none
 from cxr_pneumonia.header import rejection_reason
 
 log = logging.getLogger(__name__)
@@ -295,17 +295,18 @@ def _count_line(df: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- duplicates
 
 
-def content_hashes(paths: Iterable[str | Path], *, workers: int | None = None) -> list[str]:
-    """SHA-256 of each file's bytes, in input order.
+def content_hashes(paths: Iterable[str | Path], *, workers: int | None = None) -> list[str | None]:
+    """SHA-256 of each file's bytes, in input order; None for a file that cannot be read (it
+    links nothing here, and fails with its reason where it is read for its image).
 
     Threads, not processes: reading and hashing release the GIL.
     """
     paths = [Path(p) for p in paths]
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     if workers <= 1 or len(paths) < 64:
-        return [file_sha256(p) for p in paths]
+        return [file_sha256_or_none(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(file_sha256, paths))
+        return list(pool.map(file_sha256_or_none, paths))
 
 
 class _UnionFind:

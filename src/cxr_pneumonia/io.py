@@ -213,10 +213,10 @@ def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
                 continue
             path = Path(folder) / filename
             suffix = path.suffix.lower()
-            dicom = suffix in DICOM_SUFFIXES or (_maybe_uid_named(suffix) and _file_is_dicom(path))
-            if not (dicom or suffix in IMAGE_SUFFIXES):
+            head = _head(path) if suffix in DICOM_SUFFIXES or _maybe_uid_named(suffix) else b""
+            if not (suffix in IMAGE_SUFFIXES or is_dicom(head)):
                 continue
-            kind = holds_no_image(path) if dicom else None
+            kind = holds_no_image(path, head) if is_dicom(head) else None
             if kind:
                 not_images.append((path, kind))
             else:
@@ -229,39 +229,48 @@ def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def holds_no_image(path: Path) -> str | None:
+def holds_no_image(path: Path, head: bytes | None = None) -> str | None:
     """The kind of a DICOM object that is not an image and has no pixel data (``"Basic Text SR
     Storage"``, ``"Grayscale Softcopy Presentation State Storage"``, ``"RT Plan Storage"``...);
     None for an image, or a file this cannot tell (loading it says why it fails, if it does).
 
-    Both must hold: an image object that lost its pixels is a broken image, to be reported.
-    Only the file meta is read first; the data set (its large values left unread) only when the
-    SOP class is not an image's, and never when it is deflated (it could inflate to gigabytes).
+    Both must hold: an image object that lost its pixels is a broken image, to be reported. The
+    SOP class comes from the file meta in the first bytes (``head``, read when not given), walked
+    here: pydicom parses the rest of the data set (its large values unread) only when the class is
+    not an image's, and never when it is deflated (it could inflate to gigabytes). A file without
+    the preamble and file meta is not judged.
     """
     try:
+        head = _head(path) if head is None else head
+        if not is_dicom(head):
+            return None
+        elements, _ = _file_meta_elements(head)
+        sop_class = elements.get(0x0002, b"").rstrip(b"\x00 ").decode("ascii")
+        transfer_syntax = elements.get(0x0010, b"").rstrip(b"\x00 ")
+        if not sop_class or transfer_syntax == DEFLATED_TRANSFER_SYNTAX:
+            return None
         dicom = _pydicom()
-        meta = dicom.read_file_meta_info(path)
-        kind = getattr(meta.get("MediaStorageSOPClassUID"), "name", "")
+        kind = dicom.uid.UID(sop_class).name
         # pydicom names an unknown UID by the UID itself: only a registered name says what it is.
         if not kind or kind[0].isdigit() or "Image" in kind:
-            return None
-        if str(meta.get("TransferSyntaxUID", "")).encode() == DEFLATED_TRANSFER_SYNTAX:
             return None
         return None if _has_pixel_data(dicom.dcmread(path, defer_size=1024)) else kind
     except Exception:  # pydicom raises many exception types on malformed input
         return None
 
 
-def _maybe_uid_named(suffix: str) -> bool:
-    return suffix == "" or suffix[1:].isdigit()
-
-
-def _file_is_dicom(path: Path) -> bool:
+def _head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of ``path`` (a DICOM's preamble and file meta fit); b"" when it
+    cannot be read (loading it says why)."""
     try:
         with open(path, "rb") as handle:
-            return is_dicom(handle.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)))
+            return handle.read(size)
     except OSError:
-        return False
+        return b""
+
+
+def _maybe_uid_named(suffix: str) -> bool:
+    return suffix == "" or suffix[1:].isdigit()
 
 
 def _not_an_image_reason(data: bytes) -> str:
@@ -443,7 +452,6 @@ def _pydicom() -> SimpleNamespace:
 
     return SimpleNamespace(
         dcmread=pydicom.dcmread,
-        read_file_meta_info=pydicom.filereader.read_file_meta_info,
         uid=pydicom.uid,
         FileMetaDataset=FileMetaDataset,
         apply_modality_lut=apply_modality_lut,
@@ -460,18 +468,27 @@ DEFLATED_BYTES_PER_PIXEL = 16
 _LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 
 
-def _file_meta_end(data: bytes) -> int:
-    """Offset of the data set after a preamble's file meta group (group 2, explicit VR little
-    endian by the standard); 132 when the group cannot be walked."""
+def _file_meta_elements(data: bytes) -> tuple[dict[int, bytes], int]:
+    """The file meta group after a preamble (group 2, explicit VR little endian by the standard):
+    each element's value by element number, and the offset of the data set after it (132 when
+    the group cannot be walked)."""
+    elements: dict[int, bytes] = {}
     offset = 132
     while offset + 8 <= len(data) and data[offset : offset + 2] == b"\x02\x00":
+        element = struct.unpack_from("<H", data, offset + 2)[0]
         vr = data[offset + 4 : offset + 6]
         if vr in _LONG_VRS:
             length, offset = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
         else:
             length, offset = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        elements[element] = bytes(data[offset : offset + length])
         offset += length
-    return offset
+    return elements, offset
+
+
+def _file_meta_end(data: bytes) -> int:
+    """Offset of the data set after a preamble's file meta group; 132 when it cannot be walked."""
+    return _file_meta_elements(data)[1]
 
 
 def _check_inflated_size(data: bytes, name: str, max_pixels: int) -> None:

@@ -122,7 +122,7 @@ class Run:
     ) -> None:
         self.path = Path(path)
         self.config = config
-        # ``threshold`` is threshold.json (the ``default`` point) or a named point (``calibrate``).
+        # ``threshold`` is threshold.json (the ``default`` point) or a named point (operating_points.json).
         self.operating_point = operating_point
         self.threshold_info = threshold
         self.threshold = float(threshold["threshold"])
@@ -161,8 +161,9 @@ class Run:
     ) -> Run:
         """Load a complete run directory (a half-written one has no model.keras and is refused).
 
-        ``operating_point``: the name of a point saved by ``calibrate`` whose threshold the run
-        applies (None or ``default``: the threshold chosen on validation); an unknown name is a
+        ``operating_point``: the name of a point in operating_points.json (training's other rules,
+        ``validation-<rule>``, or a site's from ``calibrate``) whose threshold the run applies
+        (None or ``default``: the threshold chosen on validation); an unknown name is a
         :class:`RunError` listing the known ones.
 
         ``runtime``: ``keras`` (float32 Keras), ``openvino`` (the run's export, see

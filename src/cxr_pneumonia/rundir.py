@@ -5,7 +5,8 @@ A run directory holds everything needed to apply a model exactly as it was valid
     model.keras            the trained model; written last, by rename: a run is complete when it exists
     config.json            preprocessing, model and training configs, package version, data fingerprint
     threshold.json         the operating point chosen on validation (the point named ``default``)
-    operating_points.json  named operating points chosen on a site's labelled sample (``calibrate``)
+    operating_points.json  named operating points: the other threshold rules on validation
+                           (``validation-<rule>``, by train) and those of a site's sample (``calibrate``)
     metrics_val.json       validation metrics at that threshold
     val_predictions.csv    validation images with their scores (robustness, export calibration)
     training_images.csv    content hashes and patient ids of every image trained or validated on
@@ -39,8 +40,10 @@ from cxr_pneumonia.data import CLASS_NAMES
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 THRESHOLD_FILE = "threshold.json"
-OPERATING_POINTS_FILE = "operating_points.json"  # named points from `calibrate`, beside threshold.json
+OPERATING_POINTS_FILE = "operating_points.json"  # named points: training's other rules, `calibrate`
 OPERATING_POINTS_LOCK = ".operating_points.lock"  # held while a point is added (read, change, write)
+# training's points of the rules it did not use (train.validation_points); calibrate never takes it
+VALIDATION_POINT_PREFIX = "validation-"
 DEFAULT_OPERATING_POINT = "default"  # threshold.json itself, never overwritten
 METRICS_VAL_FILE = "metrics_val.json"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"

@@ -27,6 +27,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,7 @@ from cxr_pneumonia.rundir import (
     TRAINING_CURVES_FILE,
     TRAINING_IMAGES_FILE,
     VAL_PREDICTIONS_FILE,
+    VALIDATION_POINT_PREFIX,
     read_config,
     write_metadata,
 )
@@ -1199,11 +1201,13 @@ def validation_points(
     for rule in ALTERNATIVE_RULES:
         if rule == train_cfg.threshold_rule:
             continue
-        choice = choose_operating_point(
-            y, scores, val_df, train_cfg.model_copy(update={"threshold_rule": rule}), cache_dir=cache_dir
-        )
+        with warnings.catch_warnings():  # the run's own rule has warned; "achievable" records it here
+            warnings.simplefilter("ignore", UserWarning)
+            choice = choose_operating_point(
+                y, scores, val_df, train_cfg.model_copy(update={"threshold_rule": rule}), cache_dir=cache_dir
+            )
         rates = rates_at(y, scores, choice.threshold)
-        name = f"validation-{rule}"
+        name = f"{VALIDATION_POINT_PREFIX}{rule}"
         points[name] = {
             "name": name,
             "threshold": choice.threshold,
@@ -1215,6 +1219,8 @@ def validation_points(
             "n_pos": int(np.sum(y == 1)),
             "n_neg": int(np.sum(y == 0)),
             "n_patients": int(val_df["patient_id"].nunique()),
+            # a group rule without enough positives per group falls back to the pooled threshold
+            **{k: choice.record[k] for k in ("achievable", "fallback") if choice.record.get(k) is not None},
             "chosen_on": "validation (patient-grouped split of the training data)",
             "created_at": created,
             "package_version": __version__,
