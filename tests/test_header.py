@@ -446,3 +446,29 @@ def test_a_run_with_a_malformed_population_is_refused_at_load(
     config["data"]["population"] = None  # a run on other data records none: nothing is marked
     (run / "config.json").write_text(json.dumps(config))
     assert Run.load(run).population_age is None
+
+
+def test_evaluate_counts_the_declared_adults_with_or_without_a_gate(
+    tiny_run: Path, ungated_run: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    import warnings
+
+    from cxr_pneumonia.api import evaluate
+
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i, path in enumerate(sorted((sample_dir / "test" / label).glob("*.jpeg"))[:3]):
+            age = "045Y" if i == 0 else "004Y"
+            (tmp_path / "data" / label / f"{i}.dcm").write_bytes(
+                chest_dicom_bytes(load_image(path), Modality="CR", ViewPosition="PA", PatientAge=age)
+            )
+    for run in (tiny_run, ungated_run):
+        out = tmp_path / f"eval-{run.parent.name}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a tiny sample: one class may be missing
+            metrics = evaluate(run, tmp_path / "data", out, n_bootstrap=0, heatmaps=False, gate=False)
+        assert metrics["n_age_outside"] == 2
+        assert (
+            "2 image(s) of patients whose DICOM header declares an age outside"
+            in (out / "report.html").read_text()
+        )

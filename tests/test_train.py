@@ -369,7 +369,9 @@ def test_robustness_names_what_it_leaves_out_and_refuses_an_empty_split(
         main(["robustness", str(tiny_run), str(data), "--split", "test", "--out", str(tmp_path / "r")])
         == EXIT_PARTIAL
     )
-    assert "1 images could not be read or preprocessed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 of 7 images could not be read or preprocessed" in printed
+    assert re.search(r"^clean\s+6\s+1\s", printed, re.MULTILINE)  # n, failed
     left_out = [r.getMessage() for r in caplog.records if "left out of the robustness" in r.getMessage()]
     empty = data / "test" / "NORMAL" / "empty.jpeg"
     assert left_out == [f"{empty}: empty file (0 bytes) (left out of the robustness figures)"]

@@ -748,15 +748,18 @@ def robustness(
         results = api_robustness(loaded, data, out, split=split)
     except (RunError, DatasetError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
-    typer.echo(f"{'perturbation':16s} {'n':>5s} {'roc_auc':>8s} {'recall':>7s} {'specificity':>11s}")
+    typer.echo(
+        f"{'perturbation':16s} {'n':>5s} {'failed':>6s} {'roc_auc':>8s} {'recall':>7s} {'specificity':>11s}"
+    )
     for name, row in results.items():
         typer.echo(
-            f"{name:16s} {row['n']:5d} {_fmt(row['roc_auc']):>8s} {_fmt(row['recall']):>7s} "
-            f"{_fmt(row['specificity']):>11s}"
+            f"{name:16s} {row['n']:5d} {row['n_failed']:6d} {_fmt(row['roc_auc']):>8s} "
+            f"{_fmt(row['recall']):>7s} {_fmt(row['specificity']):>11s}"
         )
-    if results["clean"]["n_failed"]:
+    failed, scored = results["clean"]["n_failed"], results["clean"]["n"]
+    if failed:
         typer.echo(
-            f"{results['clean']['n_failed']} images could not be read or preprocessed and were left out"
+            f"{failed} of {failed + scored} images could not be read or preprocessed and were left out"
         )
         raise typer.Exit(EXIT_PARTIAL)
 

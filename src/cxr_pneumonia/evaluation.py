@@ -23,6 +23,7 @@ from cxr_pneumonia.batch import write_failures_csv
 from cxr_pneumonia.config import atomic_write_text, file_sha256_or_none, write_json
 from cxr_pneumonia.data import discover, is_kermany_patient_id
 from cxr_pneumonia.evaluate import apply_threshold, compute_metrics
+from cxr_pneumonia.header import has_age_note
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.predict import Prediction, Run
 from cxr_pneumonia.preprocess import PreprocessError
@@ -125,6 +126,8 @@ def evaluate(
         run=str(run.path),
         data=str(data),
         n_failed=len(failures),
+        # gate or not: images whose DICOM header declares an age the training patients did not have
+        n_age_outside=int(sum(has_age_note(p.reason) for p in predictions if p.error is None)),
         operating_point=run.operating_point,
         threshold_rule=run.threshold_info.get("rule"),
         evaluated_on="accepted images" if gate and run.gate is not None else "all images",

@@ -26,15 +26,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "AGE_NOTE_MARK",
     "REASON_PREFIX",
     "DicomHeader",
     "age_note",
     "declared_age_years",
+    "has_age_note",
     "is_header_reason",
     "rejection_reason",
 ]
 
 REASON_PREFIX = "the DICOM header declares"  # how every reason of rejection_reason begins
+AGE_NOTE_MARK = "in the DICOM header is outside the ages of the patients"  # in every age_note
 
 # View Position (0018,5101) values that are not frontal projections: the defined terms, and LAT.
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT"})
@@ -174,9 +177,14 @@ def age_note(header: DicomHeader | None, age_years: Sequence[float] | None) -> s
         return None
     # Not REASON_PREFIX: that begins the reasons that reject (is_header_reason); this one marks.
     return (
-        f"Patient's Age {header.patient_age.strip()} in the DICOM header is outside the ages of the "
-        f"patients this model was trained on ({youngest:g}-{oldest:g} years); its figures may not hold"
+        f"Patient's Age {header.patient_age.strip()} {AGE_NOTE_MARK} this model was trained on "
+        f"({youngest:g}-{oldest:g} years); its figures may not hold"
     )
+
+
+def has_age_note(reason: str | None) -> bool:
+    """Whether a prediction's ``reason`` carries :func:`age_note`'s mark."""
+    return bool(reason) and AGE_NOTE_MARK in reason
 
 
 def is_header_reason(reason: str | None) -> bool:

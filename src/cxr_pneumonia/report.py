@@ -301,8 +301,15 @@ def _domain_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     :func:`cxr_pneumonia.evaluation.evaluate` records them; a note when there are none.
     """
     domain = metrics.get("domain") or {}
+    n_aged = int(metrics.get("n_age_outside") or 0)
     context: dict[str, Any] = {
         "checked": bool(domain.get("checked")),
+        "ages": (
+            f"{n_aged} image(s) of patients whose DICOM header declares an age outside the training "
+            "patients' (predictions.csv: unusual, with the reason): the metrics may not describe them."
+            if n_aged
+            else ""
+        ),
         "verdict": "",
         "shift": "",
         "consistent": "",
