@@ -7,6 +7,7 @@ kill, the command line on the whole folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,17 @@ def test_an_output_folder_of_another_run_or_setting_is_refused(tiny_run, ungated
     with pytest.raises(ArchiveError, match="operating point default"):
         score_archive(tiny_run, [], out, ArchiveConfig(operating_point="validation-max_specificity"))
     assert score_archive(tiny_run, [], out, ArchiveConfig(workers=3, batch_size=8)).images == 0
+    # a folder from before the point was in the identity: its config says which point it used
+    point = ArchiveConfig(operating_point="validation-max_specificity")
+    older = tmp_path / "older"
+    score_archive(tiny_run, [], older, point)
+    saved = json.loads((older / "archive.json").read_text())
+    for key in ("operating_point", "threshold"):
+        del saved["identity"][key]
+    (older / "archive.json").write_text(json.dumps(saved))
+    with pytest.raises(ArchiveError, match="operating point validation-max_specificity at"):
+        score_archive(tiny_run, [], older)
+    assert score_archive(tiny_run, [], older, point).images == 0
 
 
 def test_archive_settings_are_checked_when_made():

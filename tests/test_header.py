@@ -449,7 +449,7 @@ def test_a_run_with_a_malformed_population_is_refused_at_load(
 
 
 def test_evaluate_counts_the_declared_adults_with_or_without_a_gate(
-    tiny_run: Path, ungated_run: Path, sample_dir: Path, tmp_path: Path
+    tiny_run: Path, ungated_run: Path, sample_dir: Path, tmp_path: Path, capsys
 ) -> None:
     import warnings
 
@@ -472,3 +472,18 @@ def test_evaluate_counts_the_declared_adults_with_or_without_a_gate(
             "2 image(s) of patients whose DICOM header declares an age outside"
             in (out / "report.html").read_text()
         )
+    from cxr_pneumonia.cli import main
+
+    argv = [
+        "evaluate",
+        str(ungated_run),
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "cli"),
+        "--bootstrap",
+        "0",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(argv) == 0
+    assert "2 images whose DICOM header declares an age outside" in capsys.readouterr().out

@@ -442,6 +442,32 @@ def test_a_deflated_dicom_is_read_and_a_deflate_bomb_is_refused_before_it_is_inf
     np.testing.assert_array_equal(load_image_bytes(bomb, name="bomb.dcm", max_pixels=1_000_000), expected)
 
 
+def _implicit_vr_meta(data: bytes) -> bytes:
+    """The same file with its file meta group written implicit VR, as some broken writers do."""
+    parts, offset = [data[:132]], 132
+    while data[offset : offset + 2] == b"\x02\x00":
+        if data[offset + 4 : offset + 6] in (b"OB", b"UN", b"UT", b"SQ"):
+            length, start = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+        else:
+            length, start = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        parts.append(data[offset : offset + 4] + struct.pack("<I", length) + data[start : start + length])
+        offset = start + length
+    return b"".join([*parts, data[offset:]])
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")  # pydicom's note on the broken meta
+def test_a_deflated_dicom_behind_a_file_meta_the_guard_cannot_walk_is_refused() -> None:
+    """The bomb guard found the transfer syntax by walking the explicit-VR file meta; written
+    implicit VR, the walk stopped at once and the guard let pydicom inflate it whole (8 kB to
+    8 MB in the reviewer's case)."""
+    bomb = _implicit_vr_meta(_deflated_ct(10_000_000))
+    assert pydicom.dcmread(BytesIO(bomb), stop_before_pixels=True).file_meta.TransferSyntaxUID.is_deflated
+    with pytest.raises(
+        io.UnsupportedDicomError, match="deflated data set behind a file meta group that cannot"
+    ):
+        load_image_bytes(bomb, name="bomb.dcm", max_pixels=100_000)
+
+
 def test_an_unforeseen_decoder_exception_is_a_one_line_error(tmp_path, monkeypatch) -> None:
     def failing_decoder(data, name, max_pixels):
         return {}["PixelSpacing"]  # as pydicom's lazy parsing of a malformed header may raise

@@ -144,16 +144,18 @@ def _open_output(out: Path, run: Path, cfg: ArchiveConfig) -> None:
     identity = run_identity(run, cfg)
     meta = out / ARCHIVE_JSON
     if meta.is_file():
-        # a folder written before the operating point was recorded holds the default's rows
-        before = {"operating_point": rundir.DEFAULT_OPERATING_POINT, **read_json(meta).get("identity", {})}
-        before.setdefault(
-            "threshold", identity["threshold"] if before["operating_point"] == "default" else None
-        )
+        saved = read_json(meta)
+        before = dict(saved.get("identity", {}))
+        if "operating_point" not in before:  # a folder from before the point was in its identity:
+            # its config names the point; its threshold was not recorded, so that is not compared
+            point = (saved.get("config") or {}).get("operating_point") or rundir.DEFAULT_OPERATING_POINT
+            before.update(operating_point=point, threshold=identity["threshold"])
         if {k: before.get(k) for k in _IDENTITY_KEYS} != {k: identity[k] for k in _IDENTITY_KEYS}:
             raise ArchiveError(
                 f"{out}: holds predictions of another run or settings ({before.get('run')}, runtime "
                 f"{before.get('runtime')}, gate {before.get('gate')}, operating point "
-                f"{before.get('operating_point')}); choose another --out"
+                f"{before.get('operating_point')} at {before.get('threshold')}; this job: "
+                f"{identity['operating_point']} at {identity['threshold']}); choose another --out"
             )
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (out / PARTS_DIR).glob(".part-*"):  # half-written by a killed job

@@ -615,6 +615,11 @@ def _echo_domain(metrics: dict[str, Any]) -> None:
     """What the input check did to an evaluation: which images the metrics are on, and the
     all-images metrics beside them (the batch-shift line is logged by the evaluation itself)."""
     domain = metrics.get("domain") or {}
+    if metrics.get("n_age_outside"):
+        typer.echo(
+            f"{metrics['n_age_outside']} images whose DICOM header declares an age outside the training "
+            "patients' (marked unusual in predictions.csv)"
+        )
     if not domain.get("checked"):
         typer.echo(f"input check: none ({domain.get('message', 'not recorded')})")
         return
@@ -712,7 +717,7 @@ def _interval(ci: list[float] | None, digits: int = 3) -> str:
 def _echo_points(points: dict[str, dict[str, Any]]) -> None:
     """One line per operating point: name, threshold, target recall, rule, recall and specificity
     where it was chosen, where and when."""
-    width = max(16, *(len(name) for name in points))
+    width = max([16, *map(len, points)])
     typer.echo(
         f"{'name':{width}s} {'threshold':>9s} {'target':>6s} {'rule':16s} {'recall':>6s} {'spec.':>6s}"
         "  chosen on"

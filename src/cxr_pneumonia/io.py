@@ -244,12 +244,18 @@ def holds_no_image(path: Path, head: bytes | None = None) -> str | None:
         head = _head(path) if head is None else head
         if not is_dicom(head):
             return None
-        elements, _ = _file_meta_elements(head)
+        elements, _, complete = _file_meta_elements(head)
+        dicom = _pydicom()
+        if not complete or 0x0002 not in elements:  # rare: let pydicom read the meta (no data set)
+            meta = dicom.read_file_meta_info(path)
+            elements = {
+                0x0002: str(meta.get("MediaStorageSOPClassUID", "")).encode(),
+                0x0010: str(meta.get("TransferSyntaxUID", "")).encode(),
+            }
         sop_class = elements.get(0x0002, b"").rstrip(b"\x00 ").decode("ascii")
         transfer_syntax = elements.get(0x0010, b"").rstrip(b"\x00 ")
         if not sop_class or transfer_syntax == DEFLATED_TRANSFER_SYNTAX:
             return None
-        dicom = _pydicom()
         kind = dicom.uid.UID(sop_class).name
         # pydicom names an unknown UID by the UID itself: only a registered name says what it is.
         if not kind or kind[0].isdigit() or "Image" in kind:
@@ -452,6 +458,7 @@ def _pydicom() -> SimpleNamespace:
 
     return SimpleNamespace(
         dcmread=pydicom.dcmread,
+        read_file_meta_info=pydicom.filereader.read_file_meta_info,
         uid=pydicom.uid,
         FileMetaDataset=FileMetaDataset,
         apply_modality_lut=apply_modality_lut,
@@ -468,35 +475,45 @@ DEFLATED_BYTES_PER_PIXEL = 16
 _LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 
 
-def _file_meta_elements(data: bytes) -> tuple[dict[int, bytes], int]:
+def _file_meta_elements(data: bytes) -> tuple[dict[int, bytes], int, bool]:
     """The file meta group after a preamble (group 2, explicit VR little endian by the standard):
-    each element's value by element number, and the offset of the data set after it (132 when
-    the group cannot be walked)."""
+    each element's value by element number, the offset of the data set after it, and whether
+    the walk is complete (it ended on a tag of another group, nothing cut off). A broken writer's
+    implicit VR or big-endian meta, or one cut short, is incomplete."""
     elements: dict[int, bytes] = {}
     offset = 132
     while offset + 8 <= len(data) and data[offset : offset + 2] == b"\x02\x00":
         element = struct.unpack_from("<H", data, offset + 2)[0]
         vr = data[offset + 4 : offset + 6]
         if vr in _LONG_VRS:
+            if offset + 12 > len(data):
+                return elements, offset, False
             length, offset = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
-        else:
+        elif vr.isalpha() and vr.isupper():
             length, offset = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        else:  # not explicit VR
+            return elements, offset, False
+        if offset + length > len(data):
+            return elements, offset, False
         elements[element] = bytes(data[offset : offset + length])
         offset += length
-    return elements, offset
-
-
-def _file_meta_end(data: bytes) -> int:
-    """Offset of the data set after a preamble's file meta group; 132 when it cannot be walked."""
-    return _file_meta_elements(data)[1]
+    return elements, offset, offset + 2 <= len(data)
 
 
 def _check_inflated_size(data: bytes, name: str, max_pixels: int) -> None:
     """pydicom inflates a deflated data set whole before any attribute can be checked, so a small
     upload could hold gigabytes (a decompression bomb). Inflate it here a chunk at a time, only
     counting, and refuse it past what an image of ``max_pixels`` could need."""
-    start = _file_meta_end(data)
-    if DEFLATED_TRANSFER_SYNTAX not in data[132:start]:
+    elements, start, complete = _file_meta_elements(data)
+    if not complete:
+        # pydicom reads meta this walk cannot (and would inflate what follows): refuse the one case
+        # that matters, a deflated transfer syntax, rather than guess where its data set starts
+        if DEFLATED_TRANSFER_SYNTAX in data[132 : 132 + 8192]:
+            raise UnsupportedDicomError(
+                name, "deflated data set behind a file meta group that cannot be read"
+            )
+        return
+    if elements.get(0x0010, b"").rstrip(b"\x00 ") != DEFLATED_TRANSFER_SYNTAX:
         return
     limit = DEFLATED_BYTES_PER_PIXEL * max_pixels
     inflater, pending, size = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0

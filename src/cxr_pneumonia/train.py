@@ -1208,6 +1208,10 @@ def validation_points(
             )
         rates = rates_at(y, scores, choice.threshold)
         name = f"{VALIDATION_POINT_PREFIX}{rule}"
+        if choice.record.get("fallback") or choice.record.get("achievable") is False:
+            log.info(
+                "operating point %s: %s", name, choice.record.get("fallback") or "target recall not reachable"
+            )
         points[name] = {
             "name": name,
             "threshold": choice.threshold,
