@@ -32,7 +32,13 @@ from cxr_pneumonia.config import (
     write_json,
 )
 from cxr_pneumonia.header import rejection_reason
-from cxr_pneumonia.io import DEFAULT_MAX_PIXELS, ImageReadError, list_image_files, load_image_and_header
+from cxr_pneumonia.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    list_image_files,
+    load_image_and_header,
+    read_file,
+)
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -345,7 +351,7 @@ def _unreadable_reason(path: Path) -> str:
     """Why ``path`` could not be hashed, in the reader's words ("cannot read file: Permission
     denied"), as a job that failed to read it would say."""
     try:
-        load_image_and_header(path)
+        read_file(path)
     except ImageReadError as e:
         return e.reason
     return "could not be read while it was hashed"

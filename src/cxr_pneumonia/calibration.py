@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_pneumonia import __version__, rundir
-from cxr_pneumonia.config import file_sha256_or_none
-from cxr_pneumonia.data import CLASS_NAMES, discover
+from cxr_pneumonia.data import CLASS_NAMES, content_hashes, discover
 from cxr_pneumonia.evaluate import (
     RULES,
     bootstrap_rates,
@@ -254,7 +253,7 @@ def fingerprint(paths: Sequence[str | Path]) -> str:
     """SHA-256 over the sorted content hashes of ``paths``: the same files give the same
     fingerprint wherever they lie and whatever they are called. A file that cannot be read (no
     read permission) is left out of it; the point counts it in ``n_failed``."""
-    hashes = [h for h in (file_sha256_or_none(Path(p)) for p in paths) if h is not None]
+    hashes = [h for h in content_hashes(paths) if h is not None]
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 

@@ -115,15 +115,20 @@ def load_image_and_header(
     """:func:`load_image` and what a DICOM's header declares about the image (None for PNG and
     JPEG files), for :func:`cxr_pneumonia.header.rejection_reason`."""
     path = Path(path)
+    return load_image_bytes_and_header(read_file(path), name=str(path), max_pixels=max_pixels)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path``; :class:`ImageReadError` saying why in one line when it cannot be read."""
+    path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError as err:
         raise ImageReadError(path, "no such file") from err
     except IsADirectoryError as err:
         raise ImageReadError(path, "is a directory, not an image file") from err
     except OSError as err:
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
-    return load_image_bytes_and_header(data, name=str(path), max_pixels=max_pixels)
 
 
 _MALFORMED_INPUT_ERRORS = (

@@ -74,7 +74,7 @@ def _population_age(config: dict[str, Any], path: Path) -> list[float] | None:
     population = data.get("population") if isinstance(data, dict) else None
     if population is None:
         return None
-    ages = population.get("age_years") if isinstance(population, dict) else population
+    ages = population.get("age_years") if isinstance(population, dict) else None
     valid = (
         isinstance(ages, list)
         and len(ages) == 2
