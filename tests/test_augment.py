@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -184,3 +185,23 @@ def test_detector_views_apply_each_change_with_its_probability():
     half = AugmentConfig(resample_probability=0.5, sharpen_probability=0, noise_probability=0)
     rate = np.mean([not np.array_equal(random_detector(img, rng, half), img) for _ in range(400)])
     assert rate == pytest.approx(0.5, abs=0.08)
+
+
+def test_zero_strength_switches_a_random_change_off():
+    # "0 switches one off": a largest strength of 0 with the change's probability at 1 leaves the
+    # image alone (the draws used to be floored at 0.2 amount / 1 grey level, or refused for blur)
+    img = textured()
+    rng = np.random.default_rng(5)
+    off = AugmentConfig(resample_probability=0, sharpen_probability=1, sharpen_amount=0,
+                        noise_probability=1, noise_sigma=0)  # fmt: skip
+    np.testing.assert_array_equal(random_detector(img, rng, off), img)
+    still = AugmentConfig(scale=0, rotate_degrees=0, translate=0, jpeg_probability=0, blur_probability=1)
+    np.testing.assert_array_equal(random_augment(img, rng, still.model_copy(update={"blur_sigma": 0})), img)
+
+
+def test_a_largest_blur_below_the_usual_weakest_is_drawn_up_to_itself():
+    img = textured()
+    cfg = AugmentConfig(scale=0, rotate_degrees=0, translate=0, jpeg_probability=0, blur_probability=1,
+                        blur_sigma=0.2)  # fmt: skip
+    blurred = random_augment(img, np.random.default_rng(0), cfg)  # used to raise "high - low < 0"
+    np.testing.assert_array_equal(blurred, cv2.GaussianBlur(img, (0, 0), sigmaX=0.2))

@@ -79,6 +79,33 @@ def test_two_normal_sources_with_the_same_number_are_different_patients() -> Non
 # --------------------------------------------------------------------------- discovery
 
 
+def test_kermany_like_names_in_study_folders_stay_different_patients(tmp_path: Path) -> None:
+    # a viewer exports each study as IM-0001-0001... in a folder of its own; Kermany's own files
+    # lie directly in the class folder, where the name alone is the patient
+    root = make_tree(
+        tmp_path / "ds",
+        {
+            "NORMAL/study1/IM-0001-0001.png": 1,
+            "NORMAL/study1/IM-0001-0002.png": 2,
+            "NORMAL/study2/IM-0001-0001.png": 3,
+            "PNEUMONIA/study1/IM-0001-0001.png": 4,
+            "NORMAL/IM-0007-0001.jpeg": 5,
+            "NORMAL/IM-0007-0002.jpeg": 6,
+        },
+    )
+    found = discover(root)
+    rel = [Path(p).relative_to(root).as_posix() for p in found["path"]]
+    ids = dict(zip(rel, found["patient_id"], strict=True))
+    assert ids == {
+        "NORMAL/study1/IM-0001-0001.png": "NORMAL/study1/IM-0001",
+        "NORMAL/study1/IM-0001-0002.png": "NORMAL/study1/IM-0001",  # one study: one patient
+        "NORMAL/study2/IM-0001-0001.png": "NORMAL/study2/IM-0001",
+        "PNEUMONIA/study1/IM-0001-0001.png": "PNEUMONIA/study1/IM-0001",
+        "NORMAL/IM-0007-0001.jpeg": "IM-0007",
+        "NORMAL/IM-0007-0002.jpeg": "IM-0007",
+    }
+
+
 def test_discover_kaggle_layout(tmp_path: Path) -> None:
     root = make_tree(
         tmp_path / "ds",

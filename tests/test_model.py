@@ -454,3 +454,34 @@ def test_shared_imagenet_xception_loads_into_the_flat_model(monkeypatch):
     extractor, _ = cm.split_model(model, cfg)
     expected = run(reference, keras.applications.xception.preprocess_input(np.repeat(x, 3, -1)))
     np.testing.assert_allclose(run(extractor, x), expected, atol=1e-4)
+
+
+@pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason="needs ../shared/weights")
+def test_a_weights_folder_file_other_than_the_published_one_is_converted_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    # a damaged copy converts without an error and gives wrong features: say so
+    published = SHARED / "weights" / "mobilenetv2_imagenet_features_torch.pt"
+    converted: list[Path] = []
+
+    def convert(source: Path, target: Path, backbone: str) -> None:
+        converted.append(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"converted")
+
+    monkeypatch.setattr(backbones, "import_torch_weights", convert)
+    monkeypatch.setenv("CXR_PNEUMONIA_CACHE_DIR", str(tmp_path / "cache"))
+    for name, flip in (("good", False), ("damaged", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        data = bytearray(published.read_bytes())
+        if flip:
+            data[len(data) // 2] ^= 0xFF
+        (folder / published.name).write_bytes(bytes(data))
+        monkeypatch.setenv(cm.WEIGHTS_DIR_ENV, str(folder))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=cm.logger.name):
+            assert Path(cm.resolve_weights("mobilenetv2", "imagenet")).read_bytes() == b"converted"
+        warned = [r.getMessage() for r in caplog.records if "not the published mobilenetv2" in r.getMessage()]
+        assert len(warned) == int(flip), (name, warned)
+    assert converted == [tmp_path / "good" / published.name, tmp_path / "damaged" / published.name]

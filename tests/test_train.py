@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -526,3 +527,69 @@ def test_missing_imagenet_weights_fail_before_any_image_is_read(tmp_path, monkey
     assert "\n" not in message and message.startswith("ImageNet weights for resnet50v2 are not available")
     assert "the seed preset runs on any backbone" in message and "--backbone xception" in message
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_settings(tmp_path: Path, **train) -> dict:
+    train_cfg = TrainConfig(**{"epochs": 2, "fine_tune_epochs": 0, "augment_views": 0, "fit_gate": False,
+                               "cache_dir": str(tmp_path / "cache"), "workers": 1, **train})  # fmt: skip
+    return dict(preprocess_cfg=PreprocessConfig(size=64), model_cfg=TINY_MODEL, train_cfg=train_cfg)
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(sample_dir, tmp_path):
+    # the split is drawn again from DATA on resume: with images added meanwhile, the checkpoint
+    # would go on against validation patients it had trained on
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(sample_dir / "train", data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(data, out, callbacks=[CrashAfter(1)], **_tiny_settings(tmp_path))
+    assert json.loads((out / STATE_FILE).read_text())["data_fingerprint"]["val"]["n"] > 0
+    added = [next((sample_dir / "test" / name).iterdir()) for name in ("NORMAL", "PNEUMONIA")]
+    for path in added:
+        shutil.copy(path, data / path.parent.name / path.name)
+    with pytest.raises(TrainingError, match=r"changed since .* started .* train afresh"):
+        train(None, out, resume=True)
+    assert (out / "checkpoints" / "last.weights.h5").is_file() and not (out / "model.keras").exists()
+    for path in added:  # the data as it was: the run resumes and completes
+        (data / path.parent.name / path.name).unlink()
+    assert (Path(train(None, out, resume=True)) / "model.keras").is_file()
+
+
+def test_a_fresh_run_does_not_finish_with_an_interrupted_attempts_gate(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "gate").mkdir(parents=True)  # what an attempt stopped after fitting its gate leaves
+    (out / "gate" / "gate.json").write_text("{}")
+    train(sample_dir / "train", out, **_tiny_settings(tmp_path))
+    assert (out / "model.keras").is_file() and not (out / "gate").exists()
+    assert Run.load(out).gate is None
+
+
+def test_api_resume_takes_no_data_or_settings(sample_dir, tmp_path):
+    with pytest.raises(TypeError, match="resume=True takes no data, epochs"):
+        api.train(sample_dir / "train", tmp_path / "run", resume=True, epochs=3)
+    with pytest.raises(TypeError, match="resume=True takes no train_cfg"):
+        api.train(None, tmp_path / "run", resume=True, train_cfg=TrainConfig())
+    with pytest.raises(TypeError, match="give the training data"):
+        api.train(None, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_cache_key_follows_the_row_order():
+    # the feature stores are positional: the same images in another order must not share them
+    from cxr_pneumonia.train import _feature_key
+
+    rows = pd.DataFrame(
+        {"cached": [f"/c/{h}.png" for h in "abcd"], "label": [0, 1, 0, 1], "patient_id": list("wxyz")}
+    )
+    key = functools.partial(_feature_key, PreprocessConfig(size=64), TINY_MODEL, TrainConfig())
+    assert key(rows, rows.iloc[:1]) == key(rows.copy(), rows.iloc[:1].copy())
+    assert key(rows, rows.iloc[:1]) != key(rows.iloc[::-1], rows.iloc[:1])
+
+
+def test_too_few_patients_to_split_names_the_data(sample_dir, tmp_path, capsys):
+    data = tmp_path / "two"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (data / name).mkdir(parents=True)
+        shutil.copy(next((sample_dir / "train" / name).iterdir()), data / name)
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--weights", "none"]) != EXIT_OK
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {data}: only 2 patient group(s)")

@@ -61,7 +61,7 @@ def _split_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
     *,
     preprocess_cfg: PreprocessConfig | None = None,
@@ -73,7 +73,17 @@ def train(
 ) -> Run:
     """Train a run and load it; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=`` ...) go to
     whichever config has that field. ``preset="seed"`` starts from a shipped pipeline (the seed's)
-    instead of the defaults: a config given here replaces that section, keyword overrides win."""
+    instead of the defaults: a config given here replaces that section, keyword overrides win.
+    ``resume=True`` continues the interrupted run ``out`` with its own data and settings, so it
+    takes none (``data=None``)."""
+    if resume:
+        named = {"data": data, "preset": preset, "preprocess_cfg": preprocess_cfg}
+        named |= {"model_cfg": model_cfg, "train_cfg": train_cfg, **overrides}
+        if given := sorted(name for name, value in named.items() if value is not None):
+            raise TypeError(f"resume=True takes no {', '.join(given)}: {out} holds the run's settings")
+        return Run.load(_train(None, out, resume=True))
+    if data is None:
+        raise TypeError("give the training data (data=None only with resume=True)")
     base = (
         preset_configs(preset) if preset is not None else (PreprocessConfig(), ModelConfig(), TrainConfig())
     )
@@ -82,9 +92,7 @@ def train(
     preprocess_cfg = override(preprocess_cfg or base[0], **_split_overrides(PreprocessConfig, overrides))
     if overrides:
         raise TypeError(f"unknown settings {sorted(overrides)}")
-    run_dir = _train(
-        data, out, preprocess_cfg=preprocess_cfg, model_cfg=model_cfg, train_cfg=train_cfg, resume=resume
-    )
+    run_dir = _train(data, out, preprocess_cfg=preprocess_cfg, model_cfg=model_cfg, train_cfg=train_cfg)
     return Run.load(run_dir)
 
 

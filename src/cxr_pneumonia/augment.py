@@ -104,16 +104,22 @@ def add_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nda
 _UPSAMPLING = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_NEAREST)
 
 
+def _strength(rng: np.random.Generator, weakest: float, strongest: float) -> float:
+    """U[weakest, strongest]; a largest value below the usual weakest is drawn up to itself
+    (U[weakest, strongest] would be refused, and a floor above it would strengthen it)."""
+    return float(rng.uniform(min(weakest, strongest), strongest))
+
+
 def random_detector(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """Resolution, edge enhancement and noise of another detector, each with its probability."""
     out = img
     if cfg.resample_probability and rng.random() < cfg.resample_probability:
         upsample = _UPSAMPLING[int(rng.integers(len(_UPSAMPLING)))]
         out = resample(out, float(rng.uniform(cfg.resample_min, 1.0)), upsample=upsample)
-    if cfg.sharpen_probability and rng.random() < cfg.sharpen_probability:
-        out = unsharp_mask(out, float(rng.uniform(0.2, max(0.2, cfg.sharpen_amount))))
-    if cfg.noise_probability and rng.random() < cfg.noise_probability:
-        out = add_noise(out, float(rng.uniform(1.0, max(1.0, cfg.noise_sigma))), rng)
+    if cfg.sharpen_probability and cfg.sharpen_amount > 0 and rng.random() < cfg.sharpen_probability:
+        out = unsharp_mask(out, _strength(rng, 0.2, cfg.sharpen_amount))
+    if cfg.noise_probability and cfg.noise_sigma > 0 and rng.random() < cfg.noise_probability:
+        out = add_noise(out, _strength(rng, 1.0, cfg.noise_sigma), rng)
     return out
 
 
@@ -193,8 +199,8 @@ def random_augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
             degrees=float(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)),
             shift=tuple(rng.uniform(-cfg.translate, cfg.translate, size=2)),
         )
-    if cfg.blur_probability and rng.random() < cfg.blur_probability:
-        out = gaussian_blur(out, float(rng.uniform(0.3, cfg.blur_sigma)))
+    if cfg.blur_probability and cfg.blur_sigma > 0 and rng.random() < cfg.blur_probability:
+        out = gaussian_blur(out, _strength(rng, 0.3, cfg.blur_sigma))
     if cfg.jpeg_probability and rng.random() < cfg.jpeg_probability:
         out = jpeg_roundtrip(out, int(rng.integers(cfg.jpeg_quality_min, 96)))
     return np.ascontiguousarray(out)

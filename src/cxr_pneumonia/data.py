@@ -120,10 +120,18 @@ def is_kermany_patient_id(patient_id: str) -> bool:
     return _KERMANY_ID.match(patient_id) is not None
 
 
-def _patient_id_for(path: Path, base: Path) -> str:
+def _patient_id_for(path: Path, base: Path, class_folder: Path | None = None) -> str:
     """Kermany id, or for an unknown name the path below ``base``, so that same-named files
-    in different folders (``train/NORMAL/1.png``, ``test/NORMAL/1.png``) stay distinct."""
+    in different folders (``train/NORMAL/1.png``, ``test/NORMAL/1.png``) stay distinct.
+
+    ``class_folder``: the folder the file was found under. Kermany's files lie in it directly;
+    deeper, a Kermany-like name is a viewer's export (each study ``IM-0001-0001...`` in a folder
+    of its own), so the folder below ``base`` is kept in the id: different studies stay different
+    patients.
+    """
     known = _match_patient_id(path.name)
+    if known is not None and class_folder is not None and path.parent != class_folder:
+        return f"{path.parent.relative_to(base).as_posix()}/{known}"
     if known is not None:
         return known
     try:
@@ -202,7 +210,7 @@ def _discover_tree(root: Path) -> pd.DataFrame:
         )
     _warn_missing_classes(root, sources)
     rows = [
-        _row(path, label, split, _patient_id_for(path, root))
+        _row(path, label, split, _patient_id_for(path, root, folder))
         for split, label, folder in sources
         for path in io.list_image_files(folder)
     ]

@@ -236,7 +236,7 @@ def _local_weights(backbone: str, folder: Path) -> Path | None:
         return candidate
     sources = sorted(folder.glob(f"{backbone}_imagenet*torch.pt*"))
     if backbone in backbones.PORTED and sources:
-        return _converted_torch_weights(backbone, sources[0])
+        return _converted_torch_weights(backbone, sources[0], warn_if_unpublished=True)
     logger.info("%s not found in the weights folder", candidate)
     return None
 
@@ -254,14 +254,30 @@ def _packaged_weights(backbone: str, folder: str | None) -> Path:
     return _converted_torch_weights(backbone, packaged, backbones.PORTED[backbone].package.sha256)
 
 
-def _converted_torch_weights(backbone: str, source: Path, expected_sha256: str | None = None) -> Path:
+def _converted_torch_weights(
+    backbone: str, source: Path, expected_sha256: str | None = None, *, warn_if_unpublished: bool = False
+) -> Path:
     """``source`` (a PyTorch state dict) converted once into the cache and reused: the source may
-    be read-only (``../shared``, site-packages), and no step before ``train`` is needed."""
+    be read-only (``../shared``, site-packages), and no step before ``train`` is needed.
+
+    ``expected_sha256``: refuse any other file. ``warn_if_unpublished``: the weights folder's
+    file may be another training of the same architecture, so another checksum only warns (a
+    damaged copy converts without an error and gives wrong features).
+    """
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise WeightsUnavailableError(
             f"{source}: not the published {backbone} weights "
             f"(sha256 {digest[:16]}…, expected {expected_sha256[:16]}…)"
+        )
+    known = backbones.PORTED[backbone].package.sha256
+    if warn_if_unpublished and digest != known:
+        logger.warning(
+            "%s: not the published %s weights (sha256 %s…, published %s…); converting it as given",
+            source,
+            backbone,
+            digest[:16],
+            known[:16],
         )
     # Keyed by the file's content, so a replaced file is converted again.
     target = default_cache_dir() / "weights" / digest[:16] / backbones.weights_file_name(backbone)

@@ -55,6 +55,7 @@ from cxr_pneumonia.config import (
 )
 from cxr_pneumonia.data import (
     CLUSTER_STATS,
+    DatasetError,
     SplitConfig,
     acquisition_groups,
     describe_groups,
@@ -241,7 +242,10 @@ def prepare_data(
     split_cfg = SplitConfig(
         val_fraction=train_cfg.val_fraction, seed=train_cfg.seed, use_official_val=train_cfg.use_official_val
     )
-    train_df, val_df = make_splits(df, split_cfg)
+    try:
+        train_df, val_df = make_splits(df, split_cfg)
+    except DatasetError as e:  # the split's own message does not say which data
+        raise DatasetError(f"{data}: {e}") from None
     both = pd.concat([train_df.assign(role="train"), val_df.assign(role="val")], ignore_index=True)
     cached, report = cache_images(
         [Path(p) for p in both["path"]], preprocess_cfg, cache_dir / "preprocessed", workers=train_cfg.workers
@@ -908,6 +912,7 @@ def train(
         train_cfg = override(train_cfg, workers=default_workers())
     teacher = load_teacher(train_cfg.teacher, preprocess_cfg) if train_cfg.teacher else None
     train_df, val_df = prepare_data(Path(data), preprocess_cfg, train_cfg, cache_dir, run_dir)
+    _check_same_split(run_dir, data_fingerprint(train_df, val_df), resume=resume)
     if teacher is not None:
         check_unseen(teacher, val_df)
     model_cfg = _with_initial_bias(model_cfg, train_cfg, train_df)
@@ -975,7 +980,10 @@ def _start_run(
     if (run_dir / MODEL_FILE).exists():
         raise TrainingError(f"{run_dir}: already holds a trained model; choose another --out")
     check_weights_available(model_cfg, train_cfg)  # before the run directory exists
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    # An interrupted earlier attempt may have left its checkpoints and its input gate (saved just
+    # before the run is finished): a fresh run must not finish carrying another model's gate.
+    for leftover in (CHECKPOINT_DIR, GATE_DIR):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "data": str(Path(data).resolve()),
@@ -988,6 +996,29 @@ def _start_run(
     }
     write_json(run_dir / STATE_FILE, state)
     return read_json(run_dir / STATE_FILE)
+
+
+def _check_same_split(run_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> None:
+    """Record the split a run starts with; refuse to resume on another one.
+
+    The split is drawn again from DATA on resume: had images been added or removed meanwhile,
+    the checkpoint's weights would go on against validation patients they had trained on, and
+    early stopping, the threshold and the validation metrics would all be read on them.
+    """
+    state = read_json(run_dir / STATE_FILE)
+    recorded = state.get("data_fingerprint")
+    if resume and recorded is not None and recorded != fingerprint:
+        raise TrainingError(
+            f"{state.get('data')}: the images or labels changed since {run_dir} started "
+            f"(training/validation split {_split_summary(recorded)} then, {_split_summary(fingerprint)} "
+            "now); resuming would validate on images it trained on: train afresh into another --out"
+        )
+    if recorded is None:  # a fresh run, or one started before the split was recorded
+        write_json(run_dir / STATE_FILE, {**state, "data_fingerprint": fingerprint})
+
+
+def _split_summary(fingerprint: dict[str, Any]) -> str:
+    return "/".join(str(fingerprint.get(side, {}).get("n", "?")) for side in ("train", "val"))
 
 
 def _load_state(run_dir: Path) -> dict[str, Any]:
@@ -1109,8 +1140,17 @@ def _feature_key(
             "seed": train_cfg.seed,
             "precision": _feature_dtype(train_cfg),
             "data": data_fingerprint(train_df, val_df),
+            # The stores are positional (row i is image i): the same images in another order
+            # (a CSV, or Kaggle's val folder moved into train) must not read each other's rows.
+            "order": {side: _row_order(df) for side, df in (("train", train_df), ("val", val_df))},
         }
     )
+
+
+def _row_order(df: pd.DataFrame) -> str:
+    """A digest of the images (content hashes) and labels in row order."""
+    rows = (f"{Path(c).stem}:{label}" for c, label in zip(df["cached"], df["label"], strict=True))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def _operating_point(
