@@ -174,3 +174,47 @@ def test_a_digest_ending_in_a_zero_byte_is_found():
     assert all(
         archive._contains(pairs, archive._pair_digest(f"img_{i}.jpeg", d)) for i, d in enumerate(digests)
     )
+
+
+def test_each_file_shows_the_result_of_the_bytes_read_now_not_the_last_written(
+    local_ray, tiny_run, sample_dir, tmp_path
+):
+    """Job 1 scores a (bytes X) and b (Y); job 2 runs while a is cut short (an error) and b holds
+    X; job 3, with both restored, scores nothing (both pairs of name and bytes were scored) and
+    must show job 1's answers, not job 2's: the error would otherwise outlive its cause."""
+    x = sorted((sample_dir / "test" / "PNEUMONIA").iterdir())[0].read_bytes()
+    y = sorted((sample_dir / "test" / "NORMAL").iterdir())[0].read_bytes()
+    folder, out = tmp_path / "in", tmp_path / "scores"
+    folder.mkdir()
+    a, b = str(folder / "a.jpeg"), str(folder / "b.jpeg")
+
+    def job(bytes_a: bytes, bytes_b: bytes) -> tuple[archive.ArchiveSummary, pd.DataFrame]:
+        Path(a).write_bytes(bytes_a)
+        Path(b).write_bytes(bytes_b)
+        summary = score_archive(tiny_run, [folder], out, ArchiveConfig(workers=1, batch_size=2))
+        return summary, pd.read_parquet(out / archive.PREDICTIONS_FILE).set_index("path")
+
+    _, first = job(x, y)
+    assert first["status"].tolist() == ["ok", "ok"]
+    assert first.loc[a, "probability"] != first.loc[b, "probability"]
+    _, second = job(x[: len(x) // 2], x)
+    assert second.loc[a, "status"] == "error" and second.loc[b, "probability"] == first.loc[a, "probability"]
+    summary, third = job(x, y)
+    assert (summary.images, summary.scored, summary.reused, summary.errors) == (2, 0, 2, 0)
+    pd.testing.assert_frame_equal(third, first)
+
+
+def test_a_killed_job_leaves_no_answer_of_the_job_before(tiny_run, sample_dir, tmp_path, monkeypatch):
+    out = tmp_path / "scores"
+    score_archive(tiny_run, [], out)  # an earlier job's answer: no rows
+    assert (out / archive.PREDICTIONS_FILE).is_file()
+
+    def killed(*args: object, **kwargs: object) -> None:  # killed while scoring
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive, "_run_job", killed)
+    image = sorted((sample_dir / "test" / "NORMAL").iterdir())[0]
+    with pytest.raises(KeyboardInterrupt):
+        score_archive(tiny_run, [image], out)
+    assert not (out / archive.PREDICTIONS_FILE).exists()  # the empty table would pass for this job's answer
+    assert (out / archive.ARCHIVE_JSON).is_file()  # the folder is still this run's: a rerun resumes it

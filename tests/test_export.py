@@ -188,6 +188,37 @@ def test_failed_export_leaves_the_previous_one_intact(exported_run, tmp_path, mo
     assert not list(run_dir.glob(".export-*"))
 
 
+@pytest.mark.parametrize(
+    ("file", "kept", "why"),
+    [
+        (ONNX_FILE, 0.5, "unreadable ONNX model (Error parsing message"),
+        (ONNX_FILE, 0.0, "cannot be compiled ("),  # an empty file parses: as a model without tensors
+        (EXPORT_INFO_FILE, 0.5, "unreadable ("),
+    ],
+    ids=["onnx-cut", "onnx-empty", "json-cut"],
+)
+def test_a_damaged_export_is_one_error_line_and_auto_runs_keras(
+    exported_run, test_images, tmp_path, capsys, caplog, file, kept, why
+):
+    run_dir = copy_run(exported_run, tmp_path / "run")
+    damaged = run_dir / EXPORT_DIR / file
+    damaged.write_bytes(damaged.read_bytes()[: int(damaged.stat().st_size * kept)])  # a copy cut short
+    message = f"{damaged}: {why}"
+    with caplog.at_level(logging.WARNING, logger="cxr_pneumonia.runtime"):
+        run = Run.load(run_dir)  # auto: as without an export, saying why
+    assert run.runtime["backend"] == "keras" and run.runtime["reason"].startswith(message)
+    assert [r.getMessage() for r in caplog.records] == [f"{run.runtime['reason']}; using Keras float32"]
+    with pytest.raises(RunError, match=re.escape(message)):
+        Run.load(run_dir, runtime="openvino")
+    out = tmp_path / "p.csv"
+    argv = ["predict", str(run_dir), str(test_images[0]), "--runtime", "openvino", "-o", str(out)]
+    assert main(argv) == EXIT_USAGE and not out.exists()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert (
+        len(errors) == 1 and errors[0].startswith(f"error: {message}") and errors[0].endswith("export again")
+    )
+
+
 def test_missing_calibration_images_are_named(exported_run, tmp_path):
     run_dir = copy_run(exported_run, tmp_path / "run")
     csv = run_dir / "val_predictions.csv"

@@ -274,6 +274,38 @@ def test_load_of_a_missing_gate_says_so(tmp_path):
         g.DomainModel.load(tmp_path)
 
 
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy that stopped half-way
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    meta = g.read_json(path)
+    meta.update(changes)
+    g.write_json(path, {k: v for k, v in meta.items() if v is not None})  # None: the key removed
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "why"),
+    [
+        (_cut, g.GATE_NPZ, "File is not a zip file"),
+        (lambda p: p.write_bytes(b"PK\x03\x04" + b"x" * 100), g.GATE_NPZ, "File is not a zip file"),
+        (_cut, g.GATE_JSON, "no readable gate"),
+        (lambda p: _edit_json(p, n_val=None), g.GATE_JSON, "lacks n_val"),
+        (lambda p: _edit_json(p, n_fit="many"), g.GATE_JSON, "invalid literal for int"),
+        (lambda p: p.write_text("[1, 2]"), g.GATE_JSON, "not a JSON object"),
+    ],
+    ids=["npz-cut", "npz-garbage", "json-cut", "json-without-n_val", "json-wrong-type", "json-not-object"],
+)
+def test_a_damaged_gate_file_is_one_gate_error_naming_it(tmp_path, damage, file, why):
+    folder = fitted().save(tmp_path)
+    damage(folder / file)
+    with pytest.raises(g.GateError) as caught:
+        g.DomainModel.load(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{folder / file}: no readable gate (") and why in message
+    assert "\n" not in message and message.endswith("; fit one for this run")
+
+
 def test_limit_with_perturbed_views_is_at_least_the_clean_one():
     gate = g.DomainModel.fit(
         gaussian_features(300, seed=1), g.GateConfig(orientation_check=False, **NO_SYMMETRY), ["a", "b", "c"]

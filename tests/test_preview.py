@@ -38,3 +38,35 @@ def test_panel_is_written_and_an_unreadable_set_is_refused(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"")
     with pytest.raises(ValueError, match="no readable image"):
         write_preview([tmp_path / "bad.png"], PreprocessConfig(), tmp_path / "none.png")
+
+
+def drawn_panel(monkeypatch, files: list[Path], cfg: PreprocessConfig, out: Path) -> list[list[object]]:
+    """The panel's axes (rows × columns) as write_preview drew them, kept from being closed."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    write_preview(files, cfg, out)
+    monkeypatch.undo()
+    (fig,) = figures
+    axes = fig.axes
+    plt.close(fig)
+    return [axes[i : i + len(PREVIEW_COLUMNS)] for i in range(0, len(axes), len(PREVIEW_COLUMNS))]
+
+
+def test_an_image_without_contour_shows_no_contour_under_mask_not_the_image(tmp_path, monkeypatch):
+    speck = np.full((200, 200), 20, np.uint8)
+    cv2.ellipse(speck, (100, 100), (10, 10), 0, 0, 360, 180, cv2.FILLED)  # a speck, not a thorax
+    cv2.imwrite(str(tmp_path / "speck.png"), speck)
+    files, cfg = [tmp_path / "speck.png", write_xray(tmp_path / "xray.png")], PreprocessConfig(size=32)
+    (_, stages, fallback), (_, found, _) = preview_rows(files, cfg)
+    assert fallback and "mask" not in stages and "apply_mask" in stages and "mask" in found
+    mask = [key for key, _ in PREVIEW_COLUMNS].index("mask")
+    clahe = [key for key, _ in PREVIEW_COLUMNS].index("clahe")
+    no_contour, xray = drawn_panel(monkeypatch, files, cfg, tmp_path / "panel.png")
+    assert not no_contour[mask].images and [t.get_text() for t in no_contour[mask].texts] == ["no contour"]
+    assert xray[mask].images and not xray[mask].texts
+    # a step switched off says so, even on an image without contour
+    no_contour, _ = drawn_panel(monkeypatch, files, disable_steps(cfg, "clahe"), tmp_path / "panel.png")
+    assert [t.get_text() for t in no_contour[clahe].texts] == ["step off"]
+    assert [t.get_text() for t in no_contour[mask].texts] == ["no contour"]

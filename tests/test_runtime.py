@@ -73,3 +73,35 @@ def test_an_unreadable_gate_is_a_run_error(tiny_run: Path, tmp_path: Path) -> No
     (broken / "gate" / "gate.npz").write_bytes(b"not an npz")
     with pytest.raises(RunError, match="no readable gate"):
         runtime.load_runtime(broken, "keras")
+
+
+@pytest.mark.parametrize(
+    ("file", "why"),
+    [("gate.npz", "File is not a zip file"), ("gate.json", "lacks n_val")],
+    ids=["npz-cut", "json-without-n_val"],
+)
+def test_a_damaged_gate_is_one_error_line_naming_the_file(
+    tiny_run: Path, sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, why: str
+) -> None:
+    import json
+    import shutil
+
+    from cxr_pneumonia.cli import EXIT_USAGE, main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    damaged = broken / "gate" / file
+    if file == "gate.npz":  # a copy that stopped half-way
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    else:  # a hand-edited one
+        meta = json.loads(damaged.read_text())
+        del meta["n_val"]
+        damaged.write_text(json.dumps(meta))
+    with pytest.raises(RunError, match=f"^{damaged}: no readable gate \\({why}\\)"):
+        runtime.load_runtime(broken, "keras")
+    image = sorted((sample_dir / "test" / "NORMAL").iterdir())[0]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(broken), str(image), "--runtime", "keras", "-o", str(out)]) == EXIT_USAGE
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {damaged}: no readable gate")
+    assert not out.exists()

@@ -11,7 +11,9 @@ Resumable by content: every row carries the SHA-256 of the file's bytes. Each pa
 under a temporary name and renamed, so a killed job leaves only whole parts. A rerun reads the
 parts, and its decoding tasks skip a file whose bytes were scored before (under any name), so
 nothing already written is scored again. The answer, ``OUT/predictions.parquet``, has one row
-per listed image, with plain ``predict``'s columns, and is written last.
+per listed image, with plain ``predict``'s columns: for each, the row of the bytes this job read
+(a file scored, then damaged, then restored shows its first result, not the damaged one's). It is
+removed when a job starts and written last, so a killed job leaves no answer of an older job.
 
 Only this module imports Ray (the ``ray`` extra). It imports neither TensorFlow nor the model:
 the actors load them (the decoding tasks need neither).
@@ -157,6 +159,8 @@ def _open_output(out: Path, run: Path, cfg: ArchiveConfig) -> None:
                 f"{before.get('operating_point')} at {before.get('threshold')}; this job: "
                 f"{identity['operating_point']} at {identity['threshold']}); choose another --out"
             )
+    # The previous job's answer goes now: were this job killed, it would pass for this job's.
+    (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (out / PARTS_DIR).glob(".part-*"):  # half-written by a killed job
         stale.unlink(missing_ok=True)
@@ -226,17 +230,18 @@ def _read(path: str) -> bytes:
         raise
 
 
-def _decode_one(path: str, pipeline: Any, size: int, known: tuple[Any, Any]) -> dict[str, Any] | None:
-    """One file as a row to score, a row already scored under another name (``done``), or
-    None when this very file (name and bytes) was scored before."""
-    row = {"path": path, "sha256": "", "error": "", "header": "", "done": False}
+def _decode_one(path: str, pipeline: Any, size: int, known: tuple[Any, Any]) -> dict[str, Any]:
+    """One file as a row to score, a row already scored under another name (``done``), or a
+    row (``seen``) saying that this very file (name and bytes) was scored before: the driver
+    needs its digest to pick that earlier row, not a later one of other bytes under its name."""
+    row = {"path": path, "sha256": "", "error": "", "header": "", "done": False, "seen": False}
     row["image"] = np.zeros((size, size), np.uint8)
     try:
         data = _read(path)
         digest = hashlib.sha256(data).digest()
         row["sha256"] = digest.hex()
         if _contains(known[1], _pair_digest(path, digest)):
-            return None
+            return {**row, "seen": True}
         if _contains(known[0], digest):
             return {**row, "done": True}
         image, header = load_image_bytes_and_header(data, name=path)
@@ -254,7 +259,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, preprocess: str, size: int, kn
     """A Ray Data task: read, hash, decode and preprocess a block of files.
 
     ``known``: (content digests, (path, content) digests) of what the output folder holds, as a
-    Ray object reference; files already scored under their name are dropped here.
+    Ray object reference; files already scored under their name are marked ``seen`` here.
     """
     import cv2
     import ray
@@ -262,11 +267,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, preprocess: str, size: int, kn
     cv2.setNumThreads(1)  # parallelism comes from the tasks; OpenCV's pool would oversubscribe
     known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
     rows = [_decode_one(str(p), _pipeline(preprocess), size, known) for p in batch["path"]]
-    rows = [row for row in rows if row is not None]
     columns: dict[str, Any] = {k: np.array([r[k] for r in rows], dtype=object) for k in ("path", "sha256")}
     columns["error"] = np.array([r["error"] for r in rows], dtype=object)
     columns["header"] = np.array([r["header"] for r in rows], dtype=object)
     columns["done"] = np.array([r["done"] for r in rows], dtype=bool)
+    columns["seen"] = np.array([r["seen"] for r in rows], dtype=bool)
     columns["image"] = np.stack([r["image"] for r in rows]) if rows else np.zeros((0, size, size), np.uint8)
     return columns
 
@@ -286,7 +291,8 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         paths = [str(p) for p in batch["path"]]
         errors, done = list(batch["error"]), np.asarray(batch["done"], dtype=bool)
-        todo = [i for i, e in enumerate(errors) if not e and not done[i]]
+        seen = np.asarray(batch["seen"], dtype=bool)
+        todo = [i for i, e in enumerate(errors) if not e and not done[i] and not seen[i]]
         scored = iter(
             self.run.classify_preprocessed(
                 np.asarray(batch["image"])[todo], gate=self.gate, sources=[paths[i] for i in todo],
@@ -295,7 +301,9 @@ class Scorer:
         )  # fmt: skip
         rows, threshold = [], self.run.threshold
         for i, path in enumerate(paths):
-            if done[i]:
+            if seen[i]:  # the driver notes its digest and writes nothing
+                rows.append({"path": path, "status": "seen"})
+            elif done[i]:
                 rows.append({"path": path, "status": "done"})
             elif errors[i]:
                 rows.append(
@@ -305,7 +313,9 @@ class Scorer:
                 rows.append(next(scored).to_dict())
         table = pd.DataFrame(rows, columns=list(COLUMNS)).assign(sha256=list(batch["sha256"]))
         point = self.run.operating_point  # "done" rows take the earlier job's row, point included
-        table["operating_point"] = [None if status == "done" else point for status in table["status"]]
+        table["operating_point"] = [
+            None if status in ("done", "seen") else point for status in table["status"]
+        ]
         return _as_arrow(table)  # one schema for every block, whatever its missing values
 
 
@@ -393,8 +403,9 @@ def _resolve_done(rows: pd.DataFrame, parts: pd.DataFrame) -> pd.DataFrame:
 
 def _run_job(
     paths: list[str], run: Path, out: Path, cfg: ArchiveConfig, address: str | None
-) -> tuple[int, int]:
-    """Score what the parts lack; returns (images scored, model actors)."""
+) -> tuple[int, int, dict[str, str]]:
+    """Score what the parts lack; returns (images scored, model actors, the SHA-256 this job
+    read for each path: "" where the file could not be read)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -402,13 +413,15 @@ def _run_job(
     hashed = parts[parts["sha256"].fillna("") != ""]
     listed = set(paths)
     pending = len(listed - set(hashed["path"]))
-    scored, sequence = 0, 0
+    scored, sequence, digests = 0, 0, {}
     with ray_session(address, cfg) as workers:
         pairs = [_pair_digest(p, bytes.fromhex(h)) for p, h in hashed[["path", "sha256"]].itertuples(False)]
         known = ray.put((_digests(hashed["sha256"].unique()), np.sort(np.array(pairs, dtype="S32"))))
         ds = _dataset(paths, run, cfg, workers, known)
         with tqdm(total=pending, desc="scoring", unit="img", disable=pending < 64) as bar:
             for block in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                digests.update(zip(block["path"], block["sha256"].fillna(""), strict=True))
+                block = block[block["status"] != "seen"]  # their rows are in the parts already
                 if len(block) == 0:
                     continue
                 rows = _resolve_done(block, hashed)
@@ -416,16 +429,22 @@ def _run_job(
                 sequence += 1
                 scored += int((block["status"] != "done").sum())
                 bar.update(len(block))
-    return scored, workers
+    return scored, workers, digests
 
 
-def finalise(out: Path, paths: list[str]) -> pd.DataFrame:
-    """One row per listed image, in listing order: its latest part row. Written last, atomically."""
+def finalise(out: Path, paths: list[str], digests: dict[str, str]) -> pd.DataFrame:
+    """One row per listed image, in listing order: its latest part row for the bytes this job
+    read (``digests``: path → SHA-256, "" for a file that could not be read). Written last, atomically.
+
+    Not simply its latest row: a file scored, then damaged (an error row), then restored is skipped
+    as already scored, and its latest row would be the damaged bytes' error.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = read_parts(out)
-    rows = rows[rows["path"].isin(set(paths))].drop_duplicates("path", keep="last")
+    rows = rows[rows["path"].isin(set(paths))]
+    rows = rows[rows["sha256"].fillna("") == rows["path"].map(digests)].drop_duplicates("path", keep="last")
     missing = len(paths) - len(rows)
     if missing:
         raise ArchiveError(f"{out}: {missing} of {len(paths)} images have no result; run the job again")
@@ -465,8 +484,8 @@ def score_archive(
     rundir.check_complete(run)
     paths = expand_sources(inputs)
     _open_output(out, run, cfg)
-    scored, workers = _run_job(paths, run, out, cfg, address) if paths else (0, 0)
-    rows = finalise(out, paths)
+    scored, workers, digests = _run_job(paths, run, out, cfg, address) if paths else (0, 0, {})
+    rows = finalise(out, paths, digests)
     return ArchiveSummary(
         out=str(out),
         predictions=str(out / PREDICTIONS_FILE),

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from cxr_pneumonia.config import (
 from cxr_pneumonia.header import rejection_reason
 from cxr_pneumonia.io import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
     ImageReadError,
     list_image_files,
     load_image_and_header,
@@ -48,6 +50,9 @@ FAILURES_NAME = "failures.csv"
 CONFIG_NAME = "preprocess_config.json"
 
 Outcome = tuple[str, str | None, bool]  # (source, error or None, fallback)
+# How often a running `preprocess` rewrites its manifest: often enough that an interrupted run
+# resumes where it was, rarely enough that a tree of thousands is not rewritten once per file.
+MANIFEST_FLUSH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,14 @@ class FileJob:
 
 @dataclass
 class BatchReport:
-    """What a batch did: processed and skipped targets, and failures as (source, reason)."""
+    """What a batch did: processed and skipped targets, failures as (source, reason), and the
+    outputs removed because their source is gone from the tree."""
 
     processed: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -76,10 +83,11 @@ class BatchReport:
 
     def summary(self) -> str:
         """One line for the log and the command's output."""
+        removed = f"{len(self.removed)} removed (source gone), " if self.removed else ""
         return (
             f"{len(self.processed)} processed, {len(self.skipped)} skipped (already done), "
             f"{len(self.failures)} failed, {len(self.fallbacks)} without a usable contour "
-            f"(whole image kept), {self.seconds:.1f} s"
+            f"(whole image kept), {removed}{self.seconds:.1f} s"
         )
 
     def record(self, job: FileJob, outcome: Outcome) -> None:
@@ -142,15 +150,18 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+Record = Callable[[FileJob, Outcome], None]
+
+
 def _run_in_process(
-    jobs: list[FileJob], cfg: PreprocessConfig, max_pixels: int, report: BatchReport, bar: tqdm
+    jobs: list[FileJob], cfg: PreprocessConfig, max_pixels: int, record: Record, bar: tqdm
 ) -> None:
     """One worker: the jobs run here, in order."""
     previous_threads = cv2.getNumThreads()
     _init_worker()  # as in a worker, so timings compare; the caller's setting is restored
     try:
         for job in jobs:
-            report.record(job, _process_one(job, cfg, max_pixels))
+            record(job, _process_one(job, cfg, max_pixels))
             bar.update(1)
     finally:
         cv2.setNumThreads(previous_threads)
@@ -160,7 +171,7 @@ def _run_in_pool(
     jobs: list[FileJob],
     cfg: PreprocessConfig,
     max_pixels: int,
-    report: BatchReport,
+    record: Record,
     bar: tqdm,
     *,
     workers: int,
@@ -175,7 +186,7 @@ def _run_in_pool(
         futures = {pool.submit(_process_chunk, part, cfg, max_pixels): part for part in chunks}
         for future in as_completed(futures):
             for job, outcome in zip(futures[future], future.result(), strict=True):
-                report.record(job, outcome)
+                record(job, outcome)
                 bar.update(1)
 
 
@@ -188,16 +199,26 @@ def run_jobs(
     progress: bool = True,
     description: str = "preprocessing",
     start_method: str | None = None,
+    on_outcome: Record | None = None,
 ) -> BatchReport:
-    """Process ``jobs`` with ``workers`` processes (in-process when 1), never stopping on bad files."""
+    """Process ``jobs`` with ``workers`` processes (in-process when 1), never stopping on bad files.
+
+    ``on_outcome(job, outcome)`` runs in this process as each job finishes (``preprocess`` records
+    its manifest as it goes, so an interrupted run resumes)."""
     report = BatchReport()
+
+    def record(job: FileJob, outcome: Outcome) -> None:
+        report.record(job, outcome)
+        if on_outcome is not None:
+            on_outcome(job, outcome)
+
     workers = workers or default_workers()
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=description, unit="img", disable=not progress or not jobs)
     if workers == 1 or len(jobs) <= 1:
-        _run_in_process(jobs, cfg, max_pixels, report, bar)
+        _run_in_process(jobs, cfg, max_pixels, record, bar)
     else:
-        _run_in_pool(jobs, cfg, max_pixels, report, bar, workers=workers, start_method=start_method)
+        _run_in_pool(jobs, cfg, max_pixels, record, bar, workers=workers, start_method=start_method)
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
@@ -209,53 +230,140 @@ def run_jobs(
 
 
 def target_for(source: Path, src_root: Path, dst_root: Path) -> Path:
-    """Mirror ``source``'s place under ``src_root`` into ``dst_root``, as PNG."""
-    return (dst_root / source.relative_to(src_root)).with_suffix(".png")
+    """Mirror ``source``'s place under ``src_root`` into ``dst_root``, as PNG.
+
+    An image suffix is replaced (``a/x.jpg`` -> ``a/x.png``); any other suffix is kept, because
+    DICOM files named by UID (``1.2.840.113619.2.55``) differ only there: replacing it would give
+    a whole series one output name."""
+    rel = source.relative_to(src_root)
+    if rel.suffix.lower() in IMAGE_SUFFIXES:
+        return (dst_root / rel).with_suffix(".png")
+    return dst_root / rel.parent / f"{rel.name}.png"
 
 
-def _load_manifest(path: Path, cfg_hash: str) -> dict[str, dict[str, str]]:
-    """The manifest's entries when it was written under the same config, else none."""
+def _rel(target: Path, dst: Path) -> str:
+    """A target's manifest key: its place under ``dst``."""
+    return target.relative_to(dst).as_posix()
+
+
+def _read_manifest(path: Path) -> tuple[str | None, dict[str, dict[str, str]]]:
+    """The manifest's config hash and entries, whichever config wrote it (None and no entries when
+    it is missing or not a manifest): the entries of another config name outputs to remove."""
     try:
         manifest = read_json(path)
     except (OSError, ValueError):
-        return {}
-    return manifest.get("entries", {}) if manifest.get("config_hash") == cfg_hash else {}
+        return None, {}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), dict):
+        return None, {}
+    entries = {k: v for k, v in manifest["entries"].items() if isinstance(k, str) and isinstance(v, dict)}
+    return manifest.get("config_hash"), entries
 
 
-def _plan_tree(
-    src: Path, dst: Path, done: dict[str, dict[str, str]], *, progress: bool
-) -> tuple[list[FileJob], list[Path]]:
-    """Jobs for every image not yet done (same content hash, output present), and the skipped targets."""
+def _collisions(targets: dict[Path, Path]) -> list[tuple[str, str]]:
+    """(source, reason) for every source whose output name another source has too (``x.jpg`` and
+    ``x.png`` both become ``x.png``). Either would silently overwrite the other, and which one
+    wins would change from run to run, so all of them fail, each naming the others."""
+    by_target: dict[Path, list[Path]] = {}
+    for source, target in targets.items():
+        by_target.setdefault(target, []).append(source)
+    rows = []
+    for target, sources in by_target.items():
+        for source in sources if len(sources) > 1 else []:
+            others = ", ".join(str(other) for other in sources if other != source)
+            rows.append((str(source), f"its output {target.name} would also be written from {others}"))
+    return rows
+
+
+@dataclass
+class _TreePlan:
+    """What a ``preprocess`` run will do, decided before any output is written."""
+
+    jobs: list[FileJob] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    kept: dict[str, dict[str, str]] = field(default_factory=dict)  # the skipped targets' entries
+    collisions: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    rewritten: set[Path] = field(default_factory=set)  # outputs to write anew (or fail): jobs', collisions'
+    current: set[str] = field(default_factory=set)  # every source's output, as a manifest key
+
+
+def _plan_tree(src: Path, dst: Path, done: dict[str, dict[str, str]], *, progress: bool) -> _TreePlan:
+    """Jobs for every image not yet done (same content hash, output present), the skipped targets,
+    and the sources that share an output name."""
     sources = list_image_files(src)
-    jobs, skipped = [], []
+    targets = {source: target_for(source, src, dst) for source in sources}
+    plan = _TreePlan(collisions=_collisions(targets), current={_rel(t, dst) for t in targets.values()})
+    colliding = {source for source, _ in plan.collisions}
+    plan.rewritten = {targets[Path(source)] for source in colliding}
     for source in tqdm(sources, desc="hashing", unit="img", disable=not progress or len(sources) < 500):
-        target = target_for(source, src, dst)
+        if str(source) in colliding:
+            continue
+        target = targets[source]
         # None: unreadable; its job fails on reading and lands in failures.csv, naming the file
         sha = file_sha256_or_none(source)
-        if (
-            sha is not None
-            and done.get(target.relative_to(dst).as_posix(), {}).get("sha256") == sha
-            and target.exists()
-        ):
-            skipped.append(target)
+        entry = done.get(_rel(target, dst), {})
+        if sha is not None and entry.get("sha256") == sha and target.exists():
+            plan.skipped.append(target)
+            plan.kept[_rel(target, dst)] = entry
         else:
-            jobs.append(FileJob(source, target, sha or ""))
-    return jobs, skipped
+            plan.jobs.append(FileJob(source, target, sha or ""))
+            plan.rewritten.add(target)
+    return plan
 
 
-def _manifest_entries(
-    src: Path, dst: Path, done: dict[str, dict[str, str]], jobs: list[FileJob], report: BatchReport
-) -> dict[str, dict[str, str]]:
-    """The earlier entries whose output still exists, plus every job that succeeded now."""
-    failed = {source for source, _ in report.failures}
-    entries = {k: v for k, v in done.items() if (dst / k).exists()}
-    for job in jobs:
-        if str(job.source) not in failed:
-            entries[job.target.relative_to(dst).as_posix()] = {
-                "source": str(job.source.relative_to(src)),
-                "sha256": job.sha256,
-            }
-    return entries
+def _may_remove(path: Path, src: Path, dst: Path) -> bool:
+    """Whether ``path`` is an output this command may delete: a PNG inside ``dst``, never inside
+    ``src`` (a manifest edited by hand must not reach another folder)."""
+    resolved = path.resolve()
+    return (
+        path.suffix == ".png"
+        and resolved.is_relative_to(dst.resolve())
+        and not resolved.is_relative_to(src.resolve())
+    )
+
+
+def _clear_outputs(
+    src: Path, dst: Path, old_entries: dict[str, dict[str, str]], plan: _TreePlan
+) -> list[Path]:
+    """Delete every output the run will not keep as it is: those of another config, of a changed,
+    unreadable or vanished source, and those about to be rewritten. A run that stops midway then
+    leaves no output that looks current but is not. Returns the outputs whose source is gone."""
+    doomed = {dst / key for key in old_entries if key not in plan.kept} | plan.rewritten
+    gone = []
+    for path in sorted(doomed):
+        if _may_remove(path, src, dst) and path.is_file():
+            path.unlink()
+            if _rel(path, dst) not in plan.current:
+                gone.append(path)
+    return gone
+
+
+@dataclass
+class _Manifest:
+    """A running ``preprocess``'s manifest. It lists only outputs written under ``cfg_hash`` from
+    the source content it names, and is rewritten atomically as outputs finish (at most every
+    MANIFEST_FLUSH_SECONDS) and when the run ends or is interrupted, so a rerun resumes."""
+
+    path: Path
+    src: Path
+    dst: Path
+    cfg_hash: str
+    entries: dict[str, dict[str, str]]
+    flushed: float = 0.0
+
+    def record(self, job: FileJob, outcome: Outcome) -> None:
+        """List a job's output once it is written (a failed job's old output is already gone)."""
+        if outcome[1] is not None:
+            return
+        self.entries[_rel(job.target, self.dst)] = {
+            "source": str(job.source.relative_to(self.src)),
+            "sha256": job.sha256,
+        }
+        if time.monotonic() - self.flushed >= MANIFEST_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        write_json(self.path, {"config_hash": self.cfg_hash, "entries": self.entries})
+        self.flushed = time.monotonic()
 
 
 def preprocess_tree(
@@ -271,8 +379,9 @@ def preprocess_tree(
     """Mirror every image under ``src`` into ``dst`` preprocessed; skip what is already done.
 
     A file is skipped when the manifest holds the same content hash under the same config hash
-    and its output exists. ``failures.csv`` lists every unreadable input with the reason; the
-    config is saved beside the outputs.
+    and its output exists. ``failures.csv`` lists every unreadable input with the reason, and
+    every source whose output name another source has too; the config is saved beside the
+    outputs. An output whose source failed or is gone, or that another config wrote, is removed.
     """
     cfg = cfg or PreprocessConfig()
     src, dst = Path(src), Path(dst)
@@ -281,15 +390,30 @@ def preprocess_tree(
     if dst.resolve().is_relative_to(src.resolve()):
         raise ValueError(f"{dst}: the output folder must not be inside the source folder {src}")
     cfg_hash = config_hash(cfg)
-    done = _load_manifest(dst / MANIFEST_NAME, cfg_hash)
-    jobs, skipped = _plan_tree(src, dst, done, progress=progress)
-    report = run_jobs(
-        jobs, cfg, workers=workers, max_pixels=max_pixels, progress=progress, start_method=start_method
-    )
-    report.skipped = skipped
+    old_hash, old_entries = _read_manifest(dst / MANIFEST_NAME)
+    plan = _plan_tree(src, dst, old_entries if old_hash == cfg_hash else {}, progress=progress)
+    # Before the first output is written, the folder is brought to what the new manifest says
+    # (the old outputs it will not keep go first, then the manifest and config are rewritten):
+    # a run stopped midway can then leave fewer outputs, never ones described wrongly.
+    removed = _clear_outputs(src, dst, old_entries, plan)
+    manifest = _Manifest(dst / MANIFEST_NAME, src, dst, cfg_hash, dict(plan.kept))
+    manifest.flush()
     write_json(dst / CONFIG_NAME, to_dict(cfg))
-    entries = _manifest_entries(src, dst, done, jobs, report)
-    write_json(dst / MANIFEST_NAME, {"config_hash": cfg_hash, "entries": entries})
+    (dst / FAILURES_NAME).unlink(missing_ok=True)  # an earlier run's would look like this one's
+    try:
+        report = run_jobs(
+            plan.jobs,
+            cfg,
+            workers=workers,
+            max_pixels=max_pixels,
+            progress=progress,
+            start_method=start_method,
+            on_outcome=manifest.record,
+        )
+    finally:
+        manifest.flush()
+    report.skipped, report.removed = plan.skipped, removed
+    report.failures.extend(plan.collisions)
     write_failures_csv(dst / FAILURES_NAME, report.failures)
     log.info("preprocess %s -> %s: %s", src, dst, report.summary())
     return report
@@ -342,9 +466,24 @@ def cache_images(
             jobs[target] = FileJob(Path(path), target, sha)
     report = run_jobs(list(jobs.values()), cfg, workers=workers, progress=progress)
     report.skipped = skipped
+    report.failures.extend(_failures_of_copies(paths, targets, jobs, report.failures))
     report.failures.extend(unreadable)
     ok = set(report.processed) | set(skipped)
     return [t if t in ok else None for t in targets], report
+
+
+def _failures_of_copies(
+    paths: list[Path], targets: list[Path | None], jobs: dict[Path, FileJob], failures: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """A failure row for every other path whose bytes equal a failed job's: identical files share
+    one job, but each path must be named in failures.csv, or a copy is dropped without a word."""
+    reasons = dict(failures)
+    rows = []
+    for path, target in zip(paths, targets, strict=True):
+        job = jobs.get(target) if target is not None else None
+        if job is not None and str(job.source) in reasons and str(Path(path)) != str(job.source):
+            rows.append((str(path), reasons[str(job.source)]))
+    return rows
 
 
 def _unreadable_reason(path: Path) -> str:

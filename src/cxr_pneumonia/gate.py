@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,6 +455,52 @@ def asymmetry(grids: np.ndarray) -> np.ndarray:
     return 1.0 - (x * mirrored).mean(axis=1)
 
 
+# What a damaged gate file raises on reading: a cut or garbled gate.npz fails in zipfile (BadZipFile),
+# its decompression (zlib.error, EOFError) or NumPy (ValueError); a hand-edited gate.json in json
+# (ValueError), a missing key (KeyError) or a value of the wrong type (TypeError).
+_DAMAGED = (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
+_LIMIT_KEYS = ("n_val", "n_perturbed", "perturbations", "clean_val_limit", "val_quantiles")
+_GATE_KEYS = ("config", "layers", "n_fit", "limit", "unusual_level", *_LIMIT_KEYS)
+
+
+def _unreadable(path: Path, e: BaseException) -> GateError:
+    """The one-line error for a gate file that cannot be read (pydantic's messages span lines)."""
+    if isinstance(e, FileNotFoundError):
+        why = "not found"
+    elif isinstance(e, KeyError):
+        why = f"no {e.args[0]!r}"
+    else:
+        why = " ".join(str(e).split()) or type(e).__name__
+    return GateError(f"{path}: no readable gate ({why}); fit one for this run")
+
+
+def _read_gate_json(folder: Path) -> tuple[dict[str, Any], GateConfig]:
+    """``gate.json`` checked: its format, every key :meth:`DomainModel.load` reads, its config.
+
+    Checked here, before the arrays are read, so that a file missing a key fails with one line
+    naming it rather than with a KeyError half-way through building the gate.
+    """
+    path = folder / GATE_JSON
+    try:
+        meta = read_json(path)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
+        missing = [key for key in _GATE_KEYS if key not in meta]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        if not isinstance(meta["layers"], list) or not isinstance(meta["config"], dict):
+            raise ValueError("layers or config of the wrong type")
+        # Gates saved before the orientation and symmetry checks existed have neither.
+        cfg = GateConfig.model_validate(
+            {"orientation_check": False, "symmetry_check": False, **meta["config"]}
+        )
+    except _DAMAGED as e:
+        raise _unreadable(path, e) from e
+    return meta, cfg
+
+
 class DomainModel:
     """Scores how unlike the training images an image's gate features are; decides accept/reject.
 
@@ -723,18 +771,17 @@ class DomainModel:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> DomainModel:
-        """The gate saved under ``run_dir`` (or a ``gate/`` folder itself)."""
+        """The gate saved under ``run_dir`` (or a ``gate/`` folder itself).
+
+        Raises:
+            GateError: no gate there, or one of another format, or a damaged ``gate.json`` or
+                ``gate.npz`` (one line naming the file).
+        """
         folder = Path(run_dir)
         if not (folder / GATE_JSON).is_file():
             folder = folder / GATE_DIR
+        meta, cfg = _read_gate_json(folder)
         try:
-            meta = read_json(folder / GATE_JSON)
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise GateError(f"{folder}: gate format {meta.get('format_version')} is not {FORMAT_VERSION}")
-            # Gates saved before the orientation and symmetry checks existed have neither.
-            cfg = GateConfig.model_validate(
-                {"orientation_check": False, "symmetry_check": False, **meta["config"]}
-            )
             with np.load(folder / GATE_NPZ) as arrays:
                 orientation = _Orientation.from_arrays(arrays)
                 n_depths = len(meta["layers"]) + bool(cfg.thumbnail)
@@ -743,25 +790,19 @@ class DomainModel:
                     raise GateError(f"{folder}: the gate's config and arrays disagree on its columns")
                 depths = [_Depth.from_arrays(arrays, f"depth{i}_") for i in range(n_depths)]
                 centres, scales, val_scores = arrays["centres"], arrays["scales"], arrays["val_scores"]
-        except (OSError, KeyError, ValueError) as e:
-            raise GateError(f"{folder}: no readable gate ({e}); fit one for this run") from e
-        gate = cls(
-            cfg,
-            meta["layers"],
-            depths,
-            centres,
-            scales,
-            n_fit=int(meta["n_fit"]),
-            backbone=meta.get("backbone", ""),
-            image_size=int(meta.get("image_size", 0)),
-            orientation=orientation,
-        )
-        gate.limit = float(meta["limit"])
-        gate.unusual_level = float(meta["unusual_level"])
+        except _DAMAGED as e:
+            raise _unreadable(folder / GATE_NPZ, e) from e
+        try:  # the numbers of gate.json, of the wrong type in a hand-edited one
+            gate = cls(
+                cfg, meta["layers"], depths, centres, scales, n_fit=int(meta["n_fit"]),
+                backbone=str(meta.get("backbone", "")), image_size=int(meta.get("image_size", 0)),
+                orientation=orientation,
+            )  # fmt: skip
+            gate.limit, gate.unusual_level = float(meta["limit"]), float(meta["unusual_level"])
+        except (TypeError, ValueError) as e:
+            raise _unreadable(folder / GATE_JSON, e) from e
         gate.val_scores = np.asarray(val_scores, dtype=np.float64)
-        gate.limit_info = {
-            k: meta[k] for k in ("n_val", "n_perturbed", "perturbations", "clean_val_limit", "val_quantiles")
-        }
+        gate.limit_info = {k: meta[k] for k in _LIMIT_KEYS}
         return gate
 
     def gated_model(self, model: Any) -> Any:

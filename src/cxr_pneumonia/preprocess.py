@@ -336,6 +336,18 @@ class PreprocessResult:
     fallback: bool = False  # True when no usable contour was found and the whole image was kept
 
 
+def _keep_stage(stages: dict[str, np.ndarray], name: str, sample: Sample) -> None:
+    """What step ``name`` produced: the "mask" stage its mask, every other stage the image.
+
+    A "mask" step that found no contour made no mask: its stage is left out (not the image in
+    its place), so that a preview says "no contour" there rather than show the image as the mask.
+    """
+    if name != "mask":
+        stages[name] = sample.image.copy()
+    elif sample.mask is not None:
+        stages[name] = sample.mask.copy()
+
+
 class Pipeline:
     """The enabled steps of a config, applied in order to a uint8 grayscale image."""
 
@@ -356,9 +368,8 @@ class Pipeline:
                 sample = step(sample, self.cfg)
             except Exception as e:
                 raise PreprocessError(f"{name} failed on {source}: {e}") from e
-            if keep_stages:  # the "mask" stage shows the mask it made, every other the image
-                shown = sample.mask if name == "mask" and sample.mask is not None else sample.image
-                stages[name] = shown.copy()
+            if keep_stages:
+                _keep_stage(stages, name, sample)
         if sample.box is not None:  # "crop" enabled without "resize": cut at the end
             sample = crop_sample(sample, sample.box)
         # Steps never write into arrays, so with no step changing it the output is the input: copy it.

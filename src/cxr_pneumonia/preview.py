@@ -43,6 +43,12 @@ def preview_rows(files: list[Path], cfg: PreprocessConfig, *, max_images: int = 
     return rows
 
 
+def missing_stage_text(key: str, fallback: bool, cfg: PreprocessConfig) -> str:
+    """What a panel cell without an image says: the "mask" step ran and found no contour (the
+    pipeline then keeps the whole image and leaves that stage out), or the step is switched off."""
+    return "no contour" if key == "mask" and fallback and "mask" in cfg.steps else "step off"
+
+
 def write_preview(files: list[Path], cfg: PreprocessConfig, out_png: Path, *, max_images: int = 4) -> Path:
     """A panel of a few images through every stage (original, CLAHE, mask, masked, final)."""
     import matplotlib  # imported here: only the preview needs it, and Agg must be chosen first
@@ -63,7 +69,7 @@ def write_preview(files: list[Path], cfg: PreprocessConfig, out_png: Path, *, ma
             if key in stages:
                 ax.imshow(stages[key], cmap="gray", vmin=0, vmax=255)
             else:
-                ax.text(0.5, 0.5, "step off" if not fallback else "no contour", ha="center", va="center")
+                ax.text(0.5, 0.5, missing_stage_text(key, fallback, cfg), ha="center", va="center")
             if r == 0:
                 ax.set_title(title)
         axes[r][0].text(0, -0.02, Path(path).name[:40], transform=axes[r][0].transAxes, fontsize=7, va="top")

@@ -134,25 +134,54 @@ def _choose(
 
     if kind == "keras":
         return None, {**KERAS_INFO, "reason": "asked for"}
-    if kind == "auto" and rundir.read_export_info(path) is None:
+    try:
+        info = read_export(path)
+    except ExportError as e:  # a damaged export.json: as a missing export, with the reason said
+        return _without_export(kind, e)
+    if kind == "auto" and info is None:
         return None, {**KERAS_INFO, "reason": "no export"}
     if kind == "auto" and nvidia_gpu_present():
         # The export runs on the CPU; TensorFlow on a GPU is faster and exact.
         return None, {**KERAS_INFO, "reason": "a GPU is present"}
-    problem = _gate_problem(rundir.read_export_info(path), gate)
+    problem = _gate_problem(info, gate)
     if problem and kind == "openvino":
         raise RunError(f"{path}: {problem}")
     if problem:
         log.warning("%s: %s; using Keras float32", path, problem)
         return None, {**KERAS_INFO, "reason": problem}
     try:
-        loaded = load_export(path, threads=threads, gate_tensors=(gate and _export_gate_tensors(path)) or ())
+        gate_tensors = list((info or {}).get("gate_tensors") or ()) if gate else []
+        loaded = load_export(path, threads=threads, gate_tensors=gate_tensors)
     except (ExportError, ImportError, RuntimeError) as e:
-        if kind == "openvino":
-            raise RunError(str(e)) from e
-        log.warning("%s; using Keras float32", e)
-        return None, {**KERAS_INFO, "reason": str(e)}
+        return _without_export(kind, e)
     return loaded.model, _export_info(loaded)
+
+
+def _without_export(kind: str, e: Exception) -> tuple[None, dict[str, Any]]:
+    """Keras in place of an export that cannot be used (``auto``); ``openvino`` asked for it: RunError."""
+    if kind == "openvino":
+        raise RunError(str(e)) from e
+    log.warning("%s; using Keras float32", e)
+    return None, {**KERAS_INFO, "reason": str(e)}
+
+
+def read_export(path: str | Path) -> dict[str, Any] | None:
+    """The run's ``export/export.json``, or None when it has no complete export.
+
+    Raises:
+        ExportError: export.json is there but unreadable (cut short, hand-edited): the one-line
+            error naming it, which ``auto`` answers with Keras as it does a missing export.
+    """
+    from cxr_pneumonia.export import ExportError
+
+    file = rundir.export_dir(path) / rundir.EXPORT_INFO_FILE
+    try:
+        info = rundir.read_export_info(path)
+    except (OSError, ValueError) as e:  # json's errors (and UnicodeDecodeError) are ValueErrors
+        raise ExportError(f"{file}: unreadable ({_one_line(e)}); export again") from e
+    if info is not None and not isinstance(info, dict):
+        raise ExportError(f"{file}: not a JSON object; export again")
+    return info
 
 
 def _export_info(loaded: LoadedExport) -> dict[str, Any]:
@@ -178,14 +207,9 @@ def _gate_problem(info: dict[str, Any] | None, gate: DomainModel | None) -> str 
         return "export predates the gate; re-export"
     if info["gate_layers"] is None:
         return f"the export has no gate activations ({info.get('gate_note')}); re-export"
-    if list(info["gate_layers"]) != list(gate.layers):
+    if not isinstance(info["gate_layers"], list) or info["gate_layers"] != list(gate.layers):
         return "the export was cut for another gate's layers; re-export"
     return None
-
-
-def _export_gate_tensors(path: Path) -> list[str]:
-    info = rundir.read_export_info(path) or {}
-    return list(info.get("gate_tensors") or ())
 
 
 def nvidia_gpu_present() -> bool:
@@ -212,27 +236,61 @@ def load_export(
     lacks bfloat16); parts end at ``gate_tensors``, whose activations ``model.features`` returns.
 
     Raises:
-        ExportError: no export, OpenVINO missing, or the export is older than model.keras.
+        ExportError: no export, OpenVINO missing, the export is older than model.keras, or its
+            export.json or model.onnx is damaged (one line naming the file).
     """
-    import onnx
-
     from cxr_pneumonia import export
 
-    info = rundir.read_export_info(run_dir)
+    info = read_export(run_dir)
     if info is None:
         raise export.ExportError(f"{run_dir}: no export; run `cxr-pneumonia export {run_dir}` first")
     if not export.openvino_available():
         raise export.ExportError("OpenVINO is not installed (pip install openvino)")
     if rundir.export_is_stale(run_dir, info):
         raise export.ExportError(f"{run_dir}: the export is older than {rundir.MODEL_FILE}; export again")
-    precisions = [s["precision"] for s in info["segments"]]
+    try:
+        precisions = [str(s["precision"]) for s in info["segments"]]
+        bounds = [(str(s["input"]), str(s["output"])) for s in info["segments"]]
+    except (KeyError, TypeError) as e:  # a hand-edited export.json
+        file = rundir.export_dir(run_dir) / rundir.EXPORT_INFO_FILE
+        raise export.ExportError(f"{file}: no readable segments ({e!r}); export again") from e
     note = ""
     if "bf16" in precisions and not export.cpu_supports_bf16():
         precisions = ["fp32"] * len(precisions)
         note = "this CPU lacks bfloat16; running every segment in float32"
         log.info(note)
-    proto = onnx.load(str(rundir.export_dir(run_dir) / rundir.ONNX_FILE))
-    bounds = [(s["input"], s["output"]) for s in info["segments"]]
-    parts = export.merge_runs(bounds, precisions, gate_tensors)
-    model = export.compile_parts(proto, parts, threads, taps=gate_tensors)
+    model = _compile(run_dir, export.merge_runs(bounds, precisions, gate_tensors), threads, gate_tensors)
     return LoadedExport(model, info, precisions, note)
+
+
+def _compile(
+    run_dir: str | Path, parts: list[tuple[str, str, str]], threads: int | None, taps: Sequence[str]
+) -> Any:
+    """The export's ONNX model compiled in ``parts`` (:func:`cxr_pneumonia.export.compile_parts`).
+
+    Raises:
+        ExportError: model.onnx unreadable (cut short, overwritten) or not compilable: one line naming it.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.checker import ValidationError
+
+    from cxr_pneumonia import export
+
+    file = rundir.export_dir(run_dir) / rundir.ONNX_FILE
+    try:
+        proto = onnx.load(str(file))
+    except (DecodeError, OSError, ValueError) as e:
+        raise export.ExportError(f"{file}: unreadable ONNX model ({_one_line(e)}); export again") from e
+    try:
+        return export.compile_parts(proto, parts, threads, taps=taps)
+    except export.ExportError:
+        raise
+    # A file that parses yet lacks the segments' tensors (an empty one parses as an empty model)
+    # fails in onnx's extractor; one OpenVINO refuses, with a RuntimeError of many lines.
+    except (ValueError, KeyError, IndexError, TypeError, ValidationError, RuntimeError) as e:
+        raise export.ExportError(f"{file}: cannot be compiled ({_one_line(e)}); export again") from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
