@@ -54,6 +54,8 @@ TRAIN_OVERRIDES: dict[str, type] = {
     "seed": int,
     "workers": int,
     "cache_dir": str,
+    "mask_shape": str,
+    "resize_mode": str,
 }
 
 
@@ -192,6 +194,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="Run directory to create.")
     for name, kind in TRAIN_OVERRIDES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    parser.add_argument(
+        "--no-step",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Switch a preprocessing step off (repeatable), as `cxr-pneumonia train --no-step`.",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the CIs.")
     parser.add_argument(
         "--heatmaps",
@@ -280,6 +289,15 @@ def _summary(figures: dict[str, Any], results: dict[str, dict[str, Any]], run: A
     return lines
 
 
+def _steps_without(preset: str | None, steps_off: list[str]) -> tuple[str, ...]:
+    """The preset's (or the default) preprocessing steps without ``steps_off`` (validated)."""
+    from cxr_pneumonia.preprocess import PreprocessConfig, disable_steps
+    from cxr_pneumonia.train import preset_configs
+
+    base = preset_configs(preset)[0] if preset is not None else PreprocessConfig()
+    return disable_steps(base, *steps_off).steps
+
+
 def main() -> None:
     args = parse_args()
     out = _check_args(args)
@@ -295,6 +313,8 @@ def main() -> None:
     train_source, eval_source = args.train, args.eval
     overrides = {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k) is not None}
     try:
+        if args.no_step:
+            overrides["steps"] = _steps_without(args.preset, args.no_step)
         if args.holdout_group is not None:
             train_source, eval_source, shift_source, split_info = group_holdout(args, out)
         elif eval_source is None:
