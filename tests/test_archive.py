@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,11 +210,18 @@ def test_a_killed_job_leaves_no_answer_of_the_job_before(tiny_run, sample_dir, t
     score_archive(tiny_run, [], out)  # an earlier job's answer: no rows
     assert (out / archive.PREDICTIONS_FILE).is_file()
 
+    image = sorted((sample_dir / "test" / "NORMAL").iterdir())[0]
+    # a job that cannot start (no Ray) is one line and keeps the earlier answer
+    with monkeypatch.context() as no_ray:
+        no_ray.setitem(sys.modules, "ray", None)
+        with pytest.raises(archive.ArchiveError, match="the ray engine needs Ray"):
+            score_archive(tiny_run, [image], out)
+    assert (out / archive.PREDICTIONS_FILE).is_file()
+
     def killed(*args: object, **kwargs: object) -> None:  # killed while scoring
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive, "_run_job", killed)
-    image = sorted((sample_dir / "test" / "NORMAL").iterdir())[0]
+    monkeypatch.setattr(archive, "_dataset", killed)
     with pytest.raises(KeyboardInterrupt):
         score_archive(tiny_run, [image], out)
     assert not (out / archive.PREDICTIONS_FILE).exists()  # the empty table would pass for this job's answer

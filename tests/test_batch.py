@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 from pathlib import Path
 from unittest.mock import ANY
 
@@ -197,6 +199,7 @@ def test_a_run_stopped_under_a_new_config_leaves_nothing_the_manifest_describes_
         preprocess_tree(tree, dst, small, workers=1, progress=False)
     expected = {
         "config_hash": config_hash(small),
+        "src": str(tree.resolve()),
         "entries": {"a/one.png": {"source": "a/one.png", "sha256": ANY}},
     }
     assert seen == [expected] and manifest_of(dst) == expected
@@ -277,3 +280,167 @@ def test_cache_names_every_copy_of_a_failing_file(tree, tmp_path):
     assert [c is None for c in cached] == [True, False, True]
     reasons = dict(report.failures)
     assert sorted(reasons) == sorted([str(broken), str(copy)]) and reasons[str(copy)] == reasons[str(broken)]
+
+
+def png_bytes(seed: int) -> bytes:
+    return cv2.imencode(".png", xray(seed))[1].tobytes()
+
+
+@pytest.mark.parametrize("earlier_run", [False, True])
+@pytest.mark.parametrize("cause", ["unreadable", "shared name"])
+def test_a_users_own_file_at_a_target_stays_when_its_source_fails(tree, tmp_path, cause, earlier_run):
+    """Every file at a target about to be rewritten was deleted, listed by a manifest or not: the
+    user's own dst/c/x.png went when src/c/x.jpg then failed. Only a job that succeeds replaces it."""
+    dst, mine = tmp_path / "dst", png_bytes(9)
+    if earlier_run:  # a manifest of this command that does not list c/x.png
+        preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    (dst / "c").mkdir(parents=True)
+    (dst / "c" / "x.png").write_bytes(mine)
+    (tree / "c").mkdir()
+    if cause == "unreadable":
+        (tree / "c" / "x.jpg").write_bytes(b"")
+    else:  # x.jpg and x.png share the output c/x.png: both fail
+        cv2.imwrite(str(tree / "c" / "x.jpg"), xray(3))
+        cv2.imwrite(str(tree / "c" / "x.png"), xray(4))
+    report = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert (dst / "c" / "x.png").read_bytes() == mine and report.removed == []
+    assert {"x.jpg", "broken.png"} <= set(read_failures(dst / FAILURES_NAME))
+    assert sorted(manifest_of(dst)["entries"]) == ["a/one.png", "a/two.png", "b/copy_of_one.png"]
+
+    (tree / "c" / "x.png").unlink(missing_ok=True)
+    cv2.imwrite(str(tree / "c" / "x.jpg"), xray(3))  # now it succeeds and replaces the user's file
+    preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert output_sizes(dst)["c/x.png"] == 32 and "c/x.png" in manifest_of(dst)["entries"]
+
+
+FOREIGN_MANIFESTS = {
+    "no config hash": {"entries": {"figure1.png": {"caption": "my figure"}}},
+    "config hash not a string": {
+        "config_hash": 3,
+        "entries": {"figure1.png": {"source": "f", "sha256": "0"}},
+    },
+    "an entry without sha256": {"config_hash": "x", "entries": {"figure1.png": {"source": "f.png"}}},
+    "a source not a string": {"config_hash": "x", "entries": {"figure1.png": {"source": 1, "sha256": "0"}}},
+    "an entry not a dict": {  # figure1.png's entry looks like one of ours, another does not
+        "config_hash": "x",
+        "entries": {"figure1.png": {"source": "f.png", "sha256": "0"}, "a/one.png": "mine"},
+    },
+    "src not a string": {
+        "config_hash": "x",
+        "src": 1,
+        "entries": {"figure1.png": {"source": "f", "sha256": "0"}},
+    },
+}
+
+
+@pytest.mark.parametrize("foreign", sorted(FOREIGN_MANIFESTS))
+def test_a_manifest_this_command_did_not_write_deletes_nothing(tree, tmp_path, foreign):
+    """Every key of any DST/manifest.json with an ``entries`` object was deleted: another tool's
+    figure1.png went. A manifest not of this command's shape is as if absent."""
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / MANIFEST_NAME).write_text(json.dumps(FOREIGN_MANIFESTS[foreign]))
+    (dst / "figure1.png").write_bytes(figure := png_bytes(6))
+    report = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert (dst / "figure1.png").read_bytes() == figure and report.removed == []
+    assert sorted(manifest_of(dst)["entries"]) == ["a/one.png", "a/two.png", "b/copy_of_one.png"]
+
+
+def site(root: Path, names: dict[str, int]) -> Path:
+    for rel, seed in names.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / rel), xray(seed))
+    return root
+
+
+def test_two_source_trees_into_one_folder_keep_both(tree, tmp_path, caplog):
+    """``preprocess site1 D`` then ``preprocess site2 D`` deleted site1's outputs as "source gone"."""
+    dst, site1_outputs = tmp_path / "dst", ["a/one.png", "a/two.png", "b/copy_of_one.png"]
+    site2 = site(tmp_path / "site2", {"c/three.png": 3, "c/four.png": 4})
+    preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    report = preprocess_tree(site2, dst, CFG, workers=1, progress=False)
+    both = sorted([*site1_outputs, "c/four.png", "c/three.png"])
+    assert report.removed == [] and sorted(output_sizes(dst)) == sorted(manifest_of(dst)["entries"]) == both
+    assert manifest_of(dst)["src"] is None  # entries from two trees: none is removed as "source gone"
+
+    (site2 / "c" / "four.png").unlink()  # the merged folder cannot tell which tree lost it: it stays
+    again = preprocess_tree(site2, dst, CFG, workers=1, progress=False)
+    assert again.removed == [] and len(again.skipped) == 1 and sorted(manifest_of(dst)["entries"]) == both
+    back = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert back.processed == [] and len(back.skipped) == 3 and sorted(output_sizes(dst)) == both
+
+    # Another config: site1's outputs are not site2's to delete, nor can they be listed under it
+    with caplog.at_level(logging.WARNING, logger="cxr_pneumonia.batch"):
+        preprocess_tree(site2, dst, PreprocessConfig(size=16), workers=1, progress=False)
+    assert output_sizes(dst) == {**dict.fromkeys(site1_outputs, 32), "c/three.png": 16, "c/four.png": 32}
+    assert list(manifest_of(dst)["entries"]) == ["c/three.png"] and manifest_of(dst)["src"] == str(
+        site2.resolve()
+    )
+    assert "4 outputs of another preprocessing config are kept" in caplog.text
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_an_empty_source_folder_deletes_nothing(tree, tmp_path, size):
+    """An unmounted share's empty mount point deleted every output as "source gone"."""
+    dst, away = tmp_path / "dst", tmp_path / "away"
+    preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    before = {rel: (dst / rel).read_bytes() for rel in output_sizes(dst)}
+    tree.rename(away)
+    tree.mkdir()
+    report = preprocess_tree(tree, dst, PreprocessConfig(size=size), workers=1, progress=False)
+    assert report.removed == [] and report.n_total == 0
+    assert {rel: (dst / rel).read_bytes() for rel in output_sizes(dst)} == before
+    assert sorted(manifest_of(dst)["entries"]) == (sorted(before) if size == 32 else [])
+
+    tree.rmdir()
+    away.rename(tree)  # mounted again
+    again = preprocess_tree(tree, dst, PreprocessConfig(size=size), workers=1, progress=False)
+    assert len(again.skipped) == (3 if size == 32 else 0) and len(again.failures) == 1
+    assert output_sizes(dst) == dict.fromkeys(before, size) and sorted(manifest_of(dst)["entries"]) == sorted(
+        before
+    )
+
+
+def test_a_stale_output_behind_a_linked_sub_folder_is_removed(tmp_path):
+    """Containment was judged on the resolved path: outputs in a DST sub-folder that is a link to
+    another disk were never removed, and the manifest then described them wrongly."""
+    src, dst, disk = tmp_path / "src", tmp_path / "dst", tmp_path / "other_disk" / "NORMAL"
+    site(src, {"NORMAL/a0.png": 0, "NORMAL/a1.png": 1, "NORMAL/a2.png": 2})
+    disk.mkdir(parents=True)
+    dst.mkdir()
+    os.symlink(disk, dst / "NORMAL")
+    preprocess_tree(src, dst, CFG, workers=1, progress=False)
+    (src / "NORMAL" / "a1.png").write_bytes(b"")  # now failing
+    (src / "NORMAL" / "a2.png").unlink()  # now gone
+    report = preprocess_tree(src, dst, PreprocessConfig(size=16), workers=1, progress=False)
+    assert {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[0] for p in disk.iterdir()} == {
+        "a0.png": 16
+    }
+    assert list(manifest_of(dst)["entries"]) == ["NORMAL/a0.png"] and report.removed == [
+        dst / "NORMAL/a2.png"
+    ]
+
+
+def test_only_keys_inside_dst_and_outside_src_may_be_removed(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "x").mkdir(parents=True)
+    dst.mkdir()
+    os.symlink(src / "x", dst / "into_src")
+    may = [batch._may_remove(key, src, dst) for key in ("a/b.png", "b.png", "../b.png", "a/../../b.png")]
+    assert may == [True, True, False, False]
+    assert not batch._may_remove(str(tmp_path / "b.png"), src, dst)  # absolute
+    assert not batch._may_remove("into_src/b.png", src, dst) and not batch._may_remove("a/b.txt", src, dst)
+
+
+def test_an_older_manifest_without_src_loads_and_keeps_what_it_cannot_place(tree, tmp_path):
+    """A manifest from before ``src`` was recorded: its outputs are still skipped, and one whose
+    source this run does not list stays: which tree it came from is unknown."""
+    dst = tmp_path / "dst"
+    preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    old = manifest_of(dst)
+    old.pop("src", None)  # as an older version wrote it
+    (dst / MANIFEST_NAME).write_text(json.dumps(old))
+    (tree / "b" / "copy_of_one.png").unlink()
+    report = preprocess_tree(tree, dst, CFG, workers=1, progress=False)
+    assert report.processed == [] and len(report.skipped) == 2 and report.removed == []
+    assert manifest_of(dst)["src"] is None and "b/copy_of_one.png" in manifest_of(dst)["entries"]

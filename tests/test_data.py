@@ -91,6 +91,10 @@ def test_kermany_like_names_in_study_folders_stay_different_patients(tmp_path: P
             "PNEUMONIA/study1/IM-0001-0001.png": 4,
             "NORMAL/IM-0007-0001.jpeg": 5,
             "NORMAL/IM-0007-0002.jpeg": 6,
+            # Kermany's other names stay global: one patient with images of both kinds
+            "PNEUMONIA/bacteria/person1000_bacteria_2931.jpeg": 7,
+            "PNEUMONIA/virus/person1000_virus_1681.jpeg": 8,
+            "NORMAL/more/NORMAL2-IM-0115-0001.jpeg": 9,
         },
     )
     found = discover(root)
@@ -103,6 +107,9 @@ def test_kermany_like_names_in_study_folders_stay_different_patients(tmp_path: P
         "PNEUMONIA/study1/IM-0001-0001.png": "PNEUMONIA/study1/IM-0001",
         "NORMAL/IM-0007-0001.jpeg": "IM-0007",
         "NORMAL/IM-0007-0002.jpeg": "IM-0007",
+        "PNEUMONIA/bacteria/person1000_bacteria_2931.jpeg": "person1000",
+        "PNEUMONIA/virus/person1000_virus_1681.jpeg": "person1000",
+        "NORMAL/more/NORMAL2-IM-0115-0001.jpeg": "NORMAL2-IM-0115",
     }
 
 

@@ -579,3 +579,15 @@ def test_fit_gate_reads_lazy_images_once_each_and_skips_unreadable_ones():
     gate = g.fit_gate(model, TINY, train, val, cfg=cfg, batch_size=16)
     assert gate.n_fit == 23 and train.reads == 24
     assert gate.limit_info["n_val"] == 10 and gate.limit_info["n_perturbed"] == 10
+
+
+def test_polarity_check_adds_an_inverted_copy_of_each_image_to_the_other_class():
+    views = [np.full((4, 4), v, np.uint8) for v in (10, 11, 20, 21, 30)]  # groups 0, 0, 1, 1, 2
+    groups = [0, 0, 1, 1, 2]
+    turned, turned_groups = g._turned_copies(views, groups, g.GateConfig(polarity_check=True))
+    assert turned_groups == [0, 1, 2, 0, 1, 2]
+    assert [int(t[0, 0]) for t in turned] == [10, 20, 30, 245, 235, 225]  # turned firsts, then 255 - them
+    plain, plain_groups = g._turned_copies(views, groups, g.GateConfig())
+    assert plain_groups == [0, 1, 2] and len(plain) == 3
+    with pytest.raises(ValueError, match="turn orientation_check on"):
+        g.GateConfig(polarity_check=True, orientation_check=False)

@@ -549,9 +549,11 @@ def test_resume_refuses_data_that_changed_since_the_run_started(sample_dir, tmp_
     with pytest.raises(TrainingError, match=r"changed since .* started .* train afresh"):
         train(None, out, resume=True)
     assert (out / "checkpoints" / "last.weights.h5").is_file() and not (out / "model.keras").exists()
+    with pytest.raises(TrainingError, match="resumes on that data only"):
+        train(sample_dir / "train", out, resume=True)
     for path in added:  # the data as it was: the run resumes and completes
         (data / path.parent.name / path.name).unlink()
-    assert (Path(train(None, out, resume=True)) / "model.keras").is_file()
+    assert api.train(data, out, resume=True).path == out  # given again, the same data is accepted
 
 
 def test_a_fresh_run_does_not_finish_with_an_interrupted_attempts_gate(sample_dir, tmp_path):
@@ -564,7 +566,7 @@ def test_a_fresh_run_does_not_finish_with_an_interrupted_attempts_gate(sample_di
 
 
 def test_api_resume_takes_no_data_or_settings(sample_dir, tmp_path):
-    with pytest.raises(TypeError, match="resume=True takes no data, epochs"):
+    with pytest.raises(TypeError, match="resume=True takes no epochs"):
         api.train(sample_dir / "train", tmp_path / "run", resume=True, epochs=3)
     with pytest.raises(TypeError, match="resume=True takes no train_cfg"):
         api.train(None, tmp_path / "run", resume=True, train_cfg=TrainConfig())

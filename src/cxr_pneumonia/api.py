@@ -74,14 +74,14 @@ def train(
     """Train a run and load it; keyword overrides (``backbone=``, ``epochs=``, ``target_recall=`` ...) go to
     whichever config has that field. ``preset="seed"`` starts from a shipped pipeline (the seed's)
     instead of the defaults: a config given here replaces that section, keyword overrides win.
-    ``resume=True`` continues the interrupted run ``out`` with its own data and settings, so it
-    takes none (``data=None``)."""
+    ``resume=True`` continues the interrupted run ``out`` with its own data (``data``: None, or
+    the same data) and settings, so it takes no settings."""
     if resume:
-        named = {"data": data, "preset": preset, "preprocess_cfg": preprocess_cfg}
+        named = {"preset": preset, "preprocess_cfg": preprocess_cfg}
         named |= {"model_cfg": model_cfg, "train_cfg": train_cfg, **overrides}
         if given := sorted(name for name, value in named.items() if value is not None):
             raise TypeError(f"resume=True takes no {', '.join(given)}: {out} holds the run's settings")
-        return Run.load(_train(None, out, resume=True))
+        return Run.load(_train(data, out, resume=True))
     if data is None:
         raise TypeError("give the training data (data=None only with resume=True)")
     base = (

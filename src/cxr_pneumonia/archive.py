@@ -159,8 +159,6 @@ def _open_output(out: Path, run: Path, cfg: ArchiveConfig) -> None:
                 f"{before.get('operating_point')} at {before.get('threshold')}; this job: "
                 f"{identity['operating_point']} at {identity['threshold']}); choose another --out"
             )
-    # The previous job's answer goes now: were this job killed, it would pass for this job's.
-    (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (out / PARTS_DIR).glob(".part-*"):  # half-written by a killed job
         stale.unlink(missing_ok=True)
@@ -406,7 +404,6 @@ def _run_job(
 ) -> tuple[int, int, dict[str, str]]:
     """Score what the parts lack; returns (images scored, model actors, the SHA-256 this job
     read for each path: "" where the file could not be read)."""
-    import ray
     from tqdm.auto import tqdm
 
     parts = read_parts(out)
@@ -415,6 +412,11 @@ def _run_job(
     pending = len(listed - set(hashed["path"]))
     scored, sequence, digests = 0, 0, {}
     with ray_session(address, cfg) as workers:
+        import ray  # here: ray_session turns a missing Ray into one line
+
+        # The previous job's answer goes once this one runs (not before: a job that cannot start
+        # keeps it); were this job killed, the old answer would pass for this job's.
+        (out / PREDICTIONS_FILE).unlink(missing_ok=True)
         pairs = [_pair_digest(p, bytes.fromhex(h)) for p, h in hashed[["path", "sha256"]].itertuples(False)]
         known = ray.put((_digests(hashed["sha256"].unique()), np.sort(np.array(pairs, dtype="S32"))))
         ds = _dataset(paths, run, cfg, workers, known)

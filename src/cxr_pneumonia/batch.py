@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 from tqdm.auto import tqdm
@@ -246,17 +246,57 @@ def _rel(target: Path, dst: Path) -> str:
     return target.relative_to(dst).as_posix()
 
 
-def _read_manifest(path: Path) -> tuple[str | None, dict[str, dict[str, str]]]:
-    """The manifest's config hash and entries, whichever config wrote it (None and no entries when
-    it is missing or not a manifest): the entries of another config name outputs to remove."""
+def _safe_key(key: str) -> bool:
+    """Whether ``key`` could be a manifest key this command writes: a relative POSIX path to a PNG
+    with no ``..`` part, so that ``DST / key`` names a place inside DST by its own path."""
+    parts = PurePosixPath(key).parts
+    return (
+        key.endswith(".png")
+        and "\0" not in key
+        and not PurePosixPath(key).is_absolute()
+        and not Path(key).anchor
+        and ".." not in parts
+    )
+
+
+@dataclass(frozen=True)
+class _OldManifest:
+    """The manifest an earlier ``preprocess`` left in DST. ``src`` is the resolved source folder
+    every entry comes from: None for a manifest from before it was recorded, or one describing a
+    folder merged from several source trees."""
+
+    config_hash: str
+    src: str | None
+    entries: dict[str, dict[str, str]]
+
+
+def _is_own_manifest(manifest: object) -> bool:
+    """Whether ``manifest`` has exactly the shape this command writes. Its keys name files to
+    delete, so a manifest another tool wrote (or one edited into another shape) must not pass."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config_hash"), str):
+        return False
+    entries, src = manifest.get("entries"), manifest.get("src")
+    if not isinstance(entries, dict) or not isinstance(src, str | None):
+        return False
+    return all(
+        _safe_key(key)
+        and isinstance(entry, dict)
+        and isinstance(entry.get("source"), str)
+        and isinstance(entry.get("sha256"), str)
+        for key, entry in entries.items()
+    )
+
+
+def _read_manifest(path: Path) -> _OldManifest | None:
+    """The manifest an earlier run of this command wrote, whichever config it was under; None when
+    it is missing, unreadable or not one of ours (then no file in DST is known to be an output)."""
     try:
         manifest = read_json(path)
     except (OSError, ValueError):
-        return None, {}
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), dict):
-        return None, {}
-    entries = {k: v for k, v in manifest["entries"].items() if isinstance(k, str) and isinstance(v, dict)}
-    return manifest.get("config_hash"), entries
+        return None
+    if not _is_own_manifest(manifest):
+        return None
+    return _OldManifest(manifest["config_hash"], manifest.get("src"), dict(manifest["entries"]))
 
 
 def _collisions(targets: dict[Path, Path]) -> list[tuple[str, str]]:
@@ -284,6 +324,7 @@ class _TreePlan:
     collisions: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
     rewritten: set[Path] = field(default_factory=set)  # outputs to write anew (or fail): jobs', collisions'
     current: set[str] = field(default_factory=set)  # every source's output, as a manifest key
+    carried: dict[str, dict[str, str]] = field(default_factory=dict)  # outputs of sources not in SRC, kept
 
 
 def _plan_tree(src: Path, dst: Path, done: dict[str, dict[str, str]], *, progress: bool) -> _TreePlan:
@@ -303,51 +344,99 @@ def _plan_tree(src: Path, dst: Path, done: dict[str, dict[str, str]], *, progres
         entry = done.get(_rel(target, dst), {})
         if sha is not None and entry.get("sha256") == sha and target.exists():
             plan.skipped.append(target)
-            plan.kept[_rel(target, dst)] = entry
+            # named from this SRC: the same bytes may have come from another tree or file name
+            plan.kept[_rel(target, dst)] = {"source": str(source.relative_to(src)), "sha256": sha}
         else:
             plan.jobs.append(FileJob(source, target, sha or ""))
             plan.rewritten.add(target)
     return plan
 
 
-def _may_remove(path: Path, src: Path, dst: Path) -> bool:
-    """Whether ``path`` is an output this command may delete: a PNG inside ``dst``, never inside
-    ``src`` (a manifest edited by hand must not reach another folder)."""
-    resolved = path.resolve()
-    return (
-        path.suffix == ".png"
-        and resolved.is_relative_to(dst.resolve())
-        and not resolved.is_relative_to(src.resolve())
-    )
+def _may_remove(key: str, src: Path, dst: Path) -> bool:
+    """Whether the output a manifest lists as ``key`` (the file ``dst / key``) may be deleted.
+
+    Containment is judged on the key itself: resolving the path would put an output behind a
+    symlinked sub-folder of DST outside DST, and it would never go. Only the refusal to delete
+    inside SRC looks at where the path really leads (a manifest edited by hand, or a link in
+    DST, must not reach the sources)."""
+    if not _safe_key(key):
+        return False
+    try:
+        return not (dst / key).resolve().is_relative_to(src.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: nothing known about where it leads
+        return False
 
 
 def _clear_outputs(
-    src: Path, dst: Path, old_entries: dict[str, dict[str, str]], plan: _TreePlan
+    src: Path, dst: Path, old: _OldManifest | None, plan: _TreePlan, cfg_hash: str
 ) -> list[Path]:
-    """Delete every output the run will not keep as it is: those of another config, of a changed,
-    unreadable or vanished source, and those about to be rewritten. A run that stops midway then
-    leaves no output that looks current but is not. Returns the outputs whose source is gone."""
-    doomed = {dst / key for key in old_entries if key not in plan.kept} | plan.rewritten
-    gone = []
-    for path in sorted(doomed):
-        if _may_remove(path, src, dst) and path.is_file():
-            path.unlink()
-            if _rel(path, dst) not in plan.current:
-                gone.append(path)
+    """Delete the outputs the old manifest lists that this run will not keep as they are, before
+    anything is written: a run that stops midway then leaves none that looks current but is not.
+    Returns the outputs removed because their source is gone; ``plan.carried`` gets the entries
+    of outputs whose source this run does not list but which stay.
+
+    Only files this command's manifest lists are ever deleted. Any other file at a target (the
+    user's own) stays until a job that succeeds replaces it."""
+    if old is None:
+        return []
+    # A listed output whose source this run does not list is gone from SRC only if that manifest
+    # was written for this same SRC, and only if SRC lists something at all: an empty SRC is more
+    # likely an unmounted share than a data set deleted whole, and another SRC is a second tree
+    # merged into this DST (or, for an old manifest without ``src``, unknown). Those outputs stay.
+    vanish = old.src == str(src.resolve()) and bool(plan.current)
+    rewritten = {_rel(target, dst) for target in plan.rewritten}
+    gone, elsewhere = [], []
+    for key in sorted(old.entries):
+        if key in plan.kept:
+            continue
+        if key not in rewritten and not (vanish and key not in plan.current):
+            elsewhere.append(key)
+        elif _may_remove(key, src, dst) and (dst / key).is_file():
+            (dst / key).unlink()
+            if key not in plan.current:
+                gone.append(dst / key)
+    _carry(dst, old, elsewhere, plan, cfg_hash)
     return gone
+
+
+def _carry(dst: Path, old: _OldManifest, keys: list[str], plan: _TreePlan, cfg_hash: str) -> None:
+    """Keep the entries of outputs this run neither rewrites nor removes, as the manifest had them.
+
+    Under the same config they stay listed, so a merged folder stays described. Under another
+    config they cannot be listed (the manifest has one config hash) and are not deleted either:
+    their source may be in another tree, or on a share that is not mounted, and deleting them is
+    losing work nothing here can redo. They stay as files this command no longer claims (like a
+    user's own), and the warning says so, since the folder now mixes two configs."""
+    present = [key for key in keys if (dst / key).is_file()]
+    if old.config_hash == cfg_hash:
+        plan.carried = {key: old.entries[key] for key in present}
+    elif present:
+        log.warning(
+            "%s: %d outputs of another preprocessing config are kept, no longer listed in %s: "
+            "their sources are not in this run's source folder (first: %s)",
+            dst,
+            len(present),
+            MANIFEST_NAME,
+            present[0],
+        )
 
 
 @dataclass
 class _Manifest:
     """A running ``preprocess``'s manifest. It lists only outputs written under ``cfg_hash`` from
     the source content it names, and is rewritten atomically as outputs finish (at most every
-    MANIFEST_FLUSH_SECONDS) and when the run ends or is interrupted, so a rerun resumes."""
+    MANIFEST_FLUSH_SECONDS) and when the run ends or is interrupted, so a rerun resumes.
+
+    ``recorded_src`` is saved as its ``src``: the resolved source folder every entry comes from,
+    or None when some come from another tree (a later run then removes no output as "source
+    gone", since it cannot tell which tree an entry's source belonged to)."""
 
     path: Path
     src: Path
     dst: Path
     cfg_hash: str
     entries: dict[str, dict[str, str]]
+    recorded_src: str | None
     flushed: float = 0.0
 
     def record(self, job: FileJob, outcome: Outcome) -> None:
@@ -362,7 +451,8 @@ class _Manifest:
             self.flush()
 
     def flush(self) -> None:
-        write_json(self.path, {"config_hash": self.cfg_hash, "entries": self.entries})
+        payload = {"config_hash": self.cfg_hash, "src": self.recorded_src, "entries": self.entries}
+        write_json(self.path, payload)
         self.flushed = time.monotonic()
 
 
@@ -381,7 +471,10 @@ def preprocess_tree(
     A file is skipped when the manifest holds the same content hash under the same config hash
     and its output exists. ``failures.csv`` lists every unreadable input with the reason, and
     every source whose output name another source has too; the config is saved beside the
-    outputs. An output whose source failed or is gone, or that another config wrote, is removed.
+    outputs. An output this command wrote is removed when its source failed, or when another
+    config wrote it; and when its source is gone, if the manifest was written for this same
+    ``src`` and ``src`` is not empty. Outputs of another source tree stay (and stay listed under
+    the same config). No file the manifest does not list is ever deleted.
     """
     cfg = cfg or PreprocessConfig()
     src, dst = Path(src), Path(dst)
@@ -390,13 +483,18 @@ def preprocess_tree(
     if dst.resolve().is_relative_to(src.resolve()):
         raise ValueError(f"{dst}: the output folder must not be inside the source folder {src}")
     cfg_hash = config_hash(cfg)
-    old_hash, old_entries = _read_manifest(dst / MANIFEST_NAME)
-    plan = _plan_tree(src, dst, old_entries if old_hash == cfg_hash else {}, progress=progress)
+    old = _read_manifest(dst / MANIFEST_NAME)
+    done = old.entries if old is not None and old.config_hash == cfg_hash else {}
+    plan = _plan_tree(src, dst, done, progress=progress)
     # Before the first output is written, the folder is brought to what the new manifest says
     # (the old outputs it will not keep go first, then the manifest and config are rewritten):
     # a run stopped midway can then leave fewer outputs, never ones described wrongly.
-    removed = _clear_outputs(src, dst, old_entries, plan)
-    manifest = _Manifest(dst / MANIFEST_NAME, src, dst, cfg_hash, dict(plan.kept))
+    removed = _clear_outputs(src, dst, old, plan, cfg_hash)
+    this_src = str(src.resolve())
+    # entries carried from a manifest of another (or an unknown) tree make the folder a merged one
+    merged = bool(plan.carried) and old is not None and old.src != this_src
+    entries = {**plan.carried, **plan.kept}
+    manifest = _Manifest(dst / MANIFEST_NAME, src, dst, cfg_hash, entries, None if merged else this_src)
     manifest.flush()
     write_json(dst / CONFIG_NAME, to_dict(cfg))
     (dst / FAILURES_NAME).unlink(missing_ok=True)  # an earlier run's would look like this one's

@@ -406,7 +406,7 @@ def _gate_configs() -> tuple[Any, ...]:
     class GateOptions(GateConfig):
         cli_fields: typing.ClassVar[tuple[str, ...]] = (
             "accept_quantile", "max_fit_images", "fit_augmented_views", "pca_components", "orientation_check",
-            "symmetry_check", "seed",
+            "polarity_check", "symmetry_check", "seed",
         )  # fmt: skip
 
     return (GateOptions,)

@@ -54,6 +54,8 @@ _KERMANY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 # The ids those templates make (anything else is a path, meaningful only inside one dataset).
 _KERMANY_ID = re.compile(r"^(?:person\d+|NORMAL\d+-IM-\d+|IM-\d+)$")
+# The one of them that DICOM viewers also give their exports (IM-<series>-<image>).
+_VIEWER_EXPORT_ID = re.compile(r"^IM-\d+$")
 
 
 class DatasetError(ValueError):
@@ -125,12 +127,14 @@ def _patient_id_for(path: Path, base: Path, class_folder: Path | None = None) ->
     in different folders (``train/NORMAL/1.png``, ``test/NORMAL/1.png``) stay distinct.
 
     ``class_folder``: the folder the file was found under. Kermany's files lie in it directly;
-    deeper, a Kermany-like name is a viewer's export (each study ``IM-0001-0001...`` in a folder
-    of its own), so the folder below ``base`` is kept in the id: different studies stay different
-    patients.
+    deeper, an ``IM-0001-0001...`` name is a viewer's export (each study in a folder of its own),
+    so the folder below ``base`` is kept in the id: different studies stay different patients.
+    ``personN`` and ``NORMAL2-IM-N`` stay global: ``PNEUMONIA/{bacteria,virus}/`` sub-folders
+    hold the same Kermany patients (808 of them have images of both kinds).
     """
     known = _match_patient_id(path.name)
-    if known is not None and class_folder is not None and path.parent != class_folder:
+    exported = known is not None and _VIEWER_EXPORT_ID.match(known) is not None
+    if exported and class_folder is not None and path.parent != class_folder:
         return f"{path.parent.relative_to(base).as_posix()}/{known}"
     if known is not None:
         return known

@@ -101,6 +101,13 @@ class GateConfig(BaseModel):
     )
     # Inverse L2 strength of that logistic regression on standardised features.
     orientation_c: float = Field(default=0.1, gt=0.0)
+    # The polarity check: a copy of each training image with its grey levels inverted joins the
+    # turned ones in that regression. Off by default: the default preprocessing's contour mask
+    # already makes an inverted image unlike any training image; without the mask it does not.
+    polarity_check: bool = Field(
+        default=False,
+        description="Also reject images with inverted grey levels (needs the orientation check).",
+    )
     # The symmetry check (module docstring): the input average-pooled to a symmetry_grid ×
     # symmetry_grid grid, correlated with its mirror image; one more column of the domain score.
     symmetry_check: bool = Field(
@@ -148,6 +155,8 @@ class GateConfig(BaseModel):
                 f"unusual_quantile ({self.unusual_quantile}) must be below accept_quantile "
                 f"({self.accept_quantile})"
             )
+        if self.polarity_check and not self.orientation_check:
+            raise ValueError("polarity_check is fitted with the orientation check: turn orientation_check on")
         return self
 
 
@@ -645,7 +654,7 @@ class DomainModel:
         if self.cfg.thumbnail:
             names.append("thumbnail")
         if self.orientation is not None:
-            names.append("orientation check")
+            names.append("orientation and polarity check" if self.cfg.polarity_check else "orientation check")
         if self.cfg.symmetry_check:
             names.append("symmetry check")
         return names
@@ -930,10 +939,15 @@ def _turned_copies(
     fit_images: Sequence[np.ndarray], groups: Sequence[int], cfg: GateConfig
 ) -> tuple[list[np.ndarray], list[int]]:
     """One copy of each training image's unaugmented view turned by 90, 180 or 270 degrees (at
-    random), and the group it comes from: the orientation check's other class."""
+    random), and the group it comes from: the orientation check's other class. With the
+    polarity check, also one with its grey levels inverted (of the preprocessed view: CLAHE and
+    resizing treat dark and bright alike, so it stands for a raw image exported inverted)."""
     firsts = [j for j in range(len(groups)) if j == 0 or groups[j] != groups[j - 1]]
     turns = np.random.default_rng([cfg.seed, 90]).integers(1, 4, size=len(firsts))
     turned = [np.ascontiguousarray(np.rot90(fit_images[j], k)) for j, k in zip(firsts, turns, strict=True)]
+    if cfg.polarity_check:
+        turned += [np.ascontiguousarray(255 - fit_images[j]) for j in firsts]
+        firsts = firsts * 2
     return turned, [groups[j] for j in firsts]
 
 

@@ -898,7 +898,7 @@ def train(
     run_dir = Path(out)
     if resume:
         state = _load_state(run_dir)
-        data, preprocess_cfg, model_cfg, train_cfg = _configs_from_state(run_dir, state)
+        data, preprocess_cfg, model_cfg, train_cfg = _configs_from_state(run_dir, state, data)
         run_dir = _worker_dir(run_dir, train_cfg, resume=True)
     else:
         preprocess_cfg, model_cfg, train_cfg = _fresh_configs(preprocess_cfg, model_cfg, train_cfg)
@@ -1013,6 +1013,8 @@ def _check_same_split(run_dir: Path, fingerprint: dict[str, Any], *, resume: boo
             f"(training/validation split {_split_summary(recorded)} then, {_split_summary(fingerprint)} "
             "now); resuming would validate on images it trained on: train afresh into another --out"
         )
+    if recorded is None and resume and state.get("history"):
+        log.warning("%s: started before its split was recorded; cannot check that DATA is unchanged", run_dir)
     if recorded is None:  # a fresh run, or one started before the split was recorded
         write_json(run_dir / STATE_FILE, {**state, "data_fingerprint": fingerprint})
 
@@ -1030,9 +1032,12 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
 
 
 def _configs_from_state(
-    run_dir: Path, state: dict[str, Any]
+    run_dir: Path, state: dict[str, Any], data: str | Path | None = None
 ) -> tuple[str, PreprocessConfig, ModelConfig, TrainConfig]:
-    """(data, configs) of an interrupted run, validated before any image is read."""
+    """(data, configs) of an interrupted run, validated before any image is read. ``data``, when
+    given, must be the data the run started on."""
+    if data is not None and "data" in state and Path(data).resolve() != Path(state["data"]):
+        raise TrainingError(f"{data}: {run_dir} was started on {state['data']}; it resumes on that data only")
     try:
         return (
             state["data"],
