@@ -188,21 +188,43 @@ def test_failed_export_leaves_the_previous_one_intact(exported_run, tmp_path, mo
     assert not list(run_dir.glob(".export-*"))
 
 
+def _cut(path: Path, kept: float) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * kept)])  # a copy cut short
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())  # 4 KiB of the weights overwritten: it still parses and runs
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def _unrecorded(run_dir: Path) -> None:
+    """An export made before export.json recorded the ONNX file's checksum."""
+    info_file = run_dir / EXPORT_DIR / EXPORT_INFO_FILE
+    info = json.loads(info_file.read_text())
+    del info["onnx_sha256"]
+    info_file.write_text(json.dumps(info))
+
+
 @pytest.mark.parametrize(
-    ("file", "kept", "why"),
+    ("file", "damage", "why"),
     [
-        (ONNX_FILE, 0.5, "unreadable ONNX model ("),
-        (ONNX_FILE, 0.0, "cannot be compiled ("),  # an empty file parses: as a model without tensors
-        (EXPORT_INFO_FILE, 0.5, "unreadable ("),
+        (ONNX_FILE, lambda p: _cut(p, 0.5), "not the exported model (sha256"),
+        (ONNX_FILE, _garble, "not the exported model (sha256"),
+        (ONNX_FILE, lambda p: (_unrecorded(p.parents[1]), _cut(p, 0.5)), "unreadable ONNX model ("),
+        # an empty file parses: as a model without tensors
+        (ONNX_FILE, lambda p: (_unrecorded(p.parents[1]), _cut(p, 0.0)), "cannot be compiled ("),
+        (EXPORT_INFO_FILE, lambda p: _cut(p, 0.5), "unreadable ("),
     ],
-    ids=["onnx-cut", "onnx-empty", "json-cut"],
+    ids=["onnx-cut", "onnx-garbled", "old-export-onnx-cut", "old-export-onnx-empty", "json-cut"],
 )
 def test_a_damaged_export_is_one_error_line_and_auto_runs_keras(
-    exported_run, test_images, tmp_path, capsys, caplog, file, kept, why
+    exported_run, test_images, tmp_path, capsys, caplog, file, damage, why
 ):
     run_dir = copy_run(exported_run, tmp_path / "run")
     damaged = run_dir / EXPORT_DIR / file
-    damaged.write_bytes(damaged.read_bytes()[: int(damaged.stat().st_size * kept)])  # a copy cut short
+    damage(damaged)
     message = f"{damaged}: {why}"
     with caplog.at_level(logging.WARNING, logger="cxr_pneumonia.runtime"):
         run = Run.load(run_dir)  # auto: as without an export, saying why

@@ -41,7 +41,7 @@ import pandas as pd
 from pydantic import Field
 
 from cxr_pneumonia import __version__, rundir
-from cxr_pneumonia.config import Precision, StageConfig, from_dict, to_dict, write_json
+from cxr_pneumonia.config import Precision, StageConfig, file_sha256, from_dict, to_dict, write_json
 from cxr_pneumonia.evaluate import apply_threshold
 from cxr_pneumonia.io import ImageReadError, load_image
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
@@ -548,6 +548,8 @@ def export_run(
         info.update(
             format=cfg.format,
             file=ONNX_FILE,
+            # checked at load: damaged weights inside model.onnx still parse and run, wrongly
+            onnx_sha256=file_sha256(tmp / ONNX_FILE),
             input=INPUT_NAME,
             output=OUTPUT_NAME,
             input_shape=[None, pcfg.size, pcfg.size, 1],

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cxr_pneumonia import rundir
+from cxr_pneumonia.config import file_sha256
 from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateError, pool_activations, pooled_features, run_gated
 from cxr_pneumonia.rundir import RunError
 
@@ -259,8 +260,29 @@ def load_export(
         precisions = ["fp32"] * len(precisions)
         note = "this CPU lacks bfloat16; running every segment in float32"
         log.info(note)
+    _check_onnx_checksum(run_dir, info.get("onnx_sha256"))
     model = _compile(run_dir, export.merge_runs(bounds, precisions, gate_tensors), threads, gate_tensors)
     return LoadedExport(model, info, precisions, note)
+
+
+def _check_onnx_checksum(run_dir: str | Path, expected: Any) -> None:
+    """Refuse a model.onnx whose bytes are not the ones exported (export.json's ``onnx_sha256``;
+    exports made before it was recorded are not checked): overwritten weights still parse and
+    run, and would give other probabilities without an error."""
+    from cxr_pneumonia import export
+
+    if expected is None:
+        return
+    file = rundir.export_dir(run_dir) / rundir.ONNX_FILE
+    try:
+        actual = file_sha256(file)
+    except OSError as e:
+        raise export.ExportError(f"{file}: unreadable ({_one_line(e)}); export again") from e
+    if actual != expected:
+        raise export.ExportError(
+            f"{file}: not the exported model (sha256 {actual[:16]}…, export.json says "
+            f"{str(expected)[:16]}…); export again"
+        )
 
 
 def _compile(
