@@ -166,6 +166,12 @@ def file_sha256_or_none(path: Path) -> str | None:
         return None
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (pydantic's, protobuf's and OpenVINO's span several),
+    or its type's name when it has none: for the one-line errors that name a file."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)

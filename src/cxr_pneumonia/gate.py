@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxr_pneumonia.augment import PERTURBATIONS, AugmentConfig, random_augment, random_raw_augment
-from cxr_pneumonia.config import atomic_write_bytes, read_json, write_json
+from cxr_pneumonia.config import atomic_write_bytes, one_line, read_json, write_json
 from cxr_pneumonia.io import ImageReadError
 from cxr_pneumonia.model import INPUT_NAME, ModelConfig, backbone_layers, get_backbone
 from cxr_pneumonia.preprocess import PreprocessConfig, PreprocessError, build_pipeline
@@ -479,7 +479,7 @@ def _unreadable(path: Path, e: BaseException) -> GateError:
     elif isinstance(e, KeyError):
         why = f"no {e.args[0]!r}"
     else:
-        why = " ".join(str(e).split()) or type(e).__name__
+        why = one_line(e)
     return GateError(f"{path}: no readable gate ({why}); fit one for this run")
 
 

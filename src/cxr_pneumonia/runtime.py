@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cxr_pneumonia import rundir
-from cxr_pneumonia.config import file_sha256
+from cxr_pneumonia.config import file_sha256, one_line
 from cxr_pneumonia.gate import GATE_DIR, DomainModel, GateError, pool_activations, pooled_features, run_gated
 from cxr_pneumonia.rundir import RunError
 
@@ -179,7 +179,7 @@ def read_export(path: str | Path) -> dict[str, Any] | None:
     try:
         info = rundir.read_export_info(path)
     except (OSError, ValueError) as e:  # json's errors (and UnicodeDecodeError) are ValueErrors
-        raise ExportError(f"{file}: unreadable ({_one_line(e)}); export again") from e
+        raise ExportError(f"{file}: unreadable ({one_line(e)}); export again") from e
     if info is not None and not isinstance(info, dict):
         raise ExportError(f"{file}: not a JSON object; export again")
     return info
@@ -277,7 +277,7 @@ def _check_onnx_checksum(run_dir: str | Path, expected: Any) -> None:
     try:
         actual = file_sha256(file)
     except OSError as e:
-        raise export.ExportError(f"{file}: unreadable ({_one_line(e)}); export again") from e
+        raise export.ExportError(f"{file}: unreadable ({one_line(e)}); export again") from e
     if actual != expected:
         raise export.ExportError(
             f"{file}: not the exported model (sha256 {actual[:16]}…, export.json says "
@@ -303,7 +303,7 @@ def _compile(
     try:
         proto = onnx.load(str(file))
     except (DecodeError, OSError, ValueError) as e:
-        raise export.ExportError(f"{file}: unreadable ONNX model ({_one_line(e)}); export again") from e
+        raise export.ExportError(f"{file}: unreadable ONNX model ({one_line(e)}); export again") from e
     try:
         return export.compile_parts(proto, parts, threads, taps=taps)
     except export.ExportError:
@@ -311,8 +311,4 @@ def _compile(
     # A file that parses yet lacks the segments' tensors (an empty one parses as an empty model)
     # fails in onnx's extractor; one OpenVINO refuses, with a RuntimeError of many lines.
     except (ValueError, KeyError, IndexError, TypeError, ValidationError, RuntimeError) as e:
-        raise export.ExportError(f"{file}: cannot be compiled ({_one_line(e)}); export again") from e
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+        raise export.ExportError(f"{file}: cannot be compiled ({one_line(e)}); export again") from e
